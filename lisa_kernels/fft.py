@@ -1,0 +1,214 @@
+"""The log-linear FFT path, chunked so that its workspace stays within ``fft_workspace_bytes``.
+
+For each (batch, head), feature channel d and extended value channel c of group m
+(the values of the group, then a column of ones for the denominator):
+
+    U[d, c]_j  = phi(k_j)[d] * [v_j, 1][c]                  (grid field, Dk x (Dv + M) channels)
+    F[d, c]    = IFFT( FFT(U[d, c]) * FFT(K^m) )              (convolution with r^m over the grid)
+    [num, den]_i[c] = sum_d phi(q_i)[d] F[d, c]_i
+
+``K^m`` is r^m laid on a circular grid of size L per axis: for ``boundary="zero"`` (and causal) the linear
+table (offsets -(S-1)..S-1) is placed at ``delta mod L`` with ``L >= 2S-1`` (a fast FFT size), which makes
+the circular convolution exact; for ``boundary="circular"`` ``L = S`` and no padding is needed.
+The spectrum FFT(K) is computed once per call and saved for the backward.
+
+Only chunks of the field exist at any time: a range of (batch, head) pairs, of feature channels d, and of
+value channels c, sized so that one chunk's FFT workspace stays within the budget. The backward is the
+same loop with H = phi(q) (x) [gnum, gden]:
+
+    dphi(q)_i[d] = sum_c [gnum, gden]_i[c] F[d, c]_i        (F recomputed)
+    Q[d, c]      = IFFT( FFT(H[d, c]) * conj(FFT(K^m)) )    (correlation: the adjoint convolution)
+    dphi(k)_j[d] = sum_c Q[d, c]_j [v_j, 1][c],    dv_j[c] = sum_d Q[d, c]_j phi(k_j)[d]
+    dK^m         = IFFT( sum_{b, d, c in m} FFT(H[d, c]) * conj(FFT(U[d, c])) )   (the RPE gradient is a
+                                                                                  correlation, by FFT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, List, Tuple
+
+import torch
+
+from ._config import get_config
+from ._validate import Problem
+
+__all__ = ["fft_core", "FFTCoreFunction", "fft_sizes", "fft_chunk_plan", "next_fast_len"]
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast for pocketfft and cuFFT)."""
+    m = max(1, n)
+    while True:
+        x = m
+        for f in (2, 3, 5):
+            while x % f == 0:
+                x //= f
+        if x == 1:
+            return m
+        m += 1
+
+
+def fft_sizes(grid: Tuple[int, ...], circular: bool) -> Tuple[int, ...]:
+    """FFT size per axis: S (circular table) or a fast size >= 2S - 1 (linear table: exact convolution)."""
+    if circular:
+        return tuple(grid)
+    return tuple(1 if s == 1 else next_fast_len(2 * s - 1) for s in grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    bh: int             # (batch, head) pairs per chunk
+    d: int              # feature channels per chunk
+    groups: int         # RPE groups per chunk (all M, or 1)
+    channels: int       # extended value channels per group per chunk (all G + 1, or fewer)
+    bytes_per_unit: int  # workspace of one (bh, d, channel) unit
+    workspace: int      # estimated workspace of one chunk
+
+
+def _unit_bytes(p: Problem, sizes, backward: bool) -> int:
+    """Workspace of one channel of one feature dim of one (batch, head): padded real, spectra, crops."""
+    itemsize = 8 if p.dtype == torch.float64 else 4
+    real = math.prod(sizes)
+    half = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+    ng = math.prod(p.grid)
+    # forward: padded input, its spectrum (complex), inverse output, the cropped copy and the input field
+    per = 2 * real + 2 * half + 2 * ng
+    if backward:   # also the second field H, its spectrum, and the correlation output
+        per += 2 * real + 4 * half + 2 * ng
+    return itemsize * per
+
+
+def fft_chunk_plan(p: Problem, circular: bool, backward: bool = False, budget: int = None) -> ChunkPlan:
+    """How the field is cut: the largest chunks whose workspace stays within the budget."""
+    budget = get_config().fft_workspace_bytes if budget is None else budget
+    sizes = fft_sizes(p.grid, circular)
+    unit = _unit_bytes(p, sizes, backward)
+    G1 = p.Dv // p.M + 1
+    C = p.M * G1
+    cap = max(1, budget // unit)
+    if cap >= C:
+        per_bh = cap // C
+        if per_bh >= p.Dk:
+            plan = (min(p.B * p.H, per_bh // p.Dk), p.Dk, p.M, G1)
+        else:
+            plan = (1, per_bh, p.M, G1)
+    else:
+        plan = (1, 1, 1, min(G1, cap))
+    bh, d, g, c = plan
+    return ChunkPlan(bh, d, g, c, unit, unit * bh * d * g * c)
+
+
+def _chunks(p: Problem, plan: ChunkPlan) -> Iterator[Tuple[slice, slice, slice, slice]]:
+    G1 = p.Dv // p.M + 1
+    for b0 in range(0, p.B * p.H, plan.bh):
+        for d0 in range(0, p.Dk, plan.d):
+            for m0 in range(0, p.M, plan.groups):
+                for c0 in range(0, G1, plan.channels):
+                    yield (slice(b0, min(b0 + plan.bh, p.B * p.H)), slice(d0, min(d0 + plan.d, p.Dk)),
+                           slice(m0, min(m0 + plan.groups, p.M)), slice(c0, min(c0 + plan.channels, G1)))
+
+
+def _kernel_spectrum(r: torch.Tensor, grid, sizes, circular: bool) -> torch.Tensor:
+    """FFT of K: r (H, M, table...) laid at offset delta mod L per axis -> (H, M, L..., L_d // 2 + 1)."""
+    d = len(grid)
+    dims = tuple(range(2, 2 + d))
+    if circular:
+        return torch.fft.rfftn(r, dim=dims)
+    K = r.new_zeros(r.shape[:2] + tuple(sizes))
+    K[(slice(None), slice(None)) + tuple(slice(0, 2 * s - 1) for s in grid)] = r
+    return torch.fft.rfftn(K.roll(shifts=tuple(-(s - 1) for s in grid), dims=dims), dim=dims)
+
+
+def _kernel_grad(dK: torch.Tensor, grid, circular: bool) -> torch.Tensor:
+    """Adjoint of the placement in _kernel_spectrum: (H, M, L...) -> (H, M, table...)."""
+    if circular:
+        return dK
+    d = len(grid)
+    dK = dK.roll(shifts=tuple(s - 1 for s in grid), dims=tuple(range(2, 2 + d)))
+    return dK[(slice(None), slice(None)) + tuple(slice(0, 2 * s - 1) for s in grid)]
+
+
+def _crop(x: torch.Tensor, grid) -> torch.Tensor:
+    d = len(grid)
+    return x[(Ellipsis,) + tuple(slice(0, s) for s in grid)].reshape(x.shape[:-d] + (math.prod(grid),))
+
+
+class FFTCoreFunction(torch.autograd.Function):
+    """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, fq, fk, v, logtab, p: Problem, circular: bool):
+        B, H, ng, Dk = fq.shape
+        M, G1 = p.M, p.Dv // p.M + 1
+        sizes = fft_sizes(p.grid, circular)
+        d = len(p.grid)
+        dims = tuple(range(-d, 0))
+        r = torch.exp(logtab)
+        Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
+        fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
+        ve = torch.cat([v.reshape(B, H, ng, M, G1 - 1), v.new_ones(B, H, ng, M, 1)], -1).reshape(B * H, ng, M, G1)
+        out = fq.new_zeros(B * H, ng, M, G1)
+        heads = torch.arange(B * H, device=fq.device) % H
+        plan = fft_chunk_plan(p, circular)
+        for sb, sd, sm, sc in _chunks(p, plan):
+            U = fk_[sb, :, sd, None, None] * ve[sb, :, None, sm, sc]           # (b, Ng, d, m, c)
+            U = U.permute(0, 2, 3, 4, 1).reshape(U.shape[:1] + U.shape[2:] + tuple(p.grid))
+            Uhat = torch.fft.rfftn(U, s=sizes, dim=dims)                      # (b, d, m, c, L...)
+            Uhat *= Khat[heads[sb]][:, None, sm, None]
+            Fld = _crop(torch.fft.irfftn(Uhat, s=sizes, dim=dims), p.grid)   # (b, d, m, c, Ng)
+            out[sb, :, sm, sc] += torch.einsum("bdmcn,bnd->bnmc", Fld, fq_[sb, :, sd])
+        ctx.save_for_backward(fq, fk, v, r, Khat)
+        ctx.p, ctx.circular = p, circular
+        out = out.reshape(B, H, ng, M, G1)
+        return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous()
+
+    @staticmethod
+    def backward(ctx, gnum, gden):
+        fq, fk, v, r, Khat = ctx.saved_tensors
+        p, circular = ctx.p, ctx.circular
+        B, H, ng, Dk = fq.shape
+        M, G1 = p.M, p.Dv // p.M + 1
+        sizes = fft_sizes(p.grid, circular)
+        d = len(p.grid)
+        dims = tuple(range(-d, 0))
+        if gnum is None:
+            gnum = fq.new_zeros(B, H, ng, p.Dv)
+        if gden is None:
+            gden = fq.new_zeros(B, H, ng, M)
+        fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
+        ve = torch.cat([v.reshape(B, H, ng, M, G1 - 1), v.new_ones(B, H, ng, M, 1)], -1).reshape(B * H, ng, M, G1)
+        ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
+        dfq, dfk, dve = torch.zeros_like(fq_), torch.zeros_like(fk_), torch.zeros_like(ve)
+        dKhat = torch.zeros_like(Khat)
+        heads = torch.arange(B * H, device=fq.device) % H
+        plan = fft_chunk_plan(p, circular, backward=True)
+
+        def field(a, b, sb, sd, sm, sc):   # a[.., d] * b[.., m, c] laid on the grid: (b, d, m, c, S...)
+            X = a[sb, :, sd, None, None] * b[sb, :, None, sm, sc]
+            return X.permute(0, 2, 3, 4, 1).reshape(X.shape[:1] + X.shape[2:] + tuple(p.grid))
+
+        for sb, sd, sm, sc in _chunks(p, plan):
+            Kc = Khat[heads[sb]][:, None, sm, None]
+            Uhat = torch.fft.rfftn(field(fk_, ve, sb, sd, sm, sc), s=sizes, dim=dims)
+            Hhat = torch.fft.rfftn(field(fq_, ge, sb, sd, sm, sc), s=sizes, dim=dims)
+            Fld = _crop(torch.fft.irfftn(Uhat * Kc, s=sizes, dim=dims), p.grid)           # (b, d, m, c, Ng)
+            dfq[sb, :, sd] += torch.einsum("bdmcn,bnmc->bnd", Fld, ge[sb, :, sm, sc])
+            del Fld
+            # RPE gradient: sum over the chunk's b of the same head, d and c of H (*) U (correlation)
+            corr = (Hhat * Uhat.conj()).sum(dim=(1, 3))                                  # (b, m, L...)
+            dKhat[:, sm].index_add_(0, heads[sb], corr)
+            del Uhat, corr
+            Q = _crop(torch.fft.irfftn(Hhat * Kc.conj(), s=sizes, dim=dims), p.grid)     # (b, d, m, c, Ng)
+            dfk[sb, :, sd] += torch.einsum("bdmcn,bnmc->bnd", Q, ve[sb, :, sm, sc])
+            dve[sb, :, sm, sc] += torch.einsum("bdmcn,bnd->bnmc", Q, fk_[sb, :, sd])
+        dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + d)))
+        dr = _kernel_grad(dK, p.grid, circular)
+        dv = dve.reshape(B, H, ng, M, G1)[..., :-1].reshape(B, H, ng, p.Dv)
+        return dfq.view_as(fq), dfk.view_as(fk), dv, dr * r, None, None
+
+
+def fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
+    """Core of ``backend="fft"``: see :mod:`lisa_kernels._compose` for its contract."""
+    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular)
