@@ -1,2 +1,81 @@
-from ._config import get_config, set_config
-from ._validate import check_inputs
+"""lisa_kernels: Lightweight Structure-Aware Attention (LiSA, arXiv 2211.16289) for PyTorch.
+
+    out = lisa_kernels.lisa_attention(q, k, v, rpe, grid=(14, 14))      # where F.scaled_dot_product_attention was
+
+Shapes follow ``F.scaled_dot_product_attention``: q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._config import Config, get_config, set_config
+from ._validate import BACKENDS, check_inputs
+from .dispatch import Estimate, Explanation, backend_reason, explain_problem, run_backend
+
+__version__ = "0.1.0"
+__all__ = ["lisa_attention", "explain", "available_backends", "get_config", "set_config", "Config",
+           "Estimate", "Explanation", "BACKENDS", "__version__"]
+
+Grid = Union[int, Sequence[int]]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch.Tensor, *, grid: Grid,
+                   num_extra: int = 0, rpe_extra: Optional[torch.Tensor] = None, feature_map: str = "elu1",
+                   normalize: bool = True, eps: float = 1e-6, boundary: str = "zero", causal: bool = False,
+                   backend: str = "auto", scale: float = 1.0) -> torch.Tensor:
+    """LiSA attention, as defined in SPEC.md.
+
+    For grid tokens i, j at positions p_i, p_j and RPE group m = g(c) of value channel c::
+
+        W^m_ij   = phi(q_i) . phi(k_j) * exp(rpe[h, m, p_i - p_j])       (exp(rpe_extra[h, m, kind]) for extra tokens)
+        out_i[c] = sum_j W^m_ij v_j[c] / (sum_j W^m_ij + eps)              (numerator only if normalize=False)
+
+    Args:
+        q, k: (B, H, N, Dk); v: (B, H, N, Dv), one floating dtype, one device. N = num_extra + prod(grid);
+            the first ``num_extra`` tokens (CLS, registers) are not on the grid.
+        rpe: (H, M, 2*S1-1, ...) log-weights per offset, or (H, M, S1, ...) with ``boundary="circular"``;
+            Dv must be divisible by M.
+        grid: (S1,), (S1, S2) or (S1, S2, S3): sequence, image or video (T, H, W), row-major.
+        rpe_extra: (H, M, 3) log-weights of extra->grid, grid->extra, extra->extra pairs; None means 0.
+        feature_map: "elu1" (elu(x) + 1) or "relu".
+        boundary: "zero" (exact Toeplitz / linear convolution) or "circular" (offsets wrap around).
+        causal: W_ij = 0 for j > i; 1D grids only.
+        backend: "auto", "reference", "direct", "fft", "triton", "cuda"; see :func:`explain`.
+        scale: multiplies q before the feature map (default 1).
+
+    Returns:
+        (B, H, N, Dv) in the dtype of q.
+    """
+    p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
+                     normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend, scale=scale)
+    if backend == "auto":
+        backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
+    return run_backend(backend, q, k, v, rpe, rpe_extra, p)
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch.Tensor, *, grid: Grid,
+            backward: Optional[bool] = None, **options) -> Explanation:
+    """What ``backend="auto"`` picks for these inputs, with each backend's estimate or why it cannot run.
+
+    Takes the arguments of :func:`lisa_attention`. ``backward`` (default: whether autograd would need
+    gradients of the inputs) adds the backward pass to the estimates. ``print(explain(...))`` shows a table.
+    """
+    p = check_inputs(q, k, v, rpe, grid=grid, **options)
+    if backward is None:
+        backward = _needs_grad(q, k, v, rpe, options.get("rpe_extra"))
+    return explain_problem(p, backward)
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> dict:
+    """Each backend's status on a device for a small float32 problem: None if it can run, else the reason."""
+    device = torch.device(device)
+    x = torch.zeros(1, 1, 4, 4, device=device)
+    p = check_inputs(x, x, x, torch.zeros(1, 1, 7, device=device), grid=(4,))
+    return {name: backend_reason(name, p) for name in BACKENDS if name != "auto"}

@@ -4,7 +4,7 @@
 | --- | --- | --- | --- |
 | ``reference_max_bytes`` | ``LISA_REFERENCE_MAX_BYTES`` | 1 GiB | largest dense B*H*M*N*N weight tensor the reference backend builds |
 | ``fft_workspace_bytes`` | ``LISA_FFT_WORKSPACE_BYTES`` | 256 MiB | workspace budget of one chunk of the fft backend |
-| ``direct_block_bytes`` | ``LISA_DIRECT_BLOCK_BYTES`` | 64 MiB | size of one query block's weight tile in the direct backend |
+| ``direct_block_bytes`` | ``LISA_DIRECT_BLOCK_BYTES`` | 32 MiB | size of one query block's weight tile in the direct backend |
 
 Use :func:`lisa_kernels.set_config` to change them in a running program::
 
@@ -39,7 +39,7 @@ class Config:
     fft_workspace_bytes: int = dataclasses.field(
         default_factory=lambda: _env_bytes("LISA_FFT_WORKSPACE_BYTES", 256 * 2**20))
     direct_block_bytes: int = dataclasses.field(
-        default_factory=lambda: _env_bytes("LISA_DIRECT_BLOCK_BYTES", 64 * 2**20))
+        default_factory=lambda: _env_bytes("LISA_DIRECT_BLOCK_BYTES", 32 * 2**20))
 
 
 _CONFIG = Config()

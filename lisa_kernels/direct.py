@@ -109,6 +109,10 @@ def _block_queries(p: Problem, ng: int, factor: int) -> int:
     return max(1, get_config().direct_block_bytes // per_query)
 
 
+def _buffer(buf: torch.Tensor, shape) -> torch.Tensor:
+    return buf[:math.prod(shape)].view(shape)
+
+
 def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
     """(B, H, Ng, Dv) -> (B, H, M, Ng, G + 1): each group's values with a column of ones appended."""
     B, H, N, Dv = v.shape
@@ -127,12 +131,18 @@ class DirectCoreFunction(torch.autograd.Function):
         fk_rev = fk.flip(2)
         ve_rev = _ones_column(v, M).flip(3)
         out = fq.new_empty(B, H, M, ng, G + 1)
-        for s in _slabs(p.grid, _block_queries(p, ng, 2), p.causal):
-            A = fq[:, :, s.start:s.start + s.length] @ fk_rev[:, :, s.key0:].transpose(-1, -2)
+        bq = _block_queries(p, ng, 1 if M == 1 else 2)
+        slabs = list(_slabs(p.grid, bq, p.causal))
+        size = max(s.length * s.keys for s in slabs)
+        A_buf = fq.new_empty(B * H * size)             # reused by every block: no page faults per block
+        W_buf = A_buf if M == 1 else fq.new_empty(B * H * M * size)
+        for s in slabs:
+            A = _buffer(A_buf, (B, H, s.length, s.keys))
+            torch.matmul(fq[:, :, s.start:s.start + s.length], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
             R = _weight_view(r, p.grid, s)
-            W = A.view((B, H, 1) + R.shape[2:]) * R
-            W = W.view(B, H, M, s.length, s.keys)
-            out[:, :, :, s.start:s.start + s.length] = W @ ve_rev[:, :, :, s.key0:]
+            W = _buffer(W_buf, (B, H, M) + R.shape[2:])
+            torch.mul(A.view((B, H, 1) + R.shape[2:]), R, out=W)  # in place when M == 1
+            out[:, :, :, s.start:s.start + s.length] = W.view(B, H, M, s.length, s.keys) @ ve_rev[:, :, :, s.key0:]
         ctx.save_for_backward(fq, fk, v, r)
         ctx.p = p
         num = out[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
@@ -156,19 +166,27 @@ class DirectCoreFunction(torch.autograd.Function):
         dfk_rev = torch.zeros_like(fk)
         dve_rev = torch.zeros_like(ve_rev)
         dr = torch.zeros_like(r)
-        for s in _slabs(p.grid, _block_queries(p, ng, 5), p.causal):
+        slabs = list(_slabs(p.grid, _block_queries(p, ng, 4), p.causal))
+        size = max(s.length * s.keys for s in slabs)
+        A_buf, W_buf, dW_buf = (fq.new_empty(B * H * M * size) for _ in range(3))
+        for s in slabs:
             sl = slice(s.start, s.start + s.length)
-            A = fq[:, :, sl] @ fk_rev[:, :, s.key0:].transpose(-1, -2)        # (B, H, bq, K)
             R = _weight_view(r, p.grid, s)
-            Rf = R.reshape(H, M, s.length, s.keys)                             # a copy for 2D/3D slabs
-            W = A[:, :, None] * Rf                                            # (B, H, M, bq, K)
-            dW = ge[:, :, :, sl] @ ve_rev[:, :, :, s.key0:].transpose(-1, -2)  # (B, H, M, bq, K)
-            dve_rev[:, :, :, s.key0:] += W.transpose(-1, -2) @ ge[:, :, :, sl]
-            dR = (dW * A[:, :, None]).sum(0)                                  # (H, M, bq, K)
-            dA = (dW * Rf).sum(2)                                             # (B, H, bq, K)
+            shape = (B, H, M) + R.shape[2:]
+            A = _buffer(A_buf, (B, H, s.length, s.keys))
+            torch.matmul(fq[:, :, sl], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
+            A = A.view((B, H, 1) + R.shape[2:])
+            W = torch.mul(A, R, out=_buffer(W_buf, shape))
+            dW = _buffer(dW_buf, (B, H, M, s.length, s.keys))
+            torch.matmul(ge[:, :, :, sl], ve_rev[:, :, :, s.key0:].transpose(-1, -2), out=dW)
+            dW = dW.view(shape)
+            dve_rev[:, :, :, s.key0:] += W.view(B, H, M, s.length, s.keys).transpose(-1, -2) @ ge[:, :, :, sl]
+            dA = torch.mul(dW, R, out=W).view(B, H, M, s.length, s.keys)          # W's buffer is free now
+            dA = dA[:, :, 0] if M == 1 else dA.sum(2)
             dfq[:, :, sl] = dA @ fk_rev[:, :, s.key0:]
             dfk_rev[:, :, s.key0:] += dA.transpose(-1, -2) @ fq[:, :, sl]
-            _add_antidiagonal_sums(dr, dR.view(R.shape), p.grid, s)
+            dR = dW.mul_(A)
+            _add_antidiagonal_sums(dr, dR[0] if B == 1 else dR.sum(0), p.grid, s)
         dv = dve_rev.flip(3)[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
         return dfq, dfk_rev.flip(2), dv, dr * r, None
 

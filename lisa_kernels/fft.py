@@ -130,9 +130,28 @@ def _kernel_grad(dK: torch.Tensor, grid, circular: bool) -> torch.Tensor:
     return dK[(slice(None), slice(None)) + tuple(slice(0, 2 * s - 1) for s in grid)]
 
 
-def _crop(x: torch.Tensor, grid) -> torch.Tensor:
+def _rfft(x: torch.Tensor, sizes) -> torch.Tensor:
+    """Real FFT of the last len(sizes) axes, zero-padded to ``sizes``."""
+    return torch.fft.rfftn(x, s=sizes, dim=tuple(range(-len(sizes), 0)))
+
+
+def _irfft_crop(X: torch.Tensor, sizes, grid) -> torch.Tensor:
+    """Inverse of _rfft, keeping only the first S entries per axis -> (..., prod(grid)).
+
+    Done axis by axis, cropping after each inverse transform, which skips the rows that would be thrown
+    away (faster than irfftn then crop)."""
     d = len(grid)
-    return x[(Ellipsis,) + tuple(slice(0, s) for s in grid)].reshape(x.shape[:-d] + (math.prod(grid),))
+    for a in range(d - 1):
+        dim = a - d
+        X = torch.fft.ifft(X, dim=dim).narrow(dim, 0, grid[a])
+    x = torch.fft.irfft(X, n=sizes[-1], dim=-1).narrow(-1, 0, grid[-1])
+    return x.reshape(x.shape[:-d] + (math.prod(grid),))
+
+
+def _field(a: torch.Tensor, b: torch.Tensor, grid) -> torch.Tensor:
+    """a (bh, Ng, d) and b (bh, Ng, m, c) -> the product field (bh, d, m, c, S...) laid on the grid."""
+    X = a.permute(0, 2, 1)[:, :, None, None, :] * b.permute(0, 2, 3, 1)[:, None]
+    return X.view(X.shape[:4] + tuple(grid))
 
 
 class FFTCoreFunction(torch.autograd.Function):
@@ -143,25 +162,21 @@ class FFTCoreFunction(torch.autograd.Function):
         B, H, ng, Dk = fq.shape
         M, G1 = p.M, p.Dv // p.M + 1
         sizes = fft_sizes(p.grid, circular)
-        d = len(p.grid)
-        dims = tuple(range(-d, 0))
         r = torch.exp(logtab)
         Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
         fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
-        ve = torch.cat([v.reshape(B, H, ng, M, G1 - 1), v.new_ones(B, H, ng, M, 1)], -1).reshape(B * H, ng, M, G1)
-        out = fq.new_zeros(B * H, ng, M, G1)
+        ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
+        out = fq.new_zeros(B * H, M, G1, ng)
         heads = torch.arange(B * H, device=fq.device) % H
-        plan = fft_chunk_plan(p, circular)
-        for sb, sd, sm, sc in _chunks(p, plan):
-            U = fk_[sb, :, sd, None, None] * ve[sb, :, None, sm, sc]           # (b, Ng, d, m, c)
-            U = U.permute(0, 2, 3, 4, 1).reshape(U.shape[:1] + U.shape[2:] + tuple(p.grid))
-            Uhat = torch.fft.rfftn(U, s=sizes, dim=dims)                      # (b, d, m, c, L...)
+        for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular)):
+            Uhat = _rfft(_field(fk_[sb, :, sd], ve[sb, :, sm, sc], p.grid), sizes)     # (b, d, m, c, L...)
             Uhat *= Khat[heads[sb]][:, None, sm, None]
-            Fld = _crop(torch.fft.irfftn(Uhat, s=sizes, dim=dims), p.grid)   # (b, d, m, c, Ng)
-            out[sb, :, sm, sc] += torch.einsum("bdmcn,bnd->bnmc", Fld, fq_[sb, :, sd])
+            Fld = _irfft_crop(Uhat, sizes, p.grid)                                   # (b, d, m, c, Ng)
+            del Uhat
+            out[sb, sm, sc] += (Fld * fq_[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
         ctx.save_for_backward(fq, fk, v, r, Khat)
         ctx.p, ctx.circular = p, circular
-        out = out.reshape(B, H, ng, M, G1)
+        out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
         return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous()
 
     @staticmethod
@@ -171,42 +186,46 @@ class FFTCoreFunction(torch.autograd.Function):
         B, H, ng, Dk = fq.shape
         M, G1 = p.M, p.Dv // p.M + 1
         sizes = fft_sizes(p.grid, circular)
-        d = len(p.grid)
-        dims = tuple(range(-d, 0))
         if gnum is None:
             gnum = fq.new_zeros(B, H, ng, p.Dv)
         if gden is None:
             gden = fq.new_zeros(B, H, ng, M)
         fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
-        ve = torch.cat([v.reshape(B, H, ng, M, G1 - 1), v.new_ones(B, H, ng, M, 1)], -1).reshape(B * H, ng, M, G1)
+        ve = _ones_column(v, M)
         ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
-        dfq, dfk, dve = torch.zeros_like(fq_), torch.zeros_like(fk_), torch.zeros_like(ve)
+        ve_t, ge_t = ve.permute(0, 2, 3, 1), ge.permute(0, 2, 3, 1)          # (BH, M, G+1, Ng)
+        dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
+        dve = fq.new_zeros(B * H, M, G1, ng)
         dKhat = torch.zeros_like(Khat)
         heads = torch.arange(B * H, device=fq.device) % H
-        plan = fft_chunk_plan(p, circular, backward=True)
-
-        def field(a, b, sb, sd, sm, sc):   # a[.., d] * b[.., m, c] laid on the grid: (b, d, m, c, S...)
-            X = a[sb, :, sd, None, None] * b[sb, :, None, sm, sc]
-            return X.permute(0, 2, 3, 4, 1).reshape(X.shape[:1] + X.shape[2:] + tuple(p.grid))
-
-        for sb, sd, sm, sc in _chunks(p, plan):
+        for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
             Kc = Khat[heads[sb]][:, None, sm, None]
-            Uhat = torch.fft.rfftn(field(fk_, ve, sb, sd, sm, sc), s=sizes, dim=dims)
-            Hhat = torch.fft.rfftn(field(fq_, ge, sb, sd, sm, sc), s=sizes, dim=dims)
-            Fld = _crop(torch.fft.irfftn(Uhat * Kc, s=sizes, dim=dims), p.grid)           # (b, d, m, c, Ng)
-            dfq[sb, :, sd] += torch.einsum("bdmcn,bnmc->bnd", Fld, ge[sb, :, sm, sc])
+            Uhat = _rfft(_field(fk_[sb, :, sd], ve[sb, :, sm, sc], p.grid), sizes)
+            Hhat = _rfft(_field(fq_[sb, :, sd], ge[sb, :, sm, sc], p.grid), sizes)
+            # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
+            dKhat[:, sm].index_add_(0, heads[sb], (Hhat * Uhat.conj()).sum(dim=(1, 3)))
+            Uhat *= Kc
+            Fld = _irfft_crop(Uhat, sizes, p.grid)                                   # (b, d, m, c, Ng)
+            del Uhat
+            dfq[sb, sd] += (Fld * ge_t[sb, None, sm, sc]).sum(dim=(2, 3))
             del Fld
-            # RPE gradient: sum over the chunk's b of the same head, d and c of H (*) U (correlation)
-            corr = (Hhat * Uhat.conj()).sum(dim=(1, 3))                                  # (b, m, L...)
-            dKhat[:, sm].index_add_(0, heads[sb], corr)
-            del Uhat, corr
-            Q = _crop(torch.fft.irfftn(Hhat * Kc.conj(), s=sizes, dim=dims), p.grid)     # (b, d, m, c, Ng)
-            dfk[sb, :, sd] += torch.einsum("bdmcn,bnmc->bnd", Q, ve[sb, :, sm, sc])
-            dve[sb, :, sm, sc] += torch.einsum("bdmcn,bnd->bnmc", Q, fk_[sb, :, sd])
-        dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + d)))
+            Hhat *= Kc.conj()
+            Q = _irfft_crop(Hhat, sizes, p.grid)                                     # (b, d, m, c, Ng)
+            del Hhat
+            dfk[sb, sd] += (Q * ve_t[sb, None, sm, sc]).sum(dim=(2, 3))
+            dve[sb, sm, sc] += (Q * fk_[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
+        dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
         dr = _kernel_grad(dK, p.grid, circular)
-        dv = dve.reshape(B, H, ng, M, G1)[..., :-1].reshape(B, H, ng, p.Dv)
-        return dfq.view_as(fq), dfk.view_as(fk), dv, dr * r, None, None
+        dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)
+        return (dfq.transpose(1, 2).reshape(B, H, ng, Dk), dfk.transpose(1, 2).reshape(B, H, ng, Dk),
+                dv, dr * r, None, None)
+
+
+def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
+    """(B, H, Ng, Dv) -> (B*H, Ng, M, G + 1): each group's values with a column of ones appended."""
+    B, H, N, Dv = v.shape
+    vg = v.reshape(B * H, N, M, Dv // M)
+    return torch.cat([vg, vg.new_ones(B * H, N, M, 1)], dim=-1)
 
 
 def fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):

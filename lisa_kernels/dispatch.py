@@ -1,0 +1,146 @@
+"""Backends, the checks that say why one cannot run an input, and the cost model behind ``backend="auto"``.
+
+Each backend has a *can-run* check that returns ``None`` or a one-line reason, and (for the fast exact
+paths) a time estimate from a small cost model whose constants are data (``cost_model.json``) per device
+class:
+
+    direct:  t = overhead + flops / flops_per_s,   flops = 2 B H Ng K (Dk + Dv + M)      (K keys per query)
+    fft:     t = overhead + B H Dk (Dv + M) (s_per_plogp P log2 P + s_per_point Ng)    (P = prod of FFT sizes)
+    backward: adds ``backward_factor`` x forward when autograd will need gradients.
+
+``"auto"`` takes the runnable backend with the lowest estimate; :func:`explain` shows every estimate and
+every reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ._compose import compose
+from ._config import get_config
+from ._validate import Problem
+from .direct import direct_core
+from .fft import fft_core, fft_sizes
+from .reference import reference_bytes, reference_lisa_attention
+
+__all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_backend", "run_backend"]
+
+_MODEL_PATH = os.path.join(os.path.dirname(__file__), "cost_model.json")
+with open(_MODEL_PATH) as _f:
+    COST_MODEL = json.load(_f)
+
+# the backends "auto" chooses among, in order of preference on a tie
+AUTO_CANDIDATES = ("cuda", "triton", "direct", "fft")
+
+
+def _device_class(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def _cuda_extension_reason() -> str:
+    try:
+        from . import _C  # noqa: F401  (built by setup.py where a CUDA toolkit is present)
+    except ImportError as exc:
+        return f"the compiled extension lisa_kernels._C is not built ({exc}); see README 'CUDA extension'"
+    return "the compiled extension has no LiSA kernels in this version"
+
+
+def backend_reason(name: str, p: Problem) -> Optional[str]:
+    """None if backend ``name`` can run problem ``p``, else a one-line reason."""
+    if name == "reference":
+        need, limit = reference_bytes(p), get_config().reference_max_bytes
+        if need > limit:
+            return (f"its dense (B, H, M, N, N) weights need {need / 2**20:.0f} MiB, over reference_max_bytes = "
+                    f"{limit / 2**20:.0f} MiB (raise it with lisa_kernels.set_config)")
+        return None
+    if name in ("direct", "fft"):
+        return None
+    if name == "triton":
+        return "there is no Triton kernel in this version of lisa_kernels yet"
+    if name == "cuda":
+        if p.device.type != "cuda":
+            return f"inputs are on {p.device}, not a CUDA device"
+        return _cuda_extension_reason()
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
+    """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends."""
+    consts = COST_MODEL[_device_class(p.device)]
+    ng, bh = p.num_grid, p.B * p.H
+    if name == "direct":
+        c = consts["direct"]
+        keys = (ng + 1) / 2 if p.causal else ng
+        t = c["overhead_s"] + 2.0 * bh * ng * keys * (p.Dk + p.Dv + p.M) / c["flops_per_s"]
+    elif name == "fft":
+        c = consts["fft"]
+        P = math.prod(fft_sizes(p.grid, p.boundary == "circular" and not p.causal))
+        t = c["overhead_s"] + bh * p.Dk * (p.Dv + p.M) * (c["s_per_plogp"] * P * math.log2(max(P, 2))
+                                                          + c["s_per_point"] * ng)
+    else:
+        return None
+    if backward:
+        t *= 1.0 + c["backward_factor"]
+    extra = 4.0 * bh * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
+    return t + extra
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    backend: str
+    seconds: Optional[float]      # cost-model estimate, None where there is no model
+    reason: Optional[str]         # why it cannot run, None if it can
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What ``backend="auto"`` would do with an input, and why."""
+
+    chosen: str
+    backward: bool
+    device_class: str
+    estimates: Dict[str, Estimate]
+
+    def __str__(self) -> str:
+        lines = [f"auto -> {self.chosen!r} (device class {self.device_class}, "
+                 f"{'forward + backward' if self.backward else 'forward only'})"]
+        for e in self.estimates.values():
+            est = "   n/a   " if e.seconds is None else f"{e.seconds * 1e3:9.2f} ms"
+            mark = "*" if e.backend == self.chosen else " "
+            lines.append(f" {mark} {e.backend:<10} {est}  {('cannot run: ' + e.reason) if e.reason else 'can run'}")
+        return "\n".join(lines)
+
+
+def explain_problem(p: Problem, backward: bool) -> Explanation:
+    estimates = {}
+    for name in ("reference",) + AUTO_CANDIDATES:
+        estimates[name] = Estimate(name, estimate_seconds(name, p, backward), backend_reason(name, p))
+    runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
+    modelled = [n for n in runnable if estimates[n].seconds is not None]
+    chosen = min(modelled, key=lambda n: estimates[n].seconds) if modelled else runnable[0]
+    return Explanation(chosen, backward, _device_class(p.device), estimates)
+
+
+def choose_backend(p: Problem, backward: bool) -> str:
+    return explain_problem(p, backward).chosen
+
+
+_RUNNERS: Dict[str, Callable] = {
+    "reference": lambda q, k, v, rpe, rx, p: reference_lisa_attention(q, k, v, rpe, rx, p),
+    "direct": lambda q, k, v, rpe, rx, p: compose(direct_core, q, k, v, rpe, rx, p),
+    "fft": lambda q, k, v, rpe, rx, p: compose(fft_core, q, k, v, rpe, rx, p,
+                                               circular_core=p.boundary == "circular" and not p.causal),
+}
+
+
+def run_backend(name: str, q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
+    reason = backend_reason(name, p)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run this input: {reason}")
+    return _RUNNERS[name](q, k, v, rpe, rpe_extra, p)
