@@ -28,6 +28,7 @@ from ._validate import Problem
 from .direct import direct_core
 from .fft import fft_core, fft_sizes
 from .reference import reference_bytes, reference_lisa_attention
+from .triton_direct import triton_direct_attention, triton_direct_reason
 
 __all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_backend", "run_backend"]
 
@@ -62,7 +63,7 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     if name in ("direct", "fft"):
         return None
     if name == "triton":
-        return "there is no Triton kernel in this version of lisa_kernels yet"
+        return triton_direct_reason(p)
     if name == "cuda":
         if p.device.type != "cuda":
             return f"inputs are on {p.device}, not a CUDA device"
@@ -74,8 +75,10 @@ def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
     """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends."""
     consts = COST_MODEL[_device_class(p.device)]
     ng, bh = p.num_grid, p.B * p.H
-    if name == "direct":
-        c = consts["direct"]
+    if name in ("direct", "triton"):
+        if name not in consts:
+            return None
+        c = consts[name]
         keys = (ng + 1) / 2 if p.causal else ng
         t = c["overhead_s"] + 2.0 * bh * ng * keys * (p.Dk + p.Dv + p.M) / c["flops_per_s"]
     elif name == "fft":
@@ -136,6 +139,7 @@ _RUNNERS: Dict[str, Callable] = {
     "direct": lambda q, k, v, rpe, rx, p: compose(direct_core, q, k, v, rpe, rx, p),
     "fft": lambda q, k, v, rpe, rx, p: compose(fft_core, q, k, v, rpe, rx, p,
                                                circular_core=p.boundary == "circular" and not p.causal),
+    "triton": triton_direct_attention,
 }
 
 
