@@ -154,11 +154,54 @@ def _field(a: torch.Tensor, b: torch.Tensor, grid) -> torch.Tensor:
     return X.view(X.shape[:4] + tuple(grid))
 
 
+class TorchPasses:
+    """The per-chunk passes of the FFT path in plain PyTorch (any device).
+
+    A chunk is (sb, sd, sm, sc): slices of (batch*head, feature dim d, group m, extended value channel c).
+    ``a`` is a (BH, Ng, Dk) tensor (phi(k) or phi(q)), ``b`` a (BH, Ng, M, G+1) tensor ([v, 1] or [gnum, gden]).
+    Other backends (the CUDA extension, Triton) provide the same five methods; ``inverse`` may return any
+    layout that their own contractions read.
+    """
+
+    name = "torch"
+
+    @staticmethod
+    def spectrum(a, b, sb, sd, sm, sc, grid, sizes):
+        """FFT of the field a[.., d] * b[.., m, c], zero-padded: (nb, nd, nm, nc, L..., L_d // 2 + 1)."""
+        return _rfft(_field(a[sb, :, sd], b[sb, :, sm, sc], grid), sizes)
+
+    @staticmethod
+    def multiply_(Xh, Khat, heads, sm, conj: bool):
+        """Xh[b, d, m, c] *= Khat[head(b), m] (or its conjugate), in place."""
+        K = Khat[heads][:, None, sm, None]
+        Xh *= K.conj() if conj else K
+
+    @staticmethod
+    def inverse(Xh, grid, sizes):
+        """Inverse FFT, cropped to the grid: (nb, nd, nm, nc, Ng)."""
+        return _irfft_crop(Xh, sizes, grid)
+
+    @staticmethod
+    def contract_d(Y, a, sb, sd):
+        """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng)."""
+        return (Y * a[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
+
+    @staticmethod
+    def contract_mc(Y, b, sb, sm, sc):
+        """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng)."""
+        return (Y * b[sb, :, sm, sc].permute(0, 2, 3, 1)[:, None]).sum(dim=(2, 3))
+
+    @staticmethod
+    def corr(Hh, Uh):
+        """sum_{d, c} Hh conj(Uh) -> (nb, nm, L..., L_d // 2 + 1): the spectrum of the RPE-gradient correlation."""
+        return (Hh * Uh.conj()).sum(dim=(1, 3))
+
+
 class FFTCoreFunction(torch.autograd.Function):
     """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, logtab, p: Problem, circular: bool):
+    def forward(ctx, fq, fk, v, logtab, p: Problem, circular: bool, passes=TorchPasses):
         B, H, ng, Dk = fq.shape
         M, G1 = p.M, p.Dv // p.M + 1
         sizes = fft_sizes(p.grid, circular)
@@ -169,20 +212,20 @@ class FFTCoreFunction(torch.autograd.Function):
         out = fq.new_zeros(B * H, M, G1, ng)
         heads = torch.arange(B * H, device=fq.device) % H
         for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular)):
-            Uhat = _rfft(_field(fk_[sb, :, sd], ve[sb, :, sm, sc], p.grid), sizes)     # (b, d, m, c, L...)
-            Uhat *= Khat[heads[sb]][:, None, sm, None]
-            Fld = _irfft_crop(Uhat, sizes, p.grid)                                   # (b, d, m, c, Ng)
+            Uhat = passes.spectrum(fk_, ve, sb, sd, sm, sc, p.grid, sizes)    # (b, d, m, c, L...)
+            passes.multiply_(Uhat, Khat, heads[sb], sm, conj=False)
+            Fld = passes.inverse(Uhat, p.grid, sizes)
             del Uhat
-            out[sb, sm, sc] += (Fld * fq_[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
+            out[sb, sm, sc] += passes.contract_d(Fld, fq_, sb, sd)
         ctx.save_for_backward(fq, fk, v, r, Khat)
-        ctx.p, ctx.circular = p, circular
+        ctx.p, ctx.circular, ctx.passes = p, circular, passes
         out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
         return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous()
 
     @staticmethod
     def backward(ctx, gnum, gden):
         fq, fk, v, r, Khat = ctx.saved_tensors
-        p, circular = ctx.p, ctx.circular
+        p, circular, passes = ctx.p, ctx.circular, ctx.passes
         B, H, ng, Dk = fq.shape
         M, G1 = p.M, p.Dv // p.M + 1
         sizes = fft_sizes(p.grid, circular)
@@ -193,32 +236,30 @@ class FFTCoreFunction(torch.autograd.Function):
         fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
         ve = _ones_column(v, M)
         ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
-        ve_t, ge_t = ve.permute(0, 2, 3, 1), ge.permute(0, 2, 3, 1)          # (BH, M, G+1, Ng)
         dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
         dve = fq.new_zeros(B * H, M, G1, ng)
         dKhat = torch.zeros_like(Khat)
         heads = torch.arange(B * H, device=fq.device) % H
         for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
-            Kc = Khat[heads[sb]][:, None, sm, None]
-            Uhat = _rfft(_field(fk_[sb, :, sd], ve[sb, :, sm, sc], p.grid), sizes)
-            Hhat = _rfft(_field(fq_[sb, :, sd], ge[sb, :, sm, sc], p.grid), sizes)
+            Uhat = passes.spectrum(fk_, ve, sb, sd, sm, sc, p.grid, sizes)
+            Hhat = passes.spectrum(fq_, ge, sb, sd, sm, sc, p.grid, sizes)
             # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
-            dKhat[:, sm].index_add_(0, heads[sb], (Hhat * Uhat.conj()).sum(dim=(1, 3)))
-            Uhat *= Kc
-            Fld = _irfft_crop(Uhat, sizes, p.grid)                                   # (b, d, m, c, Ng)
+            dKhat[:, sm].index_add_(0, heads[sb], passes.corr(Hhat, Uhat))
+            passes.multiply_(Uhat, Khat, heads[sb], sm, conj=False)
+            Fld = passes.inverse(Uhat, p.grid, sizes)
             del Uhat
-            dfq[sb, sd] += (Fld * ge_t[sb, None, sm, sc]).sum(dim=(2, 3))
+            dfq[sb, sd] += passes.contract_mc(Fld, ge, sb, sm, sc)
             del Fld
-            Hhat *= Kc.conj()
-            Q = _irfft_crop(Hhat, sizes, p.grid)                                     # (b, d, m, c, Ng)
+            passes.multiply_(Hhat, Khat, heads[sb], sm, conj=True)
+            Q = passes.inverse(Hhat, p.grid, sizes)
             del Hhat
-            dfk[sb, sd] += (Q * ve_t[sb, None, sm, sc]).sum(dim=(2, 3))
-            dve[sb, sm, sc] += (Q * fk_[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
+            dfk[sb, sd] += passes.contract_mc(Q, ve, sb, sm, sc)
+            dve[sb, sm, sc] += passes.contract_d(Q, fk_, sb, sd)
         dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
         dr = _kernel_grad(dK, p.grid, circular)
         dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)
         return (dfq.transpose(1, 2).reshape(B, H, ng, Dk), dfk.transpose(1, 2).reshape(B, H, ng, Dk),
-                dv, dr * r, None, None)
+                dv, dr * r, None, None, None)
 
 
 def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
@@ -228,6 +269,6 @@ def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
     return torch.cat([vg, vg.new_ones(B * H, N, M, 1)], dim=-1)
 
 
-def fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
+def fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False, passes=TorchPasses):
     """Core of ``backend="fft"``: see :mod:`lisa_kernels._compose` for its contract."""
-    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular)
+    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular, passes)

@@ -1,0 +1,141 @@
+"""backend="triton" (the fused direct kernel) against the float64 reference.
+
+On a machine without a CUDA GPU the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1,
+set by tests/conftest.py before triton is imported), on small shapes; on a GPU the same tests run on the
+device and a GPU-only test adds bf16 and larger sizes.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import lisa_kernels as L
+from lisa_kernels.triton_direct import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before importing triton)",
+                allow_module_level=True)
+
+# relative error bound per dtype, against the float64 reference (issue: fp32 <= 1e-4, fp16 <= 1e-2)
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _inputs(grid, E, M, boundary, dtype, B=2, H=2, Dk=8, G=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = E + math.prod(grid)
+    table = [s if boundary == "circular" else 2 * s - 1 for s in grid]
+    q = torch.randn(B, H, N, Dk, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, N, Dk, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, N, G * M, generator=g, dtype=torch.float64)
+    rpe = 0.5 * torch.randn(H, M, *table, generator=g, dtype=torch.float64)
+    rx = 0.5 * torch.randn(H, M, 3, generator=g, dtype=torch.float64) if E else None
+    ref = [t.requires_grad_() for t in (q, k, v, rpe) + ((rx,) if E else ())]
+    low = [t.detach().to(DEVICE, dtype).requires_grad_() for t in ref]
+    return ref, low
+
+
+CASES = [
+    # grid, E, M, boundary, causal, normalize, feature_map
+    ((7,), 0, 1, "zero", False, True, "elu1"),
+    ((21,), 2, 1, "zero", True, True, "elu1"),
+    ((19,), 1, 2, "circular", True, False, "relu"),
+    ((5, 3), 1, 2, "zero", False, True, "elu1"),
+    ((6, 7), 4, 1, "circular", False, True, "relu"),
+    ((4, 9), 0, 4, "zero", False, False, "elu1"),
+    ((3, 4, 5), 2, 2, "circular", False, True, "elu1"),
+    ((2, 3, 3), 1, 1, "zero", False, True, "relu"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("grid,E,M,boundary,causal,normalize,fm", CASES)
+def test_triton_matches_reference(grid, E, M, boundary, causal, normalize, fm, dtype):
+    ref, low = _inputs(grid, E, M, boundary, dtype)
+    opts = dict(grid=grid, num_extra=E, boundary=boundary, causal=causal, normalize=normalize, feature_map=fm)
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4] if E else None, backend="reference", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    assert torch.isfinite(out).all()
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.to(DEVICE, dtype))
+    names = ["out", "dq", "dk", "dv", "drpe", "drpe_extra"]
+    errors = [_rel(out.cpu(), out_ref)] + [_rel(a.cpu(), b) for a, b in zip(g_low, g_ref)]
+    bad = {n: e for n, e in zip(names, errors) if not e <= TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]}: {bad}"
+
+
+def test_triton_low_precision_like_flash_attention():
+    """fp16 error of the kernel <= 2x the error of the same computation done by PyTorch in fp16 (+ slack)."""
+    grid, E, M = (6, 5), 1, 2
+    ref, low = _inputs(grid, E, M, "zero", torch.float16, seed=3)
+    opts = dict(grid=grid, num_extra=E)
+    exact = L.lisa_attention(*ref[:4], rpe_extra=ref[4], backend="reference", **opts)
+    kernel = L.lisa_attention(*low[:4], rpe_extra=low[4], backend="triton", **opts)
+    cpu16 = [t.detach().cpu() for t in low]
+    torch_same = L.lisa_attention(*cpu16[:4], rpe_extra=cpu16[4], backend="reference", **opts)
+    err_kernel = (kernel.cpu().double() - exact).abs().max().item()
+    err_torch = (torch_same.double() - exact).abs().max().item()
+    assert err_kernel <= 2 * err_torch + 1e-3, (err_kernel, err_torch)
+
+
+def test_triton_writes_every_output_element(monkeypatch):
+    """Outputs allocated NaN-filled: every element the kernels own must be overwritten."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    ref, low = _inputs((5, 7), 2, 2, "zero", torch.float32, seed=5)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(5, 7), num_extra=2, backend="triton")
+    grads = torch.autograd.grad(out, low, torch.ones_like(out))
+    assert torch.isfinite(out).all()
+    for g in grads:
+        assert torch.isfinite(g).all()
+
+
+def test_triton_reason_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 1, 4, 8)
+    reason = L.available_backends("cpu")["triton"]
+    assert reason is not None and "CUDA" in reason
+    with pytest.raises(ValueError, match="triton"):
+        L.lisa_attention(x, x, x, torch.zeros(1, 1, 7), grid=(4,), backend="triton")
+
+
+def test_triton_refuses_float64_with_reason():
+    x = torch.randn(1, 1, 4, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        L.lisa_attention(x, x, x, torch.zeros(1, 1, 7, dtype=torch.float64, device=DEVICE), grid=(4,),
+                         backend="triton")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: bf16 tl.dot and large sizes are GPU-only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("grid,E", [((14, 14), 1), ((32, 32), 0), ((4, 16, 16), 0), ((1000,), 1)])
+def test_triton_gpu_large(grid, E, dtype):
+    M = 2
+    ref, low = _inputs(grid, E, M, "zero", dtype, B=2, H=3, Dk=64, G=32)
+    opts = dict(grid=grid, num_extra=E)
+    ref_dev = [t.detach().to(DEVICE).requires_grad_() for t in ref]
+    out_ref = L.lisa_attention(*ref_dev[:4], rpe_extra=ref_dev[4] if E else None, backend="direct", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    upstream = torch.randn_like(out_ref)
+    g_ref = torch.autograd.grad(out_ref, ref_dev, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.to(dtype))
+    errors = [_rel(out, out_ref)] + [_rel(a, b) for a, b in zip(g_low, g_ref)]
+    assert max(errors) <= TOL[dtype], errors
