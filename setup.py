@@ -9,6 +9,7 @@ Environment variables:
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -20,6 +21,30 @@ def log(msg):
     print(f"[lisa_kernels setup] {msg}", file=sys.stderr)
 
 
+def _guess_cuda_home():
+    """Point CUDA_HOME at the toolkit of the nvcc on PATH (torch would guess its parent's parent, wrong for links)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            log(f"CUDA_HOME not set: using {home}")
+            return
+
+
+def _wheel_cuda_includes():
+    """Headers of the NVIDIA wheels torch depends on (cuBLAS, cuSPARSE, cuFFT...), for toolkits without them."""
+    dirs = []
+    for base in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            path = os.path.join(base, sub)
+            if os.path.isdir(path):
+                dirs.append(path)
+    return dirs[:1]
+
+
 def cuda_extension():
     """The CUDA extension and its build command, or (None, None) with the reason printed."""
     mode = os.environ.get("LISA_BUILD_CUDA", "auto").strip().lower()
@@ -29,6 +54,7 @@ def cuda_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
                      + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     reason = None
+    _guess_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -41,7 +67,7 @@ def cuda_extension():
         elif CUDA_HOME is None:
             reason = "no CUDA toolkit found (set CUDA_HOME)"
         elif not sources:
-            reason = "csrc/ holds no CUDA sources yet"
+            reason = "csrc/ holds no sources"
     if reason is not None:
         if mode in ("1", "true", "yes", "on"):
             raise RuntimeError(f"LISA_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
@@ -49,8 +75,11 @@ def cuda_extension():
         return None, None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("LISA_CUDA_ARCHS", "8.0;9.0a"))
     log(f"building lisa_kernels._C from {len(sources)} sources for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
-    ext = CUDAExtension("lisa_kernels._C", sources,
-                        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]})
+    includes = [os.path.join(HERE, "csrc")] + _wheel_cuda_includes()
+    log(f"include dirs: {includes}; MAX_JOBS={os.environ.get('MAX_JOBS', 'torch default')}")
+    ext = CUDAExtension("lisa_kernels._C", sources, include_dirs=includes,
+                        define_macros=[("LISA_WITH_CUDA", None)],
+                        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]})
     return ext, BuildExtension
 
 

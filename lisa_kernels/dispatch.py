@@ -26,6 +26,7 @@ from ._compose import compose
 from ._config import get_config
 from ._validate import Problem
 from .direct import direct_core
+from .cuda_fft import cuda_fft_core, extension_reason
 from .fft import fft_core, fft_sizes
 from .reference import reference_bytes, reference_lisa_attention
 from .triton_direct import triton_direct_attention, triton_direct_reason
@@ -44,14 +45,6 @@ def _device_class(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def _cuda_extension_reason() -> str:
-    try:
-        from . import _C  # noqa: F401  (built by setup.py where a CUDA toolkit is present)
-    except ImportError as exc:
-        return f"the compiled extension lisa_kernels._C is not built ({exc}); see README 'CUDA extension'"
-    return "the compiled extension has no LiSA kernels in this version"
-
-
 def backend_reason(name: str, p: Problem) -> Optional[str]:
     """None if backend ``name`` can run problem ``p``, else a one-line reason."""
     if name == "reference":
@@ -67,7 +60,7 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     if name == "cuda":
         if p.device.type != "cuda":
             return f"inputs are on {p.device}, not a CUDA device"
-        return _cuda_extension_reason()
+        return extension_reason()
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -75,14 +68,14 @@ def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
     """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends."""
     consts = COST_MODEL[_device_class(p.device)]
     ng, bh = p.num_grid, p.B * p.H
-    if name in ("direct", "triton"):
-        if name not in consts:
-            return None
-        c = consts[name]
+    if name not in consts:
+        return None
+    c = consts[name]
+    kind = c.get("kind", name)
+    if kind == "direct":
         keys = (ng + 1) / 2 if p.causal else ng
         t = c["overhead_s"] + 2.0 * bh * ng * keys * (p.Dk + p.Dv + p.M) / c["flops_per_s"]
-    elif name == "fft":
-        c = consts["fft"]
+    elif kind == "fft":
         P = math.prod(fft_sizes(p.grid, p.boundary == "circular" and not p.causal))
         t = c["overhead_s"] + bh * p.Dk * (p.Dv + p.M) * (c["s_per_plogp"] * P * math.log2(max(P, 2))
                                                           + c["s_per_point"] * ng)
@@ -140,6 +133,8 @@ _RUNNERS: Dict[str, Callable] = {
     "fft": lambda q, k, v, rpe, rx, p: compose(fft_core, q, k, v, rpe, rx, p,
                                                circular_core=p.boundary == "circular" and not p.causal),
     "triton": triton_direct_attention,
+    "cuda": lambda q, k, v, rpe, rx, p: compose(cuda_fft_core, q, k, v, rpe, rx, p,
+                                                circular_core=p.boundary == "circular" and not p.causal),
 }
 
 

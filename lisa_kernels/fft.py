@@ -159,20 +159,23 @@ class TorchPasses:
 
     A chunk is (sb, sd, sm, sc): slices of (batch*head, feature dim d, group m, extended value channel c).
     ``a`` is a (BH, Ng, Dk) tensor (phi(k) or phi(q)), ``b`` a (BH, Ng, M, G+1) tensor ([v, 1] or [gnum, gden]).
-    Other backends (the CUDA extension, Triton) provide the same five methods; ``inverse`` may return any
-    layout that their own contractions read.
+    Other backends (the CUDA extension, Triton) provide the same methods; ``inverse`` may return any layout
+    that their own contractions read.
     """
 
     name = "torch"
 
     @staticmethod
-    def spectrum(a, b, sb, sd, sm, sc, grid, sizes):
+    def spectrum(a, b, chunk, grid, sizes):
         """FFT of the field a[.., d] * b[.., m, c], zero-padded: (nb, nd, nm, nc, L..., L_d // 2 + 1)."""
+        sb, sd, sm, sc = chunk
         return _rfft(_field(a[sb, :, sd], b[sb, :, sm, sc], grid), sizes)
 
     @staticmethod
-    def multiply_(Xh, Khat, heads, sm, conj: bool):
-        """Xh[b, d, m, c] *= Khat[head(b), m] (or its conjugate), in place."""
+    def multiply_(Xh, Khat, chunk, grid, sizes, conj: bool):
+        """Xh[b, d, m, c] *= Khat[head(b), m] (or its conjugate), in place; head(b) = b mod H."""
+        sb, _, sm, _ = chunk
+        heads = torch.arange(sb.start, sb.stop, device=Xh.device) % Khat.shape[0]
         K = Khat[heads][:, None, sm, None]
         Xh *= K.conj() if conj else K
 
@@ -182,19 +185,39 @@ class TorchPasses:
         return _irfft_crop(Xh, sizes, grid)
 
     @staticmethod
-    def contract_d(Y, a, sb, sd):
+    def contract_d(Y, a, chunk, grid, sizes):
         """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng)."""
+        sb, sd, _, _ = chunk
         return (Y * a[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
 
     @staticmethod
-    def contract_mc(Y, b, sb, sm, sc):
+    def contract_mc(Y, b, chunk, grid, sizes):
         """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng)."""
+        sb, _, sm, sc = chunk
         return (Y * b[sb, :, sm, sc].permute(0, 2, 3, 1)[:, None]).sum(dim=(2, 3))
 
     @staticmethod
-    def corr(Hh, Uh):
+    def corr(Hh, Uh, chunk, grid, sizes):
         """sum_{d, c} Hh conj(Uh) -> (nb, nm, L..., L_d // 2 + 1): the spectrum of the RPE-gradient correlation."""
         return (Hh * Uh.conj()).sum(dim=(1, 3))
+
+
+def _below_noise_floor(den, fq_, fk_, r, p: Problem, sizes) -> torch.Tensor:
+    """Where a denominator is below the FFT's round-off (BH, M, Ng): those rows are set to exactly 0.
+
+    The FFT computes each den_i with an absolute error of about eps_machine * log2(P) times the bound
+    B_i = sum_d phi(q_i)[d] * sum_j phi(k_j)[d] * max r. A den_i that small cannot be told from 0 (with
+    "relu" it often is exactly 0, e.g. the first tokens of a causal sequence), and num / (den + eps)
+    would divide that round-off by eps; snapping both to 0 returns the exact answer in that case.
+    """
+    BH, ng, _ = fq_.shape
+    H = p.H
+    rmax = r.reshape(H, p.M, -1).amax(-1)                                   # (H, M)
+    bound = fq_ @ fk_.sum(1)[:, :, None]                                    # (BH, Ng, 1)
+    heads = torch.arange(BH, device=fq_.device) % H
+    bound = bound.transpose(1, 2) * rmax[heads][:, :, None]                  # (BH, M, Ng)
+    tol = 16 * torch.finfo(fq_.dtype).eps * math.log2(max(2, math.prod(sizes)))
+    return den.abs() <= tol * bound
 
 
 class FFTCoreFunction(torch.autograd.Function):
@@ -210,21 +233,23 @@ class FFTCoreFunction(torch.autograd.Function):
         fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
         ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
         out = fq.new_zeros(B * H, M, G1, ng)
-        heads = torch.arange(B * H, device=fq.device) % H
-        for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular)):
-            Uhat = passes.spectrum(fk_, ve, sb, sd, sm, sc, p.grid, sizes)    # (b, d, m, c, L...)
-            passes.multiply_(Uhat, Khat, heads[sb], sm, conj=False)
+        for chunk in _chunks(p, fft_chunk_plan(p, circular)):
+            sb, sd, sm, sc = chunk
+            Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)               # (b, d, m, c, L...)
+            passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
             Fld = passes.inverse(Uhat, p.grid, sizes)
             del Uhat
-            out[sb, sm, sc] += passes.contract_d(Fld, fq_, sb, sd)
-        ctx.save_for_backward(fq, fk, v, r, Khat)
+            out[sb, sm, sc] += passes.contract_d(Fld, fq_, chunk, p.grid, sizes)
+        below = _below_noise_floor(out[:, :, -1], fq_, fk_, r, p, sizes)       # (BH, M, Ng)
+        out.masked_fill_(below[:, :, None], 0.0)
+        ctx.save_for_backward(fq, fk, v, r, Khat, below)
         ctx.p, ctx.circular, ctx.passes = p, circular, passes
         out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
         return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous()
 
     @staticmethod
     def backward(ctx, gnum, gden):
-        fq, fk, v, r, Khat = ctx.saved_tensors
+        fq, fk, v, r, Khat, below = ctx.saved_tensors
         p, circular, passes = ctx.p, ctx.circular, ctx.passes
         B, H, ng, Dk = fq.shape
         M, G1 = p.M, p.Dv // p.M + 1
@@ -236,25 +261,27 @@ class FFTCoreFunction(torch.autograd.Function):
         fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
         ve = _ones_column(v, M)
         ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
+        ge = ge.masked_fill(below.transpose(1, 2)[..., None], 0.0)       # snapped outputs are constants
         dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
         dve = fq.new_zeros(B * H, M, G1, ng)
         dKhat = torch.zeros_like(Khat)
         heads = torch.arange(B * H, device=fq.device) % H
-        for sb, sd, sm, sc in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
-            Uhat = passes.spectrum(fk_, ve, sb, sd, sm, sc, p.grid, sizes)
-            Hhat = passes.spectrum(fq_, ge, sb, sd, sm, sc, p.grid, sizes)
+        for chunk in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
+            sb, sd, sm, sc = chunk
+            Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)
+            Hhat = passes.spectrum(fq_, ge, chunk, p.grid, sizes)
             # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
-            dKhat[:, sm].index_add_(0, heads[sb], passes.corr(Hhat, Uhat))
-            passes.multiply_(Uhat, Khat, heads[sb], sm, conj=False)
+            dKhat[:, sm].index_add_(0, heads[sb], passes.corr(Hhat, Uhat, chunk, p.grid, sizes))
+            passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
             Fld = passes.inverse(Uhat, p.grid, sizes)
             del Uhat
-            dfq[sb, sd] += passes.contract_mc(Fld, ge, sb, sm, sc)
+            dfq[sb, sd] += passes.contract_mc(Fld, ge, chunk, p.grid, sizes)
             del Fld
-            passes.multiply_(Hhat, Khat, heads[sb], sm, conj=True)
+            passes.multiply_(Hhat, Khat, chunk, p.grid, sizes, conj=True)
             Q = passes.inverse(Hhat, p.grid, sizes)
             del Hhat
-            dfk[sb, sd] += passes.contract_mc(Q, ve, sb, sm, sc)
-            dve[sb, sm, sc] += passes.contract_d(Q, fk_, sb, sd)
+            dfk[sb, sd] += passes.contract_mc(Q, ve, chunk, p.grid, sizes)
+            dve[sb, sm, sc] += passes.contract_d(Q, fk_, chunk, p.grid, sizes)
         dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
         dr = _kernel_grad(dK, p.grid, circular)
         dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)

@@ -1,0 +1,84 @@
+"""``backend="cuda"``: the FFT path with the compiled extension's fused passes around cuFFT.
+
+The chunk loop and the autograd are those of :mod:`lisa_kernels.fft`; this module only supplies the
+per-chunk passes, each one kernel of ``lisa_kernels._C`` (``torch.ops.lisa_kernels.fft_*``):
+
+    spectrum   fft_form (phi(k) (x) [v, 1] written straight into the zero-padded field) + torch.fft.rfftn (cuFFT)
+    multiply_  fft_multiply_ (in-place complex product with the RPE spectrum of the chunk's head and group)
+    inverse    torch.fft.irfftn (cuFFT), the padded field kept as is
+    contract   fft_contract_d / fft_contract_mc (crop + contraction with phi(q), [gnum, gden], [v, 1] or phi(k))
+    corr       fft_corr (sum over d and c of Hhat conj(Uhat), a fixed order: deterministic)
+
+The same ops have CPU implementations that run the same element functions (csrc/fft_passes.h), so the
+kernels' arithmetic is tested on machines without a GPU (``backend="cuda"`` itself needs CUDA tensors).
+cuFFT plans are cached by torch per device and shape (``torch.backends.cuda.cufft_plan_cache``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._validate import Problem
+from .fft import FFTCoreFunction
+
+__all__ = ["extension_reason", "ExtensionPasses", "cuda_fft_core", "HAS_EXTENSION"]
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.lisa_kernels.*)
+    HAS_EXTENSION, _IMPORT_ERROR = True, None
+except ImportError as exc:  # not built: no CUDA toolkit at install time, or a CPU-only torch
+    HAS_EXTENSION, _IMPORT_ERROR = False, exc
+
+
+def extension_reason() -> Optional[str]:
+    """None if the compiled extension is importable, else why not (one line)."""
+    if HAS_EXTENSION:
+        return None
+    return (f"the compiled extension lisa_kernels._C is not built ({_IMPORT_ERROR}); reinstall with a CUDA "
+            f"toolkit and 'pip install --no-build-isolation .' (README, 'CUDA extension')")
+
+
+def _chunk_ints(chunk, H: int):
+    return [x for s in chunk for x in (s.start, s.stop - s.start)] + [H]
+
+
+class ExtensionPasses:
+    """The per-chunk passes of :class:`lisa_kernels.fft.TorchPasses`, as compiled kernels."""
+
+    name = "cuda"
+
+    @staticmethod
+    def spectrum(a, b, chunk, grid, sizes):
+        X = torch.ops.lisa_kernels.fft_form(a.contiguous(), b.contiguous(), _chunk_ints(chunk, 1),
+                                            list(grid), list(sizes))
+        return torch.fft.rfftn(X, dim=tuple(range(-len(sizes), 0)))
+
+    @staticmethod
+    def multiply_(Xh, Khat, chunk, grid, sizes, conj: bool):
+        torch.ops.lisa_kernels.fft_multiply_(Xh, Khat.contiguous(), _chunk_ints(chunk, Khat.shape[0]),
+                                             list(grid), list(sizes), conj)
+
+    @staticmethod
+    def inverse(Xh, grid, sizes):
+        return torch.fft.irfftn(Xh, s=sizes, dim=tuple(range(-len(sizes), 0))).contiguous()
+
+    @staticmethod
+    def contract_d(Y, a, chunk, grid, sizes):
+        return torch.ops.lisa_kernels.fft_contract_d(Y, a.contiguous(), _chunk_ints(chunk, 1), list(grid),
+                                                     list(sizes))
+
+    @staticmethod
+    def contract_mc(Y, b, chunk, grid, sizes):
+        return torch.ops.lisa_kernels.fft_contract_mc(Y, b.contiguous(), _chunk_ints(chunk, 1), list(grid),
+                                                      list(sizes))
+
+    @staticmethod
+    def corr(Hh, Uh, chunk, grid, sizes):
+        return torch.ops.lisa_kernels.fft_corr(Hh, Uh, _chunk_ints(chunk, 1), list(grid), list(sizes))
+
+
+def cuda_fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
+    """Core of ``backend="cuda"``: the fft core with the extension's passes."""
+    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular, ExtensionPasses)
