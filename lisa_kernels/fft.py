@@ -202,6 +202,16 @@ class TorchPasses:
         return (Hh * Uh.conj()).sum(dim=(1, 3))
 
 
+def _add_per_head(acc: torch.Tensor, x: torch.Tensor, b0: int) -> None:
+    """acc[(b0 + i) % H] += x[i] for the rows i of x, in a fixed order (deterministic, unlike index_add_ on CUDA)."""
+    H, nb = acc.shape[0], x.shape[0]
+    if b0 % H == 0 and nb % H == 0:
+        acc += x.view((nb // H, H) + x.shape[1:]).sum(0)
+    else:
+        for i in range(nb):
+            acc[(b0 + i) % H] += x[i]
+
+
 def _below_noise_floor(den, fq_, fk_, r, p: Problem, sizes) -> torch.Tensor:
     """Where a denominator is below the FFT's round-off (BH, M, Ng): those rows are set to exactly 0.
 
@@ -265,13 +275,12 @@ class FFTCoreFunction(torch.autograd.Function):
         dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
         dve = fq.new_zeros(B * H, M, G1, ng)
         dKhat = torch.zeros_like(Khat)
-        heads = torch.arange(B * H, device=fq.device) % H
         for chunk in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
             sb, sd, sm, sc = chunk
             Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)
             Hhat = passes.spectrum(fq_, ge, chunk, p.grid, sizes)
             # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
-            dKhat[:, sm].index_add_(0, heads[sb], passes.corr(Hhat, Uhat, chunk, p.grid, sizes))
+            _add_per_head(dKhat[:, sm], passes.corr(Hhat, Uhat, chunk, p.grid, sizes), sb.start)
             passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
             Fld = passes.inverse(Uhat, p.grid, sizes)
             del Uhat
