@@ -18,7 +18,7 @@ __all__ = ["Problem", "check_inputs", "FEATURE_MAPS", "BOUNDARIES", "BACKENDS", 
 
 FEATURE_MAPS = ("elu1", "relu")
 BOUNDARIES = ("zero", "circular")
-BACKENDS = ("auto", "reference", "direct", "fft", "triton", "cuda")
+BACKENDS = ("auto", "reference", "direct", "fft", "triton", "triton-fft", "cuda")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -30,6 +30,7 @@ from .cuda_fft import cuda_fft_core, extension_reason
 from .fft import fft_core, fft_sizes
 from .reference import reference_bytes, reference_lisa_attention
 from .triton_direct import triton_direct_attention, triton_direct_reason
+from .triton_fft import triton_fft_core, triton_fft_reason
 
 __all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_backend", "run_backend"]
 
@@ -38,7 +39,7 @@ with open(_MODEL_PATH) as _f:
     COST_MODEL = json.load(_f)
 
 # the backends "auto" chooses among, in order of preference on a tie
-AUTO_CANDIDATES = ("cuda", "triton", "direct", "fft")
+AUTO_CANDIDATES = ("cuda", "triton", "triton-fft", "direct", "fft")
 
 
 def _device_class(device: torch.device) -> str:
@@ -57,6 +58,8 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
         return None
     if name == "triton":
         return triton_direct_reason(p)
+    if name == "triton-fft":
+        return triton_fft_reason(p)
     if name == "cuda":
         if p.device.type != "cuda":
             return f"inputs are on {p.device}, not a CUDA device"
@@ -127,14 +130,20 @@ def choose_backend(p: Problem, backward: bool) -> str:
     return explain_problem(p, backward).chosen
 
 
+def _fft_path(core):
+    """A runner for an FFT core: circular tables go to it unpadded unless causal masking needs the linear form."""
+    def run(q, k, v, rpe, rpe_extra, p: Problem):
+        return compose(core, q, k, v, rpe, rpe_extra, p, circular_core=p.boundary == "circular" and not p.causal)
+    return run
+
+
 _RUNNERS: Dict[str, Callable] = {
-    "reference": lambda q, k, v, rpe, rx, p: reference_lisa_attention(q, k, v, rpe, rx, p),
-    "direct": lambda q, k, v, rpe, rx, p: compose(direct_core, q, k, v, rpe, rx, p),
-    "fft": lambda q, k, v, rpe, rx, p: compose(fft_core, q, k, v, rpe, rx, p,
-                                               circular_core=p.boundary == "circular" and not p.causal),
+    "reference": reference_lisa_attention,
+    "direct": lambda q, k, v, rpe, rpe_extra, p: compose(direct_core, q, k, v, rpe, rpe_extra, p),
+    "fft": _fft_path(fft_core),
     "triton": triton_direct_attention,
-    "cuda": lambda q, k, v, rpe, rx, p: compose(cuda_fft_core, q, k, v, rpe, rx, p,
-                                                circular_core=p.boundary == "circular" and not p.causal),
+    "triton-fft": _fft_path(triton_fft_core),
+    "cuda": _fft_path(cuda_fft_core),
 }
 
 
