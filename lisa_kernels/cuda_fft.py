@@ -1,6 +1,6 @@
 """``backend="cuda"``: the FFT path with the compiled extension's fused passes around cuFFT.
 
-The chunk loop and the autograd are those of :mod:`lisa_kernels.fft`; this module only supplies the
+The chunk loop and the backward are those of :mod:`lisa_kernels.fft`; this module only supplies the
 per-chunk passes, each one kernel of ``lisa_kernels._C`` (``torch.ops.lisa_kernels.fft_*``):
 
     spectrum   fft_form (phi(k) (x) [v, 1] written straight into the zero-padded field) + torch.fft.rfftn (cuFFT)
@@ -16,14 +16,12 @@ cuFFT plans are cached by torch per device and shape (``torch.backends.cuda.cuff
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ._validate import Problem
-from .fft import FFTCoreFunction
-
-__all__ = ["extension_reason", "ExtensionPasses", "cuda_fft_core", "HAS_EXTENSION"]
+__all__ = ["extension_reason", "ExtensionPasses", "HAS_EXTENSION"]
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.lisa_kernels.*)
@@ -38,6 +36,32 @@ def extension_reason() -> Optional[str]:
         return None
     return (f"the compiled extension lisa_kernels._C is not built ({_IMPORT_ERROR}); reinstall with a CUDA "
             f"toolkit and 'pip install --no-build-isolation .' (README, 'CUDA extension')")
+
+
+def _spectrum_shape(sizes):
+    return list(sizes[:-1]) + [sizes[-1] // 2 + 1]
+
+
+if HAS_EXTENSION:   # fake (meta) implementations of the compiled ops, for torch.compile and opcheck
+    @torch.library.register_fake("lisa_kernels::fft_form")
+    def _(a, bt, chunk, grid, sizes):
+        return a.new_empty([chunk[1], chunk[3], chunk[5], chunk[7]] + list(sizes))
+
+    @torch.library.register_fake("lisa_kernels::fft_multiply_")
+    def _(xh, kh, chunk, grid, sizes, conj):
+        return None
+
+    @torch.library.register_fake("lisa_kernels::fft_contract_d")
+    def _(y, a, chunk, grid, sizes):
+        return y.new_empty([chunk[1], chunk[5], chunk[7], math.prod(grid)])
+
+    @torch.library.register_fake("lisa_kernels::fft_contract_mc")
+    def _(y, bt, chunk, grid, sizes):
+        return y.new_empty([chunk[1], chunk[3], math.prod(grid)])
+
+    @torch.library.register_fake("lisa_kernels::fft_corr")
+    def _(hh, uh, chunk, grid, sizes):
+        return hh.new_empty([chunk[1], chunk[5]] + _spectrum_shape(sizes))
 
 
 def _chunk_ints(chunk, H: int):
@@ -77,8 +101,3 @@ class ExtensionPasses:
     @staticmethod
     def corr(Hh, Uh, chunk, grid, sizes):
         return torch.ops.lisa_kernels.fft_corr(Hh, Uh, _chunk_ints(chunk, 1), list(grid), list(sizes))
-
-
-def cuda_fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
-    """Core of ``backend="cuda"``: the fft core with the extension's passes."""
-    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular, ExtensionPasses)

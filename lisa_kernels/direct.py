@@ -31,7 +31,7 @@ import torch
 from ._config import get_config
 from ._validate import Problem
 
-__all__ = ["direct_core", "DirectCoreFunction"]
+__all__ = ["direct_core_forward", "direct_core_backward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,79 +120,67 @@ def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
     return torch.cat([vg, vg.new_ones(B, H, M, N, 1)], dim=-1)
 
 
-class DirectCoreFunction(torch.autograd.Function):
+def direct_core_forward(fq, fk, v, logtab, p: Problem):
     """Grid-to-grid core of the direct path: (fq, fk, v, logtab) -> (num, den); see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, fq, fk, v, logtab, p: Problem):
-        B, H, ng, _ = fq.shape
-        M, G = p.M, p.Dv // p.M
-        r = torch.exp(logtab).contiguous()
-        fk_rev = fk.flip(2)
-        ve_rev = _ones_column(v, M).flip(3)
-        out = fq.new_empty(B, H, M, ng, G + 1)
-        bq = _block_queries(p, ng, 1 if M == 1 else 2)
-        slabs = list(_slabs(p.grid, bq, p.causal))
-        size = max(s.length * s.keys for s in slabs)
-        A_buf = fq.new_empty(B * H * size)             # reused by every block: no page faults per block
-        W_buf = A_buf if M == 1 else fq.new_empty(B * H * M * size)
-        for s in slabs:
-            A = _buffer(A_buf, (B, H, s.length, s.keys))
-            torch.matmul(fq[:, :, s.start:s.start + s.length], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
-            R = _weight_view(r, p.grid, s)
-            W = _buffer(W_buf, (B, H, M) + R.shape[2:])
-            torch.mul(A.view((B, H, 1) + R.shape[2:]), R, out=W)  # in place when M == 1
-            out[:, :, :, s.start:s.start + s.length] = W.view(B, H, M, s.length, s.keys) @ ve_rev[:, :, :, s.key0:]
-        ctx.save_for_backward(fq, fk, v, r)
-        ctx.p = p
-        num = out[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
-        den = out[..., G].transpose(2, 3).contiguous()
-        return num, den
-
-    @staticmethod
-    def backward(ctx, gnum, gden):
-        fq, fk, v, r = ctx.saved_tensors
-        p = ctx.p
-        B, H, ng, Dk = fq.shape
-        M, G = p.M, p.Dv // p.M
-        if gnum is None:
-            gnum = fq.new_zeros(B, H, ng, p.Dv)
-        if gden is None:
-            gden = fq.new_zeros(B, H, ng, M)
-        ge = torch.cat([gnum.reshape(B, H, ng, M, G).transpose(2, 3), gden.transpose(2, 3)[..., None]], dim=-1)
-        fk_rev = fk.flip(2)
-        ve_rev = _ones_column(v, M).flip(3)
-        dfq = torch.empty_like(fq)
-        dfk_rev = torch.zeros_like(fk)
-        dve_rev = torch.zeros_like(ve_rev)
-        dr = torch.zeros_like(r)
-        slabs = list(_slabs(p.grid, _block_queries(p, ng, 4), p.causal))
-        size = max(s.length * s.keys for s in slabs)
-        A_buf, W_buf, dW_buf = (fq.new_empty(B * H * M * size) for _ in range(3))
-        for s in slabs:
-            sl = slice(s.start, s.start + s.length)
-            R = _weight_view(r, p.grid, s)
-            shape = (B, H, M) + R.shape[2:]
-            A = _buffer(A_buf, (B, H, s.length, s.keys))
-            torch.matmul(fq[:, :, sl], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
-            A = A.view((B, H, 1) + R.shape[2:])
-            W = torch.mul(A, R, out=_buffer(W_buf, shape))
-            dW = _buffer(dW_buf, (B, H, M, s.length, s.keys))
-            torch.matmul(ge[:, :, :, sl], ve_rev[:, :, :, s.key0:].transpose(-1, -2), out=dW)
-            dW = dW.view(shape)
-            dve_rev[:, :, :, s.key0:] += W.view(B, H, M, s.length, s.keys).transpose(-1, -2) @ ge[:, :, :, sl]
-            dA = torch.mul(dW, R, out=W).view(B, H, M, s.length, s.keys)          # W's buffer is free now
-            dA = dA[:, :, 0] if M == 1 else dA.sum(2)
-            dfq[:, :, sl] = dA @ fk_rev[:, :, s.key0:]
-            dfk_rev[:, :, s.key0:] += dA.transpose(-1, -2) @ fq[:, :, sl]
-            dR = dW.mul_(A)
-            _add_antidiagonal_sums(dr, dR[0] if B == 1 else dR.sum(0), p.grid, s)
-        dv = dve_rev.flip(3)[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
-        return dfq, dfk_rev.flip(2), dv, dr * r, None
+    B, H, ng, _ = fq.shape
+    M, G = p.M, p.Dv // p.M
+    r = torch.exp(logtab).contiguous()
+    fk_rev = fk.flip(2)
+    ve_rev = _ones_column(v, M).flip(3)
+    out = fq.new_empty(B, H, M, ng, G + 1)
+    bq = _block_queries(p, ng, 1 if M == 1 else 2)
+    slabs = list(_slabs(p.grid, bq, p.causal))
+    size = max(s.length * s.keys for s in slabs)
+    A_buf = fq.new_empty(B * H * size)             # reused by every block: no page faults per block
+    W_buf = A_buf if M == 1 else fq.new_empty(B * H * M * size)
+    for s in slabs:
+        A = _buffer(A_buf, (B, H, s.length, s.keys))
+        torch.matmul(fq[:, :, s.start:s.start + s.length], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
+        R = _weight_view(r, p.grid, s)
+        W = _buffer(W_buf, (B, H, M) + R.shape[2:])
+        torch.mul(A.view((B, H, 1) + R.shape[2:]), R, out=W)  # in place when M == 1
+        out[:, :, :, s.start:s.start + s.length] = W.view(B, H, M, s.length, s.keys) @ ve_rev[:, :, :, s.key0:]
+    num = out[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
+    den = out[..., G].transpose(2, 3).contiguous()
+    return num, den
 
 
-def direct_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
-    """Core of ``backend="direct"``: see :mod:`lisa_kernels._compose` for its contract."""
-    if circular:
-        raise ValueError("the direct core takes linear (2S-1) rpe tables only")
-    return DirectCoreFunction.apply(fq, fk, v, logtab, p)
+def direct_core_backward(fq, fk, v, logtab, gnum, gden, p: Problem):
+    """Gradients (dfq, dfk, dv, dlogtab) of direct_core_forward, recomputing each block's tiles."""
+    r = torch.exp(logtab).contiguous()
+    B, H, ng, Dk = fq.shape
+    M, G = p.M, p.Dv // p.M
+    if gnum is None:
+        gnum = fq.new_zeros(B, H, ng, p.Dv)
+    if gden is None:
+        gden = fq.new_zeros(B, H, ng, M)
+    ge = torch.cat([gnum.reshape(B, H, ng, M, G).transpose(2, 3), gden.transpose(2, 3)[..., None]], dim=-1)
+    fk_rev = fk.flip(2)
+    ve_rev = _ones_column(v, M).flip(3)
+    dfq = torch.empty_like(fq)
+    dfk_rev = torch.zeros_like(fk)
+    dve_rev = torch.zeros_like(ve_rev)
+    dr = torch.zeros_like(r)
+    slabs = list(_slabs(p.grid, _block_queries(p, ng, 4), p.causal))
+    size = max(s.length * s.keys for s in slabs)
+    A_buf, W_buf, dW_buf = (fq.new_empty(B * H * M * size) for _ in range(3))
+    for s in slabs:
+        sl = slice(s.start, s.start + s.length)
+        R = _weight_view(r, p.grid, s)
+        shape = (B, H, M) + R.shape[2:]
+        A = _buffer(A_buf, (B, H, s.length, s.keys))
+        torch.matmul(fq[:, :, sl], fk_rev[:, :, s.key0:].transpose(-1, -2), out=A)
+        A = A.view((B, H, 1) + R.shape[2:])
+        W = torch.mul(A, R, out=_buffer(W_buf, shape))
+        dW = _buffer(dW_buf, (B, H, M, s.length, s.keys))
+        torch.matmul(ge[:, :, :, sl], ve_rev[:, :, :, s.key0:].transpose(-1, -2), out=dW)
+        dW = dW.view(shape)
+        dve_rev[:, :, :, s.key0:] += W.view(B, H, M, s.length, s.keys).transpose(-1, -2) @ ge[:, :, :, sl]
+        dA = torch.mul(dW, R, out=W).view(B, H, M, s.length, s.keys)          # W's buffer is free now
+        dA = dA[:, :, 0] if M == 1 else dA.sum(2)
+        dfq[:, :, sl] = dA @ fk_rev[:, :, s.key0:]
+        dfk_rev[:, :, s.key0:] += dA.transpose(-1, -2) @ fq[:, :, sl]
+        dR = dW.mul_(A)
+        _add_antidiagonal_sums(dr, dR[0] if B == 1 else dR.sum(0), p.grid, s)
+    dv = dve_rev.flip(3)[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
+    return dfq, dfk_rev.flip(2), dv, dr * r

@@ -25,12 +25,12 @@ import torch
 from ._compose import compose
 from ._config import get_config
 from ._validate import Problem
-from .direct import direct_core
-from .cuda_fft import cuda_fft_core, extension_reason
-from .fft import fft_core, fft_sizes
+from .cuda_fft import extension_reason
+from .fft import fft_sizes
+from .ops import cuda_fft_core, direct_core, fft_core, triton_direct_attention, triton_fft_core
 from .reference import reference_bytes, reference_lisa_attention
-from .triton_direct import triton_direct_attention, triton_direct_reason
-from .triton_fft import triton_fft_core, triton_fft_reason
+from .triton_direct import triton_direct_reason
+from .triton_fft import triton_fft_reason
 
 __all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_backend", "run_backend"]
 

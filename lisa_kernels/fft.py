@@ -34,7 +34,7 @@ import torch
 from ._config import get_config
 from ._validate import Problem
 
-__all__ = ["fft_core", "FFTCoreFunction", "fft_sizes", "fft_chunk_plan", "next_fast_len"]
+__all__ = ["fft_core_forward", "fft_core_backward", "TorchPasses", "fft_sizes", "fft_chunk_plan", "next_fast_len"]
 
 
 def next_fast_len(n: int) -> int:
@@ -177,7 +177,7 @@ class TorchPasses:
         sb, _, sm, _ = chunk
         heads = torch.arange(sb.start, sb.stop, device=Xh.device) % Khat.shape[0]
         K = Khat[heads][:, None, sm, None]
-        Xh *= K.conj() if conj else K
+        Xh *= torch.conj_physical(K) if conj else K  # a lazy .conj() view goes wrong under AOT
 
     @staticmethod
     def inverse(Xh, grid, sizes):
@@ -199,7 +199,7 @@ class TorchPasses:
     @staticmethod
     def corr(Hh, Uh, chunk, grid, sizes):
         """sum_{d, c} Hh conj(Uh) -> (nb, nm, L..., L_d // 2 + 1): the spectrum of the RPE-gradient correlation."""
-        return (Hh * Uh.conj()).sum(dim=(1, 3))
+        return (Hh * torch.conj_physical(Uh)).sum(dim=(1, 3))
 
 
 def _add_per_head(acc: torch.Tensor, x: torch.Tensor, b0: int) -> None:
@@ -230,72 +230,71 @@ def _below_noise_floor(den, fq_, fk_, r, p: Problem, sizes) -> torch.Tensor:
     return den.abs() <= tol * bound
 
 
-class FFTCoreFunction(torch.autograd.Function):
-    """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den); see the module docstring."""
+def fft_core_forward(fq, fk, v, logtab, p: Problem, circular: bool, passes=TorchPasses):
+    """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den, below); see the module docstring.
 
-    @staticmethod
-    def forward(ctx, fq, fk, v, logtab, p: Problem, circular: bool, passes=TorchPasses):
-        B, H, ng, Dk = fq.shape
-        M, G1 = p.M, p.Dv // p.M + 1
-        sizes = fft_sizes(p.grid, circular)
-        r = torch.exp(logtab)
-        Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
-        fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
-        ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
-        out = fq.new_zeros(B * H, M, G1, ng)
-        for chunk in _chunks(p, fft_chunk_plan(p, circular)):
-            sb, sd, sm, sc = chunk
-            Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)               # (b, d, m, c, L...)
-            passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
-            Fld = passes.inverse(Uhat, p.grid, sizes)
-            del Uhat
-            out[sb, sm, sc] += passes.contract_d(Fld, fq_, chunk, p.grid, sizes)
-        below = _below_noise_floor(out[:, :, -1], fq_, fk_, r, p, sizes)       # (BH, M, Ng)
-        out.masked_fill_(below[:, :, None], 0.0)
-        ctx.save_for_backward(fq, fk, v, r, Khat, below)
-        ctx.p, ctx.circular, ctx.passes = p, circular, passes
-        out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
-        return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous()
+    ``below`` (BH, M, Ng) marks the rows snapped to 0 (:func:`_below_noise_floor`); the backward needs it.
+    """
+    B, H, ng, Dk = fq.shape
+    M, G1 = p.M, p.Dv // p.M + 1
+    sizes = fft_sizes(p.grid, circular)
+    r = torch.exp(logtab)
+    Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
+    fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
+    ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
+    out = fq.new_zeros(B * H, M, G1, ng)
+    for chunk in _chunks(p, fft_chunk_plan(p, circular)):
+        sb, sd, sm, sc = chunk
+        Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)               # (b, d, m, c, L...)
+        passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
+        Fld = passes.inverse(Uhat, p.grid, sizes)
+        del Uhat
+        out[sb, sm, sc] += passes.contract_d(Fld, fq_, chunk, p.grid, sizes)
+    below = _below_noise_floor(out[:, :, -1], fq_, fk_, r, p, sizes)       # (BH, M, Ng)
+    out.masked_fill_(below[:, :, None], 0.0)
+    out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
+    return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous(), below
 
-    @staticmethod
-    def backward(ctx, gnum, gden):
-        fq, fk, v, r, Khat, below = ctx.saved_tensors
-        p, circular, passes = ctx.p, ctx.circular, ctx.passes
-        B, H, ng, Dk = fq.shape
-        M, G1 = p.M, p.Dv // p.M + 1
-        sizes = fft_sizes(p.grid, circular)
-        if gnum is None:
-            gnum = fq.new_zeros(B, H, ng, p.Dv)
-        if gden is None:
-            gden = fq.new_zeros(B, H, ng, M)
-        fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
-        ve = _ones_column(v, M)
-        ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
-        ge = ge.masked_fill(below.transpose(1, 2)[..., None], 0.0)       # snapped outputs are constants
-        dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
-        dve = fq.new_zeros(B * H, M, G1, ng)
-        dKhat = torch.zeros_like(Khat)
-        for chunk in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
-            sb, sd, sm, sc = chunk
-            Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)
-            Hhat = passes.spectrum(fq_, ge, chunk, p.grid, sizes)
-            # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
-            _add_per_head(dKhat[:, sm], passes.corr(Hhat, Uhat, chunk, p.grid, sizes), sb.start)
-            passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
-            Fld = passes.inverse(Uhat, p.grid, sizes)
-            del Uhat
-            dfq[sb, sd] += passes.contract_mc(Fld, ge, chunk, p.grid, sizes)
-            del Fld
-            passes.multiply_(Hhat, Khat, chunk, p.grid, sizes, conj=True)
-            Q = passes.inverse(Hhat, p.grid, sizes)
-            del Hhat
-            dfk[sb, sd] += passes.contract_mc(Q, ve, chunk, p.grid, sizes)
-            dve[sb, sm, sc] += passes.contract_d(Q, fk_, chunk, p.grid, sizes)
-        dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
-        dr = _kernel_grad(dK, p.grid, circular)
-        dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)
-        return (dfq.transpose(1, 2).reshape(B, H, ng, Dk), dfk.transpose(1, 2).reshape(B, H, ng, Dk),
-                dv, dr * r, None, None, None)
+
+def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular: bool, passes=TorchPasses):
+    """Gradients (dfq, dfk, dv, dlogtab) of fft_core_forward: the same chunked loop, see the module docstring."""
+    B, H, ng, Dk = fq.shape
+    M, G1 = p.M, p.Dv // p.M + 1
+    sizes = fft_sizes(p.grid, circular)
+    r = torch.exp(logtab)
+    Khat = _kernel_spectrum(r, p.grid, sizes, circular)
+    if gnum is None:
+        gnum = fq.new_zeros(B, H, ng, p.Dv)
+    if gden is None:
+        gden = fq.new_zeros(B, H, ng, M)
+    fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
+    ve = _ones_column(v, M)
+    ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
+    ge = ge.masked_fill(below.transpose(1, 2)[..., None], 0.0)       # snapped outputs are constants
+    dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
+    dve = fq.new_zeros(B * H, M, G1, ng)
+    dKhat = torch.zeros_like(Khat)
+    for chunk in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
+        sb, sd, sm, sc = chunk
+        Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)
+        Hhat = passes.spectrum(fq_, ge, chunk, p.grid, sizes)
+        # RPE gradient: sum over the chunk's (b of one head, d, c) of H (*) U (a correlation)
+        _add_per_head(dKhat[:, sm], passes.corr(Hhat, Uhat, chunk, p.grid, sizes), sb.start)
+        passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
+        Fld = passes.inverse(Uhat, p.grid, sizes)
+        del Uhat
+        dfq[sb, sd] += passes.contract_mc(Fld, ge, chunk, p.grid, sizes)
+        del Fld
+        passes.multiply_(Hhat, Khat, chunk, p.grid, sizes, conj=True)
+        Q = passes.inverse(Hhat, p.grid, sizes)
+        del Hhat
+        dfk[sb, sd] += passes.contract_mc(Q, ve, chunk, p.grid, sizes)
+        dve[sb, sm, sc] += passes.contract_d(Q, fk_, chunk, p.grid, sizes)
+    dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
+    dr = _kernel_grad(dK, p.grid, circular)
+    dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)
+    return (dfq.transpose(1, 2).reshape(B, H, ng, Dk), dfk.transpose(1, 2).reshape(B, H, ng, Dk),
+            dv, dr * r)
 
 
 def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
@@ -303,8 +302,3 @@ def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
     B, H, N, Dv = v.shape
     vg = v.reshape(B * H, N, M, Dv // M)
     return torch.cat([vg, vg.new_ones(B * H, N, M, 1)], dim=-1)
-
-
-def fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False, passes=TorchPasses):
-    """Core of ``backend="fft"``: see :mod:`lisa_kernels._compose` for its contract."""
-    return FFTCoreFunction.apply(fq, fk, v, logtab, p, circular, passes)

@@ -97,13 +97,18 @@ class LiSAAttention(nn.Module):
     ``qkv`` projection, ``num_heads`` heads of dim C / num_heads, LiSA in place of softmax attention,
     ``proj``. The first ``num_extra`` tokens (CLS, registers) are off the grid; the rest are the grid,
     row-major. ``attn_drop`` is accepted for compatibility but not applied (LiSA never forms the attention
-    matrix), with a warning when it is nonzero.
+    matrix), with a warning when it is nonzero. ``qk_norm``, ``scale_norm``, ``proj_bias``, ``norm_layer``,
+    ``device`` and ``dtype`` are timm's. The RPE tables stay float32 under ``dtype`` only if not given.
+
+    ``set_grid`` replaces the ``rpe`` parameter by a resampled one: call it before building the optimizer
+    and before wrapping the model in DDP/FSDP.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, *, grid: Sequence[int], num_extra: int = 0, num_rpe: int = 1,
-                 feature_map: str = "elu1", boundary: str = "zero", qk_norm: bool = False,
-                 proj_bias: bool = True, norm_layer: Optional[type] = None, backend: str = "auto"):
+                 feature_map: str = "elu1", boundary: str = "zero", qk_norm: bool = False, scale_norm: bool = False,
+                 proj_bias: bool = True, norm_layer: Optional[type] = None, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
@@ -117,16 +122,36 @@ class LiSAAttention(nn.Module):
         if attn_drop:
             warnings.warn("LiSAAttention: attn_drop is not applied (LiSA never forms the attention matrix)",
                           stacklevel=2)
+        factory = {"device": device, "dtype": dtype}
         self.num_heads, self.head_dim = num_heads, head_dim
         self.num_extra, self.feature_map, self.backend = int(num_extra), feature_map, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         norm_layer = norm_layer or nn.LayerNorm
-        self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.q_norm = norm_layer(head_dim, **factory) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **factory) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)       # kept for timm compatibility; never applied
+        self.norm = norm_layer(dim, **factory) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rpe = LiSARPE(num_heads, grid, num_rpe, num_extra, boundary)
+        if device is not None or dtype is not None:
+            self.rpe.to(**{k: v for k, v in factory.items() if v is not None})
+
+    @classmethod
+    def configured(cls, **options) -> type:
+        """A subclass with LiSA's options bound, for constructors that take an attention *class*.
+
+        For example timm's ``VisionTransformer(attn_layer=LiSAAttention.configured(grid=(14, 14), num_extra=1))``:
+        timm passes dim, num_heads, qkv_bias, ... and the bound options fill in grid and the rest.
+        """
+        base = cls
+
+        class Configured(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**options, **kwargs})
+
+        Configured.__name__ = Configured.__qualname__ = f"{cls.__name__}[{', '.join(f'{k}={v!r}' for k, v in options.items())}]"
+        return Configured
 
     @property
     def grid(self) -> Tuple[int, ...]:
@@ -136,10 +161,12 @@ class LiSAAttention(nn.Module):
         """Change the token grid (e.g. (14, 14) -> (24, 24) for 384 px); the RPE tables are resampled."""
         self.rpe.set_grid(new_grid)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C). ``is_causal=True`` (1D grids only) masks later tokens, as timm passes it."""
         if attn_mask is not None:
             raise ValueError("LiSAAttention does not take an attn_mask (got a tensor); LiSA has no masking "
-                             "other than causal=True on 1D grids")
+                             "other than is_causal=True on 1D grids")
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, N, C), got {tuple(x.shape)}")
         B, N, C = x.shape
@@ -149,6 +176,7 @@ class LiSAAttention(nn.Module):
         rpe_extra = self.rpe.rpe_extra
         x = lisa_attention(q, k, v, self.rpe.rpe.to(q.dtype), grid=self.grid, num_extra=self.num_extra,
                            rpe_extra=None if rpe_extra is None else rpe_extra.to(q.dtype),
-                           feature_map=self.feature_map, boundary=self.rpe.boundary, backend=self.backend)
-        x = x.transpose(1, 2).reshape(B, N, C)
+                           feature_map=self.feature_map, boundary=self.rpe.boundary, causal=bool(is_causal),
+                           backend=self.backend)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))

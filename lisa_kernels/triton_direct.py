@@ -37,9 +37,10 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
 
+from ._compose import linear_log_table
 from ._validate import Problem
 
-__all__ = ["HAS_TRITON", "triton_direct_reason", "TritonDirectFunction", "triton_direct_attention"]
+__all__ = ["HAS_TRITON", "triton_direct_reason", "lisa_direct_fwd", "lisa_direct_bwd", "full_log_table"]
 
 MAX_HEAD_DIM = 256
 
@@ -304,33 +305,8 @@ def lisa_direct_bwd(q, k, v, r, out, den, grad_out, p: Problem):
     return dq.sum(0), dk.sum(0), dv, dr
 
 
-class TritonDirectFunction(torch.autograd.Function):
-    """(q, k, v, logtab (H, M, T + 3)) -> out; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, logtab, p: Problem):
-        r = torch.exp(logtab.float()).contiguous()
-        out, den = lisa_direct_fwd(q, k, v, r, p)
-        ctx.save_for_backward(q, k, v, r, out, den)
-        ctx.p = p
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, r, out, den = ctx.saved_tensors
-        dq, dk, dv, dlog = lisa_direct_bwd(q, k, v, r, out, den, grad_out, ctx.p)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog, None
-
-
 def full_log_table(rpe, rpe_extra, p: Problem) -> torch.Tensor:
     """(H, M, T + 3): the linear log table flattened, then the three extra-token log-weights."""
-    from ._compose import linear_log_table
     table = linear_log_table(rpe, p).reshape(p.H, p.M, -1)
     extra = rpe_extra if rpe_extra is not None else table.new_zeros(p.H, p.M, 3)
     return torch.cat([table, extra.to(table.dtype)], dim=-1)
-
-
-def triton_direct_attention(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
-    """``backend="triton"``: the fused direct kernel, forward and backward."""
-    logtab = full_log_table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p)
-    return TritonDirectFunction.apply(q, k, v, logtab, p)

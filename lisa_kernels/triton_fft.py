@@ -57,7 +57,7 @@ from ._validate import Problem
 from .triton_direct import _interpreting
 from .fft import _below_noise_floor, _chunks, _kernel_grad, _kernel_spectrum, fft_chunk_plan, fft_sizes
 
-__all__ = ["HAS_TRITON", "triton_fft_reason", "TritonFFTCoreFunction", "triton_fft_core"]
+__all__ = ["HAS_TRITON", "triton_fft_reason", "triton_fft_forward", "triton_fft_backward"]
 
 
 def triton_fft_reason(p: Problem) -> Optional[str]:
@@ -405,88 +405,78 @@ def _dims(sizes):
     return tuple(range(-len(sizes), 0))
 
 
-class TritonFFTCoreFunction(torch.autograd.Function):
-    """Grid-to-grid core (fq, fk, v, logtab) -> (num, den), float32; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, fq, fk, v, logtab, p: Problem, circular: bool):
-        B, H, ng, Dk = fq.shape
-        sizes = fft_sizes(p.grid, circular)
-        dims = _dims(sizes)
-        r = torch.exp(logtab)
-        Khat = _kernel_spectrum(r, p.grid, sizes, circular).contiguous()     # (H, M, L..., L_d/2+1)
-        Kr = torch.view_as_real(Khat)
-        fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
-        num = _empty(B, H, ng, p.Dv, device=fq.device, dtype=torch.float32)
-        den = _empty(B, H, ng, p.M, device=fq.device, dtype=torch.float32)
-        num_, den_ = _rows(num), _rows(den)
-        plan = fft_chunk_plan(p, circular)
-        ws = _Workspace(plan, sizes, 1, fq.device)
-        for sl in _chunks(p, plan):
-            ch = _Chunk(sl, sizes)
-            U = ws.real(0, ch)
-            _form(U, fk_, v_, None, ch, p, sizes)
-            Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
-            _spectral(Uhat, Kr, ch, p, conj=False)
-            Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)
-            _contract(Fld, fq_, num_, den_, ch, p, sizes)
-        # like fft_core: rows whose den is below the FFT's round-off are exactly 0 (num and den), constants
-        below = _below_noise_floor(den_.transpose(1, 2), fq_, fk_, r, p, sizes).transpose(1, 2)  # (BH, Ng, M)
-        num_.view(B * H, ng, p.M, p.Dv // p.M).masked_fill_(below[..., None], 0.0)
-        den_.masked_fill_(below, 0.0)
-        ctx.save_for_backward(fq, fk, v, r, Khat, below)
-        ctx.p, ctx.circular = p, circular
-        return num, den
-
-    @staticmethod
-    def backward(ctx, gnum, gden):
-        fq, fk, v, r, Khat, below = ctx.saved_tensors
-        p, circular = ctx.p, ctx.circular
-        B, H, ng, Dk = fq.shape
-        sizes = fft_sizes(p.grid, circular)
-        dims = _dims(sizes)
-        if gnum is None:
-            gnum = fq.new_zeros(B, H, ng, p.Dv)
-        if gden is None:
-            gden = fq.new_zeros(B, H, ng, p.M)
-        M, G = p.M, p.Dv // p.M
-        gn_ = gnum.float().reshape(B * H, ng, M, G).masked_fill(below[..., None], 0.0).view(B * H, ng, p.Dv)
-        gd_ = gden.float().reshape(B * H, ng, M).masked_fill(below, 0.0)     # snapped outputs are constants
-        Kr = torch.view_as_real(Khat)
-        fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
-        dfq = _empty(B, H, ng, Dk, device=fq.device, dtype=torch.float32)
-        dfk = _empty(B, H, ng, Dk, device=fq.device, dtype=torch.float32)
-        dv = _empty(B, H, ng, p.Dv, device=fq.device, dtype=torch.float32)
-        dfq_, dfk_, dv_ = _rows(dfq), _rows(dfk), _rows(dv)
-        dKhat = torch.zeros_like(Khat)                                        # accumulated over all b
-        dKr = torch.view_as_real(dKhat)
-        plan = fft_chunk_plan(p, circular, backward=True)
-        ws = _Workspace(plan, sizes, 2, fq.device)
-        for sl in _chunks(p, plan):
-            ch = _Chunk(sl, sizes)
-            U, Hf = ws.real(0, ch), ws.real(1, ch)
-            _form(U, fk_, v_, None, ch, p, sizes)
-            Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
-            _form(Hf, fq_, gn_, gd_, ch, p, sizes)
-            Hhat = torch.fft.rfftn(Hf, dim=dims, out=ws.spec(1, ch))
-            _corr(Hhat, Uhat, dKr, ch, p)                                       # RPE gradient spectrum
-            _spectral(Uhat, Kr, ch, p, conj=False)
-            Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)              # F, recomputed
-            _contract_mc(Fld, gn_, gd_, dfq_, ch, p, sizes)                      # dphi(q)
-            _spectral(Hhat, Kr, ch, p, conj=True)
-            Q = torch.fft.irfftn(Hhat, s=sizes, dim=dims, out=Hf)               # the adjoint convolution
-            _contract_mc(Q, v_, None, dfk_, ch, p, sizes)                        # dphi(k)
-            _contract(Q, fk_, dv_, None, ch, p, sizes)                           # dv
-        dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
-        dr = _kernel_grad(dK, p.grid, circular)
-        return dfq, dfk, dv, dr * r, None, None
+def triton_fft_forward(fq, fk, v, logtab, p: Problem, circular: bool):
+    """Grid-to-grid core (fq, fk, v, logtab) -> (num, den, below (BH, M, Ng)), float32; see the module docstring."""
+    if fq.dtype != torch.float32:
+        raise ValueError(f"the Triton FFT core computes in float32, got {fq.dtype} "
+                         f"(compose upcasts float16 / bfloat16; use backend='fft' for float64)")
+    B, H, ng, Dk = fq.shape
+    sizes = fft_sizes(p.grid, circular)
+    dims = _dims(sizes)
+    r = torch.exp(logtab)
+    Khat = _kernel_spectrum(r, p.grid, sizes, circular).contiguous()     # (H, M, L..., L_d/2+1)
+    Kr = torch.view_as_real(Khat)
+    fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
+    num = _empty(B, H, ng, p.Dv, device=fq.device, dtype=torch.float32)
+    den = _empty(B, H, ng, p.M, device=fq.device, dtype=torch.float32)
+    num_, den_ = _rows(num), _rows(den)
+    plan = fft_chunk_plan(p, circular)
+    ws = _Workspace(plan, sizes, 1, fq.device)
+    for sl in _chunks(p, plan):
+        ch = _Chunk(sl, sizes)
+        U = ws.real(0, ch)
+        _form(U, fk_, v_, None, ch, p, sizes)
+        Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
+        _spectral(Uhat, Kr, ch, p, conj=False)
+        Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)
+        _contract(Fld, fq_, num_, den_, ch, p, sizes)
+    # like fft_core: rows whose den is below the FFT's round-off are exactly 0 (num and den), constants
+    below = _below_noise_floor(den_.transpose(1, 2), fq_, fk_, r, p, sizes).transpose(1, 2)  # (BH, Ng, M)
+    num_.view(B * H, ng, p.M, p.Dv // p.M).masked_fill_(below[..., None], 0.0)
+    den_.masked_fill_(below, 0.0)
+    return num, den, below.transpose(1, 2)
 
 
-def triton_fft_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
-    """Core of ``backend="triton-fft"`` (same contract as :func:`fft.fft_core`, see :mod:`._compose`)."""
-    reason = triton_fft_reason(p)
-    if reason is None and fq.dtype != torch.float32:
-        reason = f"the core computes in float32, got {fq.dtype} (compose upcasts float16 / bfloat16)"
-    if reason is not None:
-        raise ValueError(f"the Triton FFT core cannot run this input: {reason}")
-    return TritonFFTCoreFunction.apply(fq, fk, v, logtab, p, circular)
+def triton_fft_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular: bool):
+    """Gradients (dfq, dfk, dv, dlogtab) of triton_fft_forward; ``below`` is its (BH, M, Ng) mask."""
+    B, H, ng, Dk = fq.shape
+    sizes = fft_sizes(p.grid, circular)
+    dims = _dims(sizes)
+    r = torch.exp(logtab)
+    Khat = _kernel_spectrum(r, p.grid, sizes, circular).contiguous()
+    below = below.transpose(1, 2)                                          # (BH, Ng, M)
+    if gnum is None:
+        gnum = fq.new_zeros(B, H, ng, p.Dv)
+    if gden is None:
+        gden = fq.new_zeros(B, H, ng, p.M)
+    M, G = p.M, p.Dv // p.M
+    gn_ = gnum.float().reshape(B * H, ng, M, G).masked_fill(below[..., None], 0.0).view(B * H, ng, p.Dv)
+    gd_ = gden.float().reshape(B * H, ng, M).masked_fill(below, 0.0)     # snapped outputs are constants
+    Kr = torch.view_as_real(Khat)
+    fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
+    dfq = _empty(B, H, ng, Dk, device=fq.device, dtype=torch.float32)
+    dfk = _empty(B, H, ng, Dk, device=fq.device, dtype=torch.float32)
+    dv = _empty(B, H, ng, p.Dv, device=fq.device, dtype=torch.float32)
+    dfq_, dfk_, dv_ = _rows(dfq), _rows(dfk), _rows(dv)
+    dKhat = torch.zeros_like(Khat)                                        # accumulated over all b
+    dKr = torch.view_as_real(dKhat)
+    plan = fft_chunk_plan(p, circular, backward=True)
+    ws = _Workspace(plan, sizes, 2, fq.device)
+    for sl in _chunks(p, plan):
+        ch = _Chunk(sl, sizes)
+        U, Hf = ws.real(0, ch), ws.real(1, ch)
+        _form(U, fk_, v_, None, ch, p, sizes)
+        Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
+        _form(Hf, fq_, gn_, gd_, ch, p, sizes)
+        Hhat = torch.fft.rfftn(Hf, dim=dims, out=ws.spec(1, ch))
+        _corr(Hhat, Uhat, dKr, ch, p)                                       # RPE gradient spectrum
+        _spectral(Uhat, Kr, ch, p, conj=False)
+        Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)              # F, recomputed
+        _contract_mc(Fld, gn_, gd_, dfq_, ch, p, sizes)                      # dphi(q)
+        _spectral(Hhat, Kr, ch, p, conj=True)
+        Q = torch.fft.irfftn(Hhat, s=sizes, dim=dims, out=Hf)               # the adjoint convolution
+        _contract_mc(Q, v_, None, dfk_, ch, p, sizes)                        # dphi(k)
+        _contract(Q, fk_, dv_, None, ch, p, sizes)                           # dv
+    dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
+    dr = _kernel_grad(dK, p.grid, circular)
+    return dfq, dfk, dv, dr * r

@@ -21,8 +21,9 @@ import lisa_kernels  # noqa: E402
 from lisa_kernels import triton_fft  # noqa: E402
 from lisa_kernels._compose import compose, linear_log_table  # noqa: E402
 from lisa_kernels._validate import check_inputs  # noqa: E402
-from lisa_kernels.fft import _field, _unit_bytes, fft_chunk_plan, fft_core, fft_sizes  # noqa: E402
-from lisa_kernels.triton_fft import TritonFFTCoreFunction, triton_fft_core, triton_fft_reason  # noqa: E402
+from lisa_kernels.fft import _field, _unit_bytes, fft_chunk_plan, fft_sizes  # noqa: E402
+from lisa_kernels.ops import fft_core, triton_fft_core  # noqa: E402
+from lisa_kernels.triton_fft import triton_fft_reason  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -284,7 +285,3 @@ def test_reason_cpu_without_interpreter(monkeypatch):
     p = check_inputs(x, x, x, torch.zeros(1, 1, 7), grid=(4,))
     reason = triton_fft_reason(p)
     assert reason and "cpu" in reason and "TRITON_INTERPRET" in reason
-
-
-def test_function_is_exported():
-    assert issubclass(TritonFFTCoreFunction, torch.autograd.Function)

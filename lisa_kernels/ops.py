@@ -1,0 +1,231 @@
+"""Every kernel entry point as a ``torch.library`` custom op, with a fake (meta) implementation and autograd.
+
+This is what makes ``torch.compile(fullgraph=True)`` see each core as one opaque node instead of tracing
+into its Python loops (and what ``torch.library.opcheck`` tests). Each core is a pair of ops, forward and
+backward, joined by ``register_autograd``:
+
+| op (namespace ``lisa_kernels``) | computes |
+| --- | --- |
+| ``direct_core`` / ``direct_core_backward`` | the direct path's grid-to-grid (num, den), :mod:`.direct` |
+| ``fft_core`` / ``fft_core_backward`` | the FFT path's (num, den, below) with ``passes`` = "torch" (:mod:`.fft`), "cuda" (the extension, :mod:`.cuda_fft`) or "triton" (:mod:`.triton_fft`) |
+| ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernel's (out, den), :mod:`.triton_direct` |
+
+Op arguments are tensors and plain values only (grid as ``int[]``, options as bool/float/str); the
+:class:`~lisa_kernels._validate.Problem` each implementation needs is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ._validate import Problem
+from .cuda_fft import ExtensionPasses
+from .direct import direct_core_backward, direct_core_forward
+from .fft import TorchPasses, fft_core_backward, fft_core_forward
+from .triton_direct import full_log_table, lisa_direct_bwd, lisa_direct_fwd
+from .triton_fft import triton_fft_backward, triton_fft_forward
+
+__all__ = ["direct_core", "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
+
+
+def _core_problem(fq: Tensor, v: Tensor, M: int, grid, causal: bool) -> Problem:
+    """The Problem of a grid-to-grid core call (no extra tokens: compose handles those)."""
+    B, H, ng, Dk = fq.shape
+    return Problem(B=B, H=H, N=ng, Dk=Dk, Dv=v.shape[-1], M=M, grid=tuple(grid), num_extra=0, feature_map="elu1",
+                   normalize=True, eps=0.0, boundary="zero", causal=causal, scale=1.0, dtype=fq.dtype,
+                   device=fq.device)
+
+
+def _contiguous(tensors):
+    """Ops return contiguous tensors, which is what their fake implementations promise."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _like(t: Tensor) -> Tensor:
+    return t.new_empty(t.shape)
+
+
+# ---------------------------------------------------------------- direct path
+
+@torch.library.custom_op("lisa_kernels::direct_core", mutates_args=())
+def _direct_core(fq: Tensor, fk: Tensor, v: Tensor, logtab: Tensor, grid: List[int], causal: bool
+                 ) -> Tuple[Tensor, Tensor]:
+    return _contiguous(direct_core_forward(fq, fk, v, logtab, _core_problem(fq, v, logtab.shape[1], grid, causal)))
+
+
+@_direct_core.register_fake
+def _(fq, fk, v, logtab, grid, causal):
+    B, H, ng, _ = fq.shape
+    return fq.new_empty(B, H, ng, v.shape[-1]), fq.new_empty(B, H, ng, logtab.shape[1])
+
+
+@torch.library.custom_op("lisa_kernels::direct_core_backward", mutates_args=())
+def _direct_core_backward(fq: Tensor, fk: Tensor, v: Tensor, logtab: Tensor, gnum: Tensor, gden: Tensor,
+                          grid: List[int], causal: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = _core_problem(fq, v, logtab.shape[1], grid, causal)
+    return _contiguous(direct_core_backward(fq, fk, v, logtab, gnum, gden, p))
+
+
+@_direct_core_backward.register_fake
+def _(fq, fk, v, logtab, gnum, gden, grid, causal):
+    return _like(fq), _like(fk), _like(v), _like(logtab)
+
+
+def _direct_setup(ctx, inputs, output):
+    fq, fk, v, logtab, grid, causal = inputs
+    ctx.save_for_backward(fq, fk, v, logtab)
+    ctx.grid, ctx.causal = grid, causal
+
+
+def _direct_backward(ctx, gnum, gden):
+    fq, fk, v, logtab = ctx.saved_tensors
+    grads = _direct_core_backward(fq, fk, v, logtab, gnum, gden, ctx.grid, ctx.causal)
+    return (*grads, None, None)
+
+
+_direct_core.register_autograd(_direct_backward, setup_context=_direct_setup)
+
+
+# ---------------------------------------------------------------- FFT path (torch, extension or Triton passes)
+
+def _fft_forward(fq, fk, v, logtab, p, circular, passes):
+    if passes == "triton":
+        return triton_fft_forward(fq, fk, v, logtab, p, circular)
+    return fft_core_forward(fq, fk, v, logtab, p, circular, ExtensionPasses if passes == "cuda" else TorchPasses)
+
+
+def _fft_backward(fq, fk, v, logtab, below, gnum, gden, p, circular, passes):
+    if passes == "triton":
+        return triton_fft_backward(fq, fk, v, logtab, below, gnum, gden, p, circular)
+    return fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p, circular,
+                             ExtensionPasses if passes == "cuda" else TorchPasses)
+
+
+@torch.library.custom_op("lisa_kernels::fft_core", mutates_args=())
+def _fft_core(fq: Tensor, fk: Tensor, v: Tensor, logtab: Tensor, grid: List[int], causal: bool, circular: bool,
+              passes: str) -> Tuple[Tensor, Tensor, Tensor]:
+    p = _core_problem(fq, v, logtab.shape[1], grid, causal)
+    return _contiguous(_fft_forward(fq, fk, v, logtab, p, circular, passes))
+
+
+@_fft_core.register_fake
+def _(fq, fk, v, logtab, grid, causal, circular, passes):
+    B, H, ng, _ = fq.shape
+    M = logtab.shape[1]
+    return (fq.new_empty(B, H, ng, v.shape[-1]), fq.new_empty(B, H, ng, M),
+            fq.new_empty(B * H, M, ng, dtype=torch.bool))
+
+
+@torch.library.custom_op("lisa_kernels::fft_core_backward", mutates_args=())
+def _fft_core_backward(fq: Tensor, fk: Tensor, v: Tensor, logtab: Tensor, below: Tensor, gnum: Tensor,
+                       gden: Tensor, grid: List[int], causal: bool, circular: bool, passes: str
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = _core_problem(fq, v, logtab.shape[1], grid, causal)
+    return _contiguous(_fft_backward(fq, fk, v, logtab, below, gnum, gden, p, circular, passes))
+
+
+@_fft_core_backward.register_fake
+def _(fq, fk, v, logtab, below, gnum, gden, grid, causal, circular, passes):
+    return _like(fq), _like(fk), _like(v), _like(logtab)
+
+
+def _fft_setup(ctx, inputs, output):
+    fq, fk, v, logtab, grid, causal, circular, passes = inputs
+    ctx.save_for_backward(fq, fk, v, logtab, output[2])
+    ctx.options = (grid, causal, circular, passes)
+
+
+def _fft_backward_rule(ctx, gnum, gden, _gbelow):
+    fq, fk, v, logtab, below = ctx.saved_tensors
+    grads = _fft_core_backward(fq, fk, v, logtab, below, gnum, gden, *ctx.options)
+    return (*grads, None, None, None, None)
+
+
+_fft_core.register_autograd(_fft_backward_rule, setup_context=_fft_setup)
+
+
+# ---------------------------------------------------------------- fused Triton direct kernel
+
+def _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale) -> Problem:
+    B, H, N, Dk = q.shape
+    return Problem(B=B, H=H, N=N, Dk=Dk, Dv=v.shape[-1], M=logtab.shape[1], grid=tuple(grid), num_extra=num_extra,
+                   feature_map=feature_map, normalize=normalize, eps=eps, boundary="zero", causal=causal,
+                   scale=scale, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("lisa_kernels::triton_direct", mutates_args=())
+def _triton_direct(q: Tensor, k: Tensor, v: Tensor, logtab: Tensor, grid: List[int], num_extra: int,
+                   feature_map: str, normalize: bool, eps: float, causal: bool, scale: float
+                   ) -> Tuple[Tensor, Tensor]:
+    p = _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale)
+    return _contiguous(lisa_direct_fwd(q, k, v, torch.exp(logtab.float()).contiguous(), p))
+
+
+@_triton_direct.register_fake
+def _(q, k, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale):
+    B, H, N, _ = q.shape
+    return q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, logtab.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
+def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, logtab: Tensor, out: Tensor, den: Tensor,
+                            grad_out: Tensor, grid: List[int], num_extra: int, feature_map: str, normalize: bool,
+                            eps: float, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale)
+    r = torch.exp(logtab.float()).contiguous()
+    dq, dk, dv, dlog = lisa_direct_bwd(q, k, v, r, out, den, grad_out, p)
+    return _contiguous((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog.to(logtab.dtype)))
+
+
+@_triton_direct_backward.register_fake
+def _(q, k, v, logtab, out, den, grad_out, grid, num_extra, feature_map, normalize, eps, causal, scale):
+    return _like(q), _like(k), _like(v), _like(logtab)
+
+
+def _triton_setup(ctx, inputs, output):
+    q, k, v, logtab = inputs[:4]
+    ctx.save_for_backward(q, k, v, logtab, output[0], output[1])
+    ctx.options = inputs[4:]
+
+
+def _triton_backward_rule(ctx, grad_out, _gden):
+    q, k, v, logtab, out, den = ctx.saved_tensors
+    grads = _triton_direct_backward(q, k, v, logtab, out, den, grad_out, *ctx.options)
+    return (*grads,) + (None,) * len(ctx.options)
+
+
+_triton_direct.register_autograd(_triton_backward_rule, setup_context=_triton_setup)
+
+
+# ---------------------------------------------------------------- the cores that compose() takes
+
+def direct_core(fq, fk, v, logtab, p: Problem, circular: bool = False):
+    """Core of ``backend="direct"`` (linear tables only); see :mod:`lisa_kernels._compose`."""
+    if circular:
+        raise ValueError("the direct core takes linear (2S-1) rpe tables only")
+    return _direct_core(fq, fk, v, logtab, list(p.grid), p.causal)
+
+
+def _fft_core_with(passes: str):
+    def core(fq, fk, v, logtab, p: Problem, circular: bool = False):
+        num, den, _ = _fft_core(fq, fk, v, logtab, list(p.grid), p.causal, circular, passes)
+        return num, den
+    core.__name__ = core.__qualname__ = f"fft_core[{passes}]"
+    core.__doc__ = f"Core of the FFT path with the {passes!r} passes; see :mod:`lisa_kernels._compose`."
+    return core
+
+
+fft_core = _fft_core_with("torch")            # backend="fft"
+cuda_fft_core = _fft_core_with("cuda")        # backend="cuda"
+triton_fft_core = _fft_core_with("triton")    # backend="triton-fft"
+
+
+def triton_direct_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
+    """``backend="triton"``: the fused kernel, forward and backward, on q, k, v and the full log table."""
+    logtab = full_log_table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p)
+    out, _ = _triton_direct(q, k, v, logtab, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
+                            p.causal, p.scale)
+    return out
