@@ -14,16 +14,8 @@ namespace {
 template <typename T>
 __global__ void pass_kernel(Pass pass, ChunkGeom g, int64_t n, const T* __restrict__ x, const T* __restrict__ y,
                             T* out) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    switch (pass) {
-      case Pass::Form: form_element(g, i, x, y, out); break;
-      case Pass::Multiply: multiply_element(g, i, out, y, false); break;
-      case Pass::MultiplyConj: multiply_element(g, i, out, y, true); break;
-      case Pass::ContractD: contract_d_element(g, i, x, y, out); break;
-      case Pass::ContractMC: contract_mc_element(g, i, x, y, out); break;
-      case Pass::Corr: corr_element(g, i, x, y, out); break;
-    }
-  }
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    pass_element(pass, g, i, x, y, out);
 }
 
 template <typename T>

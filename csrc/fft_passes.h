@@ -137,8 +137,22 @@ LISA_HD void corr_element(const ChunkGeom& g, int64_t i, const T* Hh, const T* U
   out[2 * i + 1] = im;
 }
 
-// CUDA launchers (fft_passes.cu); `stream` is a cudaStream_t passed as void* to keep this header plain C++.
 enum class Pass { Form, Multiply, MultiplyConj, ContractD, ContractMC, Corr };
+
+// Element i of a pass: x and y are its inputs, out its output (multiply updates out in place, x unused).
+template <typename T>
+LISA_HD void pass_element(Pass pass, const ChunkGeom& g, int64_t i, const T* x, const T* y, T* out) {
+  switch (pass) {
+    case Pass::Form: form_element(g, i, x, y, out); break;
+    case Pass::Multiply: multiply_element(g, i, out, y, false); break;
+    case Pass::MultiplyConj: multiply_element(g, i, out, y, true); break;
+    case Pass::ContractD: contract_d_element(g, i, x, y, out); break;
+    case Pass::ContractMC: contract_mc_element(g, i, x, y, out); break;
+    case Pass::Corr: corr_element(g, i, x, y, out); break;
+  }
+}
+
+// CUDA launchers (fft_passes.cu); `stream` is a cudaStream_t passed as void* to keep this header plain C++.
 void launch_pass_f32(Pass pass, const ChunkGeom& g, int64_t n, const float* x, const float* y, float* out,
                      void* stream);
 void launch_pass_f64(Pass pass, const ChunkGeom& g, int64_t n, const double* x, const double* y, double* out,

@@ -95,16 +95,7 @@ void run_pass(Pass pass, const ChunkGeom& g, int64_t n, const T* x, const T* y, 
 #endif
   }
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      switch (pass) {
-        case Pass::Form: form_element(g, i, x, y, out); break;
-        case Pass::Multiply: multiply_element(g, i, out, y, false); break;
-        case Pass::MultiplyConj: multiply_element(g, i, out, y, true); break;
-        case Pass::ContractD: contract_d_element(g, i, x, y, out); break;
-        case Pass::ContractMC: contract_mc_element(g, i, x, y, out); break;
-        case Pass::Corr: corr_element(g, i, x, y, out); break;
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) pass_element(pass, g, i, x, y, out);
   });
 }
 

@@ -79,6 +79,25 @@ if HAS_TRITON:
             return tl.where(x > 0, 1.0, 0.0)
 
     @triton.jit
+    def _load_rows(X, b, h, sb, sh, sn, sc, offs_n, offs_c, mask_n, mask_c):
+        """X[b, h, offs_n, offs_c] in fp32, 0 outside the masks."""
+        return tl.load(X + b * sb + h * sh + offs_n[:, None] * sn + offs_c[None, :] * sc,
+                       mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_grads(GN, GD, pid_bh, N, M, G, m, offs_m, offs_g, mask_m, mask_g):
+        """gnum (B, H, N, M, G) and gden (B, H, N, M) of group m for the rows offs_m (contiguous fp32)."""
+        gn = tl.load(GN + ((pid_bh * N + offs_m[:, None]) * M + m) * G + offs_g[None, :],
+                     mask=mask_m[:, None] & mask_g[None, :], other=0.0)
+        gd = tl.load(GD + (pid_bh * N + offs_m) * M + m, mask=mask_m, other=0.0)
+        return gn, gd
+
+    @triton.jit
+    def _features(x, mask_d, scale, FEATURE: tl.constexpr):
+        """phi(scale * x), 0 in the padded feature columns (phi(0) = 1 for elu1)."""
+        return tl.where(mask_d[None, :], _phi(x * scale, FEATURE), 0.0)
+
+    @triton.jit
     def _coords(t, E, S2, S3):
         g = tl.maximum(t - E, 0)
         return g // (S2 * S3), (g // S3) % S2, g % S3
@@ -110,9 +129,8 @@ if HAS_TRITON:
         offs_g = tl.arange(0, BLOCK_G)
         mask_m, mask_d, mask_g = offs_m < N, offs_d < DK, offs_g < G
 
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        fq = tl.where(mask_d[None, :], _phi(q * scale, FEATURE), 0.0)
+        q = _load_rows(Q, b, h, sqb, sqh, sqn, sqd, offs_m, offs_d, mask_m, mask_d)
+        fq = _features(q, mask_d, scale, FEATURE)
         if not DOT_FP32:
             fq = fq.to(Q.dtype.element_ty)
         acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
@@ -124,15 +142,12 @@ if HAS_TRITON:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            kk = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            fk = tl.where(mask_d[None, :], _phi(kk, FEATURE), 0.0)
-            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + (m * G + offs_g)[None, :] * svd,
-                         mask=mask_n[:, None] & mask_g[None, :], other=0.0)
-            if DOT_FP32:
-                vv = vv.to(tl.float32)
-            else:
+            kk = _load_rows(K, b, h, skb, skh, skn, skd, offs_n, offs_d, mask_n, mask_d)
+            fk = _features(kk, mask_d, 1.0, FEATURE)
+            vv = _load_rows(V, b, h, svb, svh, svn, svd, offs_n, m * G + offs_g, mask_n, mask_g)
+            if not DOT_FP32:
                 fk = fk.to(Q.dtype.element_ty)
+                vv = vv.to(V.dtype.element_ty)
             A = tl.dot(fq, tl.trans(fk))
             valid = mask_m[:, None] & mask_n[None, :]
             if CAUSAL:
@@ -163,13 +178,9 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_DK)
         offs_g = tl.arange(0, BLOCK_G)
         mask_m, mask_d, mask_g = offs_m < N, offs_d < DK, offs_g < G
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        fq = tl.where(mask_d[None, :], _phi(q * scale, FEATURE), 0.0)
-        # gnum (B, H, N, M, G) and gden (B, H, N, M), contiguous fp32
-        gn = tl.load(GN + ((pid_bh * N + offs_m[:, None]) * M + m) * G + offs_g[None, :],
-                     mask=mask_m[:, None] & mask_g[None, :], other=0.0)
-        gd = tl.load(GD + (pid_bh * N + offs_m) * M + m, mask=mask_m, other=0.0)
+        q = _load_rows(Q, b, h, sqb, sqh, sqn, sqd, offs_m, offs_d, mask_m, mask_d)
+        fq = _features(q, mask_d, scale, FEATURE)
+        gn, gd = _load_grads(GN, GD, pid_bh, N, M, G, m, offs_m, offs_g, mask_m, mask_g)
         dfq = tl.zeros((BLOCK_M, BLOCK_DK), dtype=tl.float32)
         r_base = R + (h * M + m) * (T + 3)
         dr_base = DR + (h * M + m) * (T + 3)
@@ -179,11 +190,9 @@ if HAS_TRITON:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            kk = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            fk = tl.where(mask_d[None, :], _phi(kk, FEATURE), 0.0)
-            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + (m * G + offs_g)[None, :] * svd,
-                         mask=mask_n[:, None] & mask_g[None, :], other=0.0).to(tl.float32)
+            kk = _load_rows(K, b, h, skb, skh, skn, skd, offs_n, offs_d, mask_n, mask_d)
+            fk = _features(kk, mask_d, 1.0, FEATURE)
+            vv = _load_rows(V, b, h, svb, svh, svn, svd, offs_n, m * G + offs_g, mask_n, mask_g)
             A = tl.dot(fq, tl.trans(fk))
             valid = mask_m[:, None] & mask_n[None, :]
             if CAUSAL:
@@ -213,11 +222,9 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_DK)
         offs_g = tl.arange(0, BLOCK_G)
         mask_n, mask_d, mask_g = offs_n < N, offs_d < DK, offs_g < G
-        kk = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        fk = tl.where(mask_d[None, :], _phi(kk, FEATURE), 0.0)
-        vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + (m * G + offs_g)[None, :] * svd,
-                     mask=mask_n[:, None] & mask_g[None, :], other=0.0).to(tl.float32)
+        kk = _load_rows(K, b, h, skb, skh, skn, skd, offs_n, offs_d, mask_n, mask_d)
+        fk = _features(kk, mask_d, 1.0, FEATURE)
+        vv = _load_rows(V, b, h, svb, svh, svn, svd, offs_n, m * G + offs_g, mask_n, mask_g)
         dfk = tl.zeros((BLOCK_N, BLOCK_DK), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         r_base = R + (h * M + m) * (T + 3)
@@ -227,12 +234,9 @@ if HAS_TRITON:
         for start_m in range(lo, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            fq = tl.where(mask_d[None, :], _phi(q * scale, FEATURE), 0.0)
-            gn = tl.load(GN + ((pid_bh * N + offs_m[:, None]) * M + m) * G + offs_g[None, :],
-                         mask=mask_m[:, None] & mask_g[None, :], other=0.0)
-            gd = tl.load(GD + (pid_bh * N + offs_m) * M + m, mask=mask_m, other=0.0)
+            q = _load_rows(Q, b, h, sqb, sqh, sqn, sqd, offs_m, offs_d, mask_m, mask_d)
+            fq = _features(q, mask_d, scale, FEATURE)
+            gn, gd = _load_grads(GN, GD, pid_bh, N, M, G, m, offs_m, offs_g, mask_m, mask_g)
             At = tl.dot(fk, tl.trans(fq))                                   # (BLOCK_N, BLOCK_M)
             valid = mask_n[:, None] & mask_m[None, :]
             if CAUSAL:
