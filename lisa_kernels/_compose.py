@@ -77,11 +77,12 @@ def _extra_terms(fq, fk, v, rpe_extra, p: Problem):
 
 
 def compose(core: Core, q, k, v, rpe, rpe_extra: Optional[torch.Tensor], p: Problem,
-            circular_core: bool = False) -> torch.Tensor:
+            circular_core: bool = False, core_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LiSA attention from a grid-to-grid core; (B, H, N, Dk/Dv) in, (B, H, N, Dv) out, in q's dtype.
 
     ``circular_core=True`` hands the core the circular rpe table itself (FFT without padding), which is
-    only allowed for ``boundary="circular"`` without causal masking.
+    only allowed for ``boundary="circular"`` without causal masking. ``core_dtype`` runs the core in another
+    precision than the rest (the FFT paths use float64 for causal problems, see dispatch._fft_path).
     """
     ct = compute_dtype(p.dtype)
     fq = feature_map(q.to(ct) * p.scale, p.feature_map)
@@ -89,7 +90,11 @@ def compose(core: Core, q, k, v, rpe, rpe_extra: Optional[torch.Tensor], p: Prob
     vc = v.to(ct)
     table = rpe.to(ct) if circular_core else linear_log_table(rpe.to(ct), p)
     E = p.num_extra
-    num, den = core(fq[:, :, E:], fk[:, :, E:], vc[:, :, E:], table, p, circular_core)
+    inputs = (fq[:, :, E:], fk[:, :, E:], vc[:, :, E:], table)
+    if core_dtype is not None and core_dtype != ct:
+        inputs = tuple(t.to(core_dtype) for t in inputs)
+    num, den = core(*inputs, p, circular_core)
+    num, den = num.to(ct), den.to(ct)
     if E > 0:
         num_x, den_x, num_g, den_g = _extra_terms(fq, fk, vc, rpe_extra, p)
         num = torch.cat([num_x, num + num_g], dim=2)

@@ -23,12 +23,11 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ._compose import compose
-from ._config import get_config
 from ._validate import Problem
 from .cuda_fft import extension_reason
 from .fft import fft_sizes
 from .ops import cuda_fft_core, direct_core, fft_core, triton_direct_attention, triton_fft_core
-from .reference import reference_bytes, reference_lisa_attention
+from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
 
@@ -49,11 +48,7 @@ def _device_class(device: torch.device) -> str:
 def backend_reason(name: str, p: Problem) -> Optional[str]:
     """None if backend ``name`` can run problem ``p``, else a one-line reason."""
     if name == "reference":
-        need, limit = reference_bytes(p), get_config().reference_max_bytes
-        if need > limit:
-            return (f"its dense (B, H, M, N, N) weights need {need / 2**20:.0f} MiB, over reference_max_bytes = "
-                    f"{limit / 2**20:.0f} MiB (raise it with lisa_kernels.set_config)")
-        return None
+        return reference_reason(p)
     if name in ("direct", "fft"):
         return None
     if name == "triton":
@@ -82,6 +77,8 @@ def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
         P = math.prod(fft_sizes(p.grid, p.boundary == "circular" and not p.causal))
         t = c["overhead_s"] + bh * p.Dk * (p.Dv + p.M) * (c["s_per_plogp"] * P * math.log2(max(P, 2))
                                                           + c["s_per_point"] * ng)
+        if p.causal and p.dtype != torch.float64:
+            t *= 2.0                       # causal FFTs run in float64 (see _fft_path)
     else:
         return None
     if backward:
@@ -131,9 +128,14 @@ def choose_backend(p: Problem, backward: bool) -> str:
 
 
 def _fft_path(core):
-    """A runner for an FFT core: circular tables go to it unpadded unless causal masking needs the linear form."""
+    """A runner for an FFT core: circular tables go to it unpadded unless causal masking needs the linear form.
+
+    Causal problems convolve in float64: an FFT's round-off is relative to the whole sequence, while the first
+    rows of a causal output sum only a few terms (in float32 their error grows like eps * N).
+    """
     def run(q, k, v, rpe, rpe_extra, p: Problem):
-        return compose(core, q, k, v, rpe, rpe_extra, p, circular_core=p.boundary == "circular" and not p.causal)
+        return compose(core, q, k, v, rpe, rpe_extra, p, circular_core=p.boundary == "circular" and not p.causal,
+                       core_dtype=torch.float64 if p.causal else None)
     return run
 
 

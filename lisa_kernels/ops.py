@@ -40,8 +40,10 @@ def _core_problem(fq: Tensor, v: Tensor, M: int, grid, causal: bool) -> Problem:
 
 
 def _contiguous(tensors):
-    """Ops return contiguous tensors, which is what their fake implementations promise."""
-    return tuple(t.contiguous() for t in tensors)
+    """Ops return fresh contiguous tensors: what their fake implementations promise, and never views of one
+    another (torch.library forbids outputs that alias each other or the inputs)."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) if t._base is not None or not t.is_contiguous()
+                 else t for t in tensors)
 
 
 def _like(t: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ It builds the whole (B, H, M, N, N) weight tensor, so it refuses inputs larger t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from ._config import get_config
 from ._validate import Problem
 
-__all__ = ["feature_map", "grid_positions", "reference_lisa_attention", "reference_bytes"]
+__all__ = ["feature_map", "grid_positions", "reference_lisa_attention", "reference_bytes", "reference_reason"]
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -66,15 +65,29 @@ def _log_weights(rpe: torch.Tensor, rpe_extra: Optional[torch.Tensor], p: Proble
     return logw
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def reference_reason(p: Problem) -> Optional[str]:
+    """None if the reference may build this problem's weights, else why not (and what to use instead)."""
+    need, limit = reference_bytes(p), get_config().reference_max_bytes
+    if need <= limit:
+        return None
+    return (f"its dense (B, H, M, N, N) = ({p.B}, {p.H}, {p.M}, {p.N}, {p.N}) weights need {_size(need)}, over "
+            f"reference_max_bytes = {_size(limit)}; use backend='direct' or 'fft' (the same result in far less "
+            f"memory), or raise the limit with lisa_kernels.set_config(reference_max_bytes=...) or "
+            f"LISA_REFERENCE_MAX_BYTES")
+
+
 def reference_lisa_attention(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     """Dense LiSA attention; q, k: (B, H, N, Dk), v: (B, H, N, Dv) -> (B, H, N, Dv)."""
-    limit = get_config().reference_max_bytes
-    if reference_bytes(p) > limit:
-        raise ValueError(
-            f"backend='reference' would build a (B, H, M, N, N) = ({p.B}, {p.H}, {p.M}, {p.N}, {p.N}) weight "
-            f"tensor of {reference_bytes(p) / 2**20:.0f} MiB, over its limit of {limit / 2**20:.0f} MiB; use "
-            f"backend='direct' or 'fft' (same result, far less memory), or raise the limit with "
-            f"lisa_kernels.set_config(reference_max_bytes=...) or LISA_REFERENCE_MAX_BYTES")
+    reason = reference_reason(p)
+    if reason is not None:
+        raise ValueError(f"backend='reference' cannot run this input: {reason}")
     B, H, N, M = p.B, p.H, p.N, p.M
     A = feature_map(q * p.scale, p.feature_map) @ feature_map(k, p.feature_map).transpose(-1, -2)  # (B,H,N,N)
     W = A[:, :, None] * torch.exp(_log_weights(rpe, rpe_extra, p))                                # (B,H,M,N,N)

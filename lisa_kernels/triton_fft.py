@@ -68,6 +68,8 @@ def triton_fft_reason(p: Problem) -> Optional[str]:
         return f"inputs are on {p.device}: Triton needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
     if p.dtype == torch.float64:
         return "float64 is not supported by the Triton FFT kernels (use 'fft')"
+    if p.causal:
+        return "causal problems need float64 FFTs, which the Triton FFT kernels do not have (use 'fft' or 'cuda')"
     if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {p.dtype} is not supported by the Triton FFT kernels"
     return None
