@@ -630,7 +630,7 @@ def metadata(args, argv: Sequence[str]) -> Dict:
         "cuda": torch.version.cuda, "lisa_kernels": lisa_kernels.__version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty,
-        "command": shlex.join([sys.executable] + sys.argv), "benchmark_argv": list(argv),
+        "command": shlex.join(["python"] + sys.argv), "benchmark_argv": list(argv),
         "dtype": args.dtype, "B": args.batch, "H": args.heads, "repeats": args.repeats, "warmup_calls": 1,
         "max_seconds": args.max_seconds, "in_process": bool(args.in_process),
         "timing_method": TIMING_METHOD[dev],

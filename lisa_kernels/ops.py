@@ -178,7 +178,8 @@ def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, logtab: Tensor, out
                             eps: float, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     p = _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale)
     r = torch.exp(logtab.float()).contiguous()
-    dq, dk, dv, dlog = lisa_direct_bwd(q, k, v, r, out, den, grad_out, p)
+    dq, dk, dv, dlog = lisa_direct_bwd(q, k, v, r, out, den, grad_out, p,
+                                       deterministic=torch.are_deterministic_algorithms_enabled())
     return _contiguous((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog.to(logtab.dtype)))
 
 

@@ -24,6 +24,7 @@ Grids are handled as 3D: a 1D grid (S,) is (1, 1, S), a 2D grid (S1, S2) is (1, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -168,10 +169,11 @@ if HAS_TRITON:
         Q, K, V, R, GN, GD, DQ, DR,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         H, N, DK, G, M, E, S1, S2, S3, T, scale,
-        FEATURE: tl.constexpr, CAUSAL: tl.constexpr,
+        FEATURE: tl.constexpr, CAUSAL: tl.constexpr, TABLE_GRAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_G: tl.constexpr,
     ):
-        """dQ (per group, summed by the caller) and the log-table gradient (atomics), per query tile."""
+        """dQ (per group, summed by the caller) and, if TABLE_GRAD, the log-table gradient (atomics), per query
+        tile."""
         pid_m, pid_bh, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -202,7 +204,8 @@ if HAS_TRITON:
             dW = tl.where(valid, tl.dot(gn, tl.trans(vv)) + gd[:, None], 0.0)
             dA = dW * r
             dfq += tl.dot(dA, fk)
-            tl.atomic_add(dr_base + idx, dW * A * r, mask=valid)
+            if TABLE_GRAD:
+                tl.atomic_add(dr_base + idx, dW * A * r, mask=valid)
         dq = dfq * _dphi(q * scale, FEATURE) * scale
         tl.store(DQ + ((m * tl.num_programs(1) + pid_bh) * N + offs_m[:, None]) * DK + offs_d[None, :],
                  dq, mask=mask_m[:, None] & mask_d[None, :])
@@ -282,8 +285,11 @@ def lisa_direct_fwd(q, k, v, r, p: Problem):
     return out, den
 
 
-def lisa_direct_bwd(q, k, v, r, out, den, grad_out, p: Problem):
-    """dq, dk, dv (fp32) and the gradient of the log table (H, M, T + 3)."""
+def lisa_direct_bwd(q, k, v, r, out, den, grad_out, p: Problem, deterministic: bool = False):
+    """dq, dk, dv (fp32) and the gradient of the log table (H, M, T + 3).
+
+    The kernels accumulate the table gradient with atomics (fast, not bitwise reproducible); with
+    ``deterministic=True`` it is computed by :func:`_table_grad_deterministic` instead (fixed order)."""
     B, H, N, Dk = q.shape
     M, G = p.M, p.Dv // p.M
     S1, S2, S3 = _grid3(p.grid)
@@ -304,9 +310,53 @@ def lisa_direct_bwd(q, k, v, r, out, den, grad_out, p: Problem):
                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_DK=BDK, BLOCK_G=BG)
     sizes = (H, N, Dk, G, M, p.num_extra, S1, S2, S3, T, p.scale)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    lisa_direct_bwd_dq_kernel[(triton.cdiv(N, BM), B * H, M)](q, k, v, r, gn, gd, dq, dr, *strides, *sizes, **common)
+    lisa_direct_bwd_dq_kernel[(triton.cdiv(N, BM), B * H, M)](q, k, v, r, gn, gd, dq, dr, *strides, *sizes,
+                                                              TABLE_GRAD=not deterministic, **common)
     lisa_direct_bwd_dkv_kernel[(triton.cdiv(N, BN), B * H, M)](q, k, v, r, gn, gd, dk, dv, *strides, *sizes, **common)
+    if deterministic:
+        dr = _table_grad_deterministic(q, k, v, r, gn, gd, p)
     return dq.sum(0), dk.sum(0), dv, dr
+
+
+def _table_grad_deterministic(q, k, v, r, gn, gd, p: Problem) -> torch.Tensor:
+    """The (H, M, T + 3) log-table gradient r * sum over pairs of A_ij (gnum_i . v_j + gden_i), in a fixed order.
+
+    Grid pairs: the direct path's backward (blocked matrix products and anti-diagonal sums); pairs with an
+    extra token: three small dense sums, O(N E D).
+    """
+    from .direct import direct_core_backward     # (import here: direct is not needed by the forward kernels)
+    from .reference import feature_map
+    B, H, N, _ = q.shape
+    E, M, G, T = p.num_extra, p.M, p.Dv // p.M, r.shape[-1] - 3
+    fq = feature_map(q.float() * p.scale, p.feature_map)
+    fk = feature_map(k.float(), p.feature_map)
+    vf = v.float()
+    table = tuple(2 * s - 1 for s in p.grid)
+    grid_p = dataclasses.replace(p, N=N - E, num_extra=0, dtype=torch.float32)
+    _, _, _, d_grid = direct_core_backward(fq[:, :, E:], fk[:, :, E:], vf[:, :, E:],
+                                           torch.log(r[..., :T]).reshape(H, M, *table),
+                                           gn[:, :, E:].reshape(B, H, N - E, p.Dv), gd[:, :, E:], grid_p)
+    d_extra = r.new_zeros(H, M, 3)
+    if E > 0:
+        vg = vf.reshape(B, H, N, M, G)
+
+        def pair_sum(rows, cols, causal_mask=None):      # sum_b,i,j A_ij (gnum_i . v_j + gden_i), per (h, m)
+            A = fq[:, :, rows] @ fk[:, :, cols].transpose(-1, -2)                                # (B, H, I, J)
+            dW = torch.einsum("bhimg,bhjmg->bhmij", gn[:, :, rows], vg[:, :, cols]) \
+                + gd[:, :, rows].transpose(2, 3)[..., None]                                       # (B, H, M, I, J)
+            prod = dW * A[:, :, None]
+            if causal_mask is not None:
+                prod = prod.masked_fill(causal_mask, 0.0)
+            return prod.sum(dim=(0, 3, 4))                                                        # (H, M)
+
+        x, g = slice(0, E), slice(E, N)
+        if not p.causal:                                  # extra queries see grid keys only without causal
+            d_extra[..., 0] = pair_sum(x, g)
+        d_extra[..., 1] = pair_sum(g, x)
+        mask = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1) if p.causal else None
+        d_extra[..., 2] = pair_sum(x, x, mask)
+        d_extra = d_extra * r[..., T:]
+    return torch.cat([d_grid.reshape(H, M, T), d_extra], dim=-1)
 
 
 def full_log_table(rpe, rpe_extra, p: Problem) -> torch.Tensor:

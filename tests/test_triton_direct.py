@@ -139,3 +139,27 @@ def test_triton_gpu_large(grid, E, dtype):
     g_low = torch.autograd.grad(out, low, upstream.to(dtype))
     errors = [_rel(out, out_ref)] + [_rel(a, b) for a, b in zip(g_low, g_ref)]
     assert max(errors) <= TOL[dtype], errors
+
+
+@pytest.mark.parametrize("grid,E,causal", [((5, 4), 2, False), ((13,), 1, True)])
+def test_triton_deterministic_mode(grid, E, causal):
+    """With torch.use_deterministic_algorithms(True) the table gradient takes a fixed-order path (no atomics):
+    still equal to the reference, and bitwise equal from run to run."""
+    ref, low = _inputs(grid, E, 2, "zero", torch.float32, seed=11)
+    opts = dict(grid=grid, num_extra=E, causal=causal)
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4], backend="reference", **opts)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = L.lisa_attention(*low[:4], rpe_extra=low[4], backend="triton", **opts)
+            runs.append(torch.autograd.grad(out, low, upstream.to(DEVICE, torch.float32)))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    errors = [_rel(a.cpu(), b) for a, b in zip(runs[0], g_ref)]
+    assert max(errors) <= TOL[torch.float32], errors
