@@ -50,12 +50,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_direct_reason(p: Problem) -> Optional[str]:
-    """None if the Triton direct kernel can run ``p``, else why not."""
+def triton_device_reason(p: Problem) -> Optional[str]:
+    """None if Triton kernels can run on ``p``'s device (a GPU, or the CPU interpreter), else why not."""
     if not HAS_TRITON:
         return "triton is not installed"
     if p.device.type != "cuda" and not (p.device.type == "cpu" and _interpreting()):
         return f"inputs are on {p.device}: Triton needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
+    return None
+
+
+def triton_direct_reason(p: Problem) -> Optional[str]:
+    """None if the Triton direct kernel can run ``p``, else why not."""
+    reason = triton_device_reason(p)
+    if reason is not None:
+        return reason
     if p.dtype == torch.float64:
         return "float64 is not supported by the Triton kernels (use 'direct' or 'fft')"
     if max(p.Dk, p.Dv // p.M) > MAX_HEAD_DIM:

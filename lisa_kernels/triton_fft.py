@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
 
 from ._validate import Problem
-from .triton_direct import _interpreting
+from .triton_direct import triton_device_reason
 from .fft import _below_noise_floor, _chunks, _kernel_grad, _kernel_spectrum, fft_chunk_plan, fft_sizes
 
 __all__ = ["HAS_TRITON", "triton_fft_reason", "triton_fft_forward", "triton_fft_backward"]
@@ -62,10 +62,9 @@ __all__ = ["HAS_TRITON", "triton_fft_reason", "triton_fft_forward", "triton_fft_
 
 def triton_fft_reason(p: Problem) -> Optional[str]:
     """None if the Triton FFT core can run ``p``, else a one-line reason."""
-    if not HAS_TRITON:
-        return "triton is not installed"
-    if p.device.type != "cuda" and not (p.device.type == "cpu" and _interpreting()):
-        return f"inputs are on {p.device}: Triton needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
+    reason = triton_device_reason(p)
+    if reason is not None:
+        return reason
     if p.dtype == torch.float64:
         return "float64 is not supported by the Triton FFT kernels (use 'fft')"
     if p.causal:
