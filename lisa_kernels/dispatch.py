@@ -2,14 +2,15 @@
 
 Each backend has a *can-run* check that returns ``None`` or a one-line reason, and (for the fast exact
 paths) a time estimate from a small cost model whose constants are data (``cost_model.json``) per device
-class:
+class ("cpu", "sm_80" for A100-class GPUs, "sm_90" for H100-class; each says whether it was measured):
 
     direct:  t = overhead + flops / flops_per_s,   flops = 2 B H Ng K (Dk + Dv + M)      (K keys per query)
     fft:     t = overhead + B H Dk (Dv + M) (s_per_plogp P log2 P + s_per_point Ng)    (P = prod of FFT sizes)
-    backward: adds ``backward_factor`` x forward when autograd will need gradients.
+    backward: x (1 + backward_factor) when autograd will need gradients;
+    dtype:    x dtype_factor[dtype] where the entry has one (else 1).
 
 ``"auto"`` takes the runnable backend with the lowest estimate; :func:`explain` shows every estimate and
-every reason.
+every reason. ``benchmarks/fit_cost_model.py`` fits a class's constants to a benchmark results file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
 
-__all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_backend", "run_backend"]
+__all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_among", "choose_backend",
+           "run_backend", "DEVICE_CLASSES"]
 
 _MODEL_PATH = os.path.join(os.path.dirname(__file__), "cost_model.json")
 with open(_MODEL_PATH) as _f:
@@ -41,8 +43,18 @@ with open(_MODEL_PATH) as _f:
 AUTO_CANDIDATES = ("cuda", "triton", "triton-fft", "direct", "fft")
 
 
+DEVICE_CLASSES = ("cpu", "sm_80", "sm_90")
+
+
 def _device_class(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" else "cpu"
+    """The cost model's class of a device: "cpu" for anything but CUDA; for a CUDA GPU, by compute capability,
+    "sm_90" for major >= 9 (Hopper and later), else "sm_80". A GPU takes the nearest class at or below its own
+    (e.g. sm_86, sm_89 -> sm_80); GPUs older than Ampere have no class of their own and also fall to sm_80."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    major, _minor = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
 
 
 def backend_reason(name: str, p: Problem) -> Optional[str]:
@@ -62,14 +74,22 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
-    """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends."""
-    consts = COST_MODEL[_device_class(p.device)]
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the keys of ``dtype_factor``)."""
+    return str(dtype).replace("torch.", "")
+
+
+def backend_seconds(c: dict, p: Problem, backward: bool) -> Optional[float]:
+    """One backend's time from its constants ``c`` (an entry of cost_model.json with its ``kind`` filled in, as
+    :func:`model_backends` gives them), extra tokens not included.
+
+    direct kind: t = overhead_s + 2 B H Ng K (Dk + Dv + M) / flops_per_s           (K = Ng, or (Ng + 1)/2 causal)
+    fft kind:    t = overhead_s + B H Dk (Dv + M) (s_per_plogp P log2 P + s_per_point Ng), x2 if causal and
+                 not float64 (causal FFTs run in float64)
+    then t x (1 + backward_factor) if backward, x dtype_factor[dtype] (default 1). None for an unknown kind.
+    """
     ng, bh = p.num_grid, p.B * p.H
-    if name not in consts:
-        return None
-    c = consts[name]
-    kind = c.get("kind", name)
+    kind = c.get("kind")
     if kind == "direct":
         keys = (ng + 1) / 2 if p.causal else ng
         t = c["overhead_s"] + 2.0 * bh * ng * keys * (p.Dk + p.Dv + p.M) / c["flops_per_s"]
@@ -83,8 +103,40 @@ def estimate_seconds(name: str, p: Problem, backward: bool) -> Optional[float]:
         return None
     if backward:
         t *= 1.0 + c["backward_factor"]
-    extra = 4.0 * bh * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
+    return t * c.get("dtype_factor", {}).get(dtype_name(p.dtype), 1.0)
+
+
+def model_backends(consts: dict) -> Dict[str, dict]:
+    """The backend entries of one device class, each with its ``kind`` filled in (default: its name)."""
+    return {name: {"kind": name, **c} for name, c in consts.items() if isinstance(c, dict)}
+
+
+def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Optional[str] = None) -> Optional[float]:
+    """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends.
+
+    ``device_class`` defaults to the class of ``p.device``. Extra tokens add
+    4 B H E N (Dk + Dv) / flops_per_s of the class's direct entry.
+    """
+    consts = COST_MODEL[device_class or _device_class(p.device)]
+    c = model_backends(consts).get(name)
+    t = None if c is None else backend_seconds(c, p, backward)
+    if t is None:
+        return None
+    extra = 4.0 * p.B * p.H * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
     return t + extra
+
+
+def choose_among(names, p: Problem, backward: bool, device_class: Optional[str] = None) -> str:
+    """The name in ``names`` with the lowest estimate (first on a tie; can-run checks are not made here).
+
+    Names without a model are ignored; ValueError if none has one.
+    """
+    est = {n: estimate_seconds(n, p, backward, device_class) for n in names}
+    modelled = [n for n in names if est[n] is not None]
+    if not modelled:
+        raise ValueError(f"no cost model for any of {list(names)} in device class "
+                         f"{device_class or _device_class(p.device)!r}")
+    return min(modelled, key=est.__getitem__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +156,8 @@ class Explanation:
     estimates: Dict[str, Estimate]
 
     def __str__(self) -> str:
-        lines = [f"auto -> {self.chosen!r} (device class {self.device_class}, "
+        guess = "" if COST_MODEL[self.device_class].get("measured") else " (unmeasured guess)"
+        lines = [f"auto -> {self.chosen!r} (device class {self.device_class}{guess}, "
                  f"{'forward + backward' if self.backward else 'forward only'})"]
         for e in self.estimates.values():
             est = "   n/a   " if e.seconds is None else f"{e.seconds * 1e3:9.2f} ms"
@@ -114,13 +167,15 @@ class Explanation:
 
 
 def explain_problem(p: Problem, backward: bool) -> Explanation:
+    """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones."""
+    cls = _device_class(p.device)
     estimates = {}
     for name in ("reference",) + AUTO_CANDIDATES:
-        estimates[name] = Estimate(name, estimate_seconds(name, p, backward), backend_reason(name, p))
+        estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p))
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
-    chosen = min(modelled, key=lambda n: estimates[n].seconds) if modelled else runnable[0]
-    return Explanation(chosen, backward, _device_class(p.device), estimates)
+    chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
+    return Explanation(chosen, backward, cls, estimates)
 
 
 def choose_backend(p: Problem, backward: bool) -> str:
