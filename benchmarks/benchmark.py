@@ -517,6 +517,7 @@ def measure(case: Case) -> Dict:
 # ------------------------------------------------------------------------------- one process per case
 
 _CONTEXT = None
+MMAP_THRESHOLD = 1 << 20     # bytes: every allocation this large is its own mapping, unmapped when freed
 
 
 def _child(case_json: str, conn) -> None:
@@ -529,6 +530,9 @@ def measure_in_subprocess(case: Case, timeout: float) -> Dict:
     lisa_kernels but run nothing (so each case starts clean, without paying the imports again)."""
     global _CONTEXT
     if _CONTEXT is None:
+        # a fixed mmap threshold turns off glibc's adaptive one, which after the first large free serves large
+        # blocks from the heap and keeps freed ones resident: RSS would then miss what a call allocates
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "lisa_kernels", __name__])
     receive, send = _CONTEXT.Pipe(duplex=False)
@@ -894,7 +898,9 @@ TIMING_METHOD = {
             "median (and min); calls cycle through the rotated input sets",
 }
 MEMORY_METHOD = {
-    "cpu": ("each case in a fresh child process (forked from a server that has only imported the libraries); "
+    "cpu": ("each case in a fresh child process (forked from a server that has only imported the libraries, "
+            "with MALLOC_MMAP_THRESHOLD_=1048576 so that glibc maps every block of 1 MiB or more on its own and "
+            "unmaps it when freed: RSS then follows the live allocations); "
             "after a tiny warm-up of the same method and the inputs, a background thread samples RSS from "
             "/proc/self/statm every ~1 ms during the calls; peak_mib = peak RSS - RSS just before the first call. "
             "peak_mib_hwm is the kernel's VmHWM after resetting it (/proc/self/clear_refs) minus the same "
