@@ -476,14 +476,35 @@ def measure_cpu(case: Case) -> Dict:
     make_call(tiny, [make_inputs(tiny)])(0)       # load and initialise the libraries the method uses
     sets = [make_inputs(case, i) for i in range(case.rotate)]
     call = make_call(case, sets)                  # for "bwd", this runs the forwards
+    times = time_calls_cpu(call, case)            # with the allocator as users have it
+    fixed_mmap_threshold()
     gc.collect()
     hwm_ok = reset_hwm()
-    with RssSampler() as sampler:
+    with RssSampler() as sampler:                 # then one more call for the memory
         base = sampler.peak
-        times = time_calls_cpu(call, case)
+        call(0)
     hwm = read_hwm() if hwm_ok else None
     return {"times_s": times, "peak_mib": (sampler.peak - base) / MIB, "rss_samples": sampler.samples,
             "peak_mib_hwm": None if hwm is None else (hwm - base) / MIB}
+
+
+MMAP_THRESHOLD = 1 << 20     # bytes: for the memory call, every block this large is its own mapping
+
+
+def fixed_mmap_threshold() -> bool:
+    """Make glibc map every block of MMAP_THRESHOLD bytes or more on its own and unmap it when freed, and give
+    free heap memory back (malloc_trim). Its default adaptive threshold serves large blocks from the heap after
+    the first large free and keeps freed ones resident, so a call's outputs could reuse them unseen by the RSS.
+    Only for the memory call: fresh mappings cost page faults, which would slow the timed calls (by 1.4-2x for
+    allocation-heavy paths on the development CPU). False where this is not glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, MMAP_THRESHOLD) == 1           # -3: M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
 
 
 def measure_cuda(case: Case) -> Dict:
@@ -517,7 +538,6 @@ def measure(case: Case) -> Dict:
 # ------------------------------------------------------------------------------- one process per case
 
 _CONTEXT = None
-MMAP_THRESHOLD = 1 << 20     # bytes: every allocation this large is its own mapping, unmapped when freed
 
 
 def _child(case_json: str, conn) -> None:
@@ -530,9 +550,6 @@ def measure_in_subprocess(case: Case, timeout: float) -> Dict:
     lisa_kernels but run nothing (so each case starts clean, without paying the imports again)."""
     global _CONTEXT
     if _CONTEXT is None:
-        # a fixed mmap threshold turns off glibc's adaptive one, which after the first large free serves large
-        # blocks from the heap and keeps freed ones resident: RSS would then miss what a call allocates
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "lisa_kernels", __name__])
     receive, send = _CONTEXT.Pipe(duplex=False)
@@ -854,7 +871,7 @@ def plot_times(records: Sequence[Dict], meta: Dict, path: str) -> bool:
                    title=f"{mode}, D={D}, {dtype}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"LiSA vs baselines: {title_line(meta)}", fontsize=9)
+    fig.suptitle(f"LiSA vs baselines\n{title_line(meta)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -871,7 +888,8 @@ def plot_speedup(records: Sequence[Dict], meta: Dict, path: str) -> bool:
     panels = [(t, m) for t in meta["dtypes"] for m in meta["modes"] if speedup_grid(records, t, m)[2]]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 6.5), squeeze=False,
+                             gridspec_kw={"wspace": 0.5})
     for ax, (dtype, mode) in zip(axes[0], panels):
         grids, dims, cells = speedup_grid(records, dtype, mode)
         data = np.array([[cells.get((g, d), np.nan) for d in dims] for g in grids])
@@ -883,7 +901,7 @@ def plot_speedup(records: Sequence[Dict], meta: Dict, path: str) -> bool:
         ax.set(xticks=range(len(dims)), xticklabels=[f"D={d}" for d in dims], yticks=range(len(grids)),
                yticklabels=grids, title=f"{dtype}, {mode}")
     fig.colorbar(image, ax=axes[0].tolist(), label=f"{meta['baseline']} time / lisa-auto time (>1: LiSA faster)")
-    fig.suptitle(f"Speedup of lisa-auto over {meta['baseline']}: {title_line(meta)}", fontsize=8)
+    fig.suptitle(f"Speedup of lisa-auto over {meta['baseline']}\n{title_line(meta)}", fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
@@ -898,11 +916,11 @@ TIMING_METHOD = {
             "median (and min); calls cycle through the rotated input sets",
 }
 MEMORY_METHOD = {
-    "cpu": ("each case in a fresh child process (forked from a server that has only imported the libraries, "
-            "with MALLOC_MMAP_THRESHOLD_=1048576 so that glibc maps every block of 1 MiB or more on its own and "
-            "unmaps it when freed: RSS then follows the live allocations); "
-            "after a tiny warm-up of the same method and the inputs, a background thread samples RSS from "
-            "/proc/self/statm every ~1 ms during the calls; peak_mib = peak RSS - RSS just before the first call. "
+    "cpu": ("each case in a fresh child process (forked from a server that has only imported the libraries); "
+            "after the timed calls, glibc is set to map every block of 1 MiB or more on its own (mallopt "
+            "M_MMAP_THRESHOLD, then malloc_trim) so that RSS follows the live allocations, and one more call is "
+            "made while a background thread samples RSS from /proc/self/statm every ~1 ms; peak_mib = peak RSS "
+            "- RSS just before that call. "
             "peak_mib_hwm is the kernel's VmHWM after resetting it (/proc/self/clear_refs) minus the same "
             "baseline, as a cross-check"),
     "cuda": ("torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
@@ -1033,11 +1051,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", help="output JSON path; .csv, .md and .png files are written next to it "
                                   "[default: benchmarks/results/<device>_<date>.json]")
     ap.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
+    ap.add_argument("--report", metavar="RESULTS.json",
+                    help="measure nothing: rewrite the CSV, markdown and plots (and the targets) of a saved run")
     args = ap.parse_args(argv)
     return resolve_defaults(ap, args)
 
 
 def resolve_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.report:
+        return args
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1065,9 +1087,10 @@ def default_methods(device: str) -> List[str]:
     return list(GPU_DEFAULT_METHODS)
 
 
-def finish(records: List[Dict], meta: Dict, json_path: str, no_plot: bool) -> Dict:
+def finish(records: List[Dict], meta: Dict, json_path: str, no_plot: bool, remeasure: bool = True) -> Dict:
     """Write the JSON, CSV, markdown and plots next to each other and print the tables and the targets."""
-    meta["load_average_end"] = os.getloadavg()
+    if remeasure:
+        meta["load_average_end"] = os.getloadavg()
     targets = compute_targets(records, meta)
     table = markdown_table(records, meta)
     stem = os.path.splitext(json_path)[0]
@@ -1088,6 +1111,11 @@ def finish(records: List[Dict], meta: Dict, json_path: str, no_plot: bool) -> Di
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        finish(saved["records"], saved["meta"], os.path.abspath(args.report), args.no_plot, remeasure=False)
+        return 0
     json_path = os.path.abspath(args.out or default_out(args.device, args.quick))
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
     meta = metadata(args, argv)

@@ -134,3 +134,12 @@ def test_compare_flags_a_slowdown(tiny_sweep, tmp_path):
     rows = json.load(open(tmp_path / "comparison.json"))["rows"]
     assert [r["verdict"] for r in rows].count("regression") == 1
     assert compare.main([str(old), str(new), "--no-fail"]) == 0
+
+
+def test_report_rewrites_the_outputs_of_a_saved_run(tiny_sweep, tmp_path):
+    saved = tmp_path / "saved.json"
+    shutil.copy(tiny_sweep, saved)
+    assert benchmark.main(["--report", str(saved), "--no-plot"]) == 0
+    assert json.load(open(saved))["records"] == json.load(open(tiny_sweep))["records"]
+    assert saved.with_suffix(".md").read_text() == tiny_sweep.with_suffix(".md").read_text()
+    assert saved.with_suffix(".csv").exists()
