@@ -361,8 +361,10 @@ def chosen_backend(case: Case) -> str:
 
 def flop_kind(backend: str) -> str:
     """Which FLOP_FORMULAS entry a method (or the backend lisa-auto chose) follows."""
-    if backend in SOFTMAX_METHODS or backend == "linear":
-        return "softmax" if backend != "linear" else "linear"
+    if backend == "linear":
+        return "linear"
+    if backend in SOFTMAX_METHODS:
+        return "softmax"
     name = backend[len("lisa-"):] if backend.startswith("lisa-") else backend
     return "lisa-fft" if name in ("fft", "triton-fft", "cuda") else "lisa-direct"
 

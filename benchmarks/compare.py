@@ -79,11 +79,15 @@ def git(*args: str, cwd: str = REPO_ROOT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def worktree_path(work: str, ref: str) -> str:
+    return os.path.join(work, re.sub(r"[^A-Za-z0-9._-]", "_", ref))
+
+
 def run_ref(ref: str, bench_args: Sequence[str], out_json: str, work: str, build: bool) -> None:
     """Time lisa_kernels as of ``ref`` ("." = this checkout) with this checkout's benchmark.py."""
     root = REPO_ROOT
     if ref != ".":
-        root = os.path.join(work, re.sub(r"[^A-Za-z0-9._-]", "_", ref))
+        root = worktree_path(work, ref)
         git("worktree", "add", "--detach", root, git("rev-parse", "--verify", f"{ref}^{{commit}}"))
         if build:
             subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, check=True)
@@ -122,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_ref(ref, bench_args, path, work, args.build)
         finally:
             for ref in args.refs:
-                root = os.path.join(work, re.sub(r"[^A-Za-z0-9._-]", "_", ref))
+                root = worktree_path(work, ref)
                 if ref != "." and os.path.isdir(root):
                     git("worktree", "remove", "--force", root)
             shutil.rmtree(work, ignore_errors=True)

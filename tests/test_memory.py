@@ -59,18 +59,22 @@ def fmt(report):
     return {mode: f"{r['growth'] / MiB:.1f} MiB ({r['method']}, {r['seconds']:.2f} s)" for mode, r in report.items()}
 
 
+def assert_within_bound(cfg, unbounded: str) -> None:
+    """Probe cfg's backend (forward and backward): each peak growth must stay within bound(cfg)."""
+    report = probe(cfg)
+    for mode, r in report.items():
+        assert r["growth"] <= bound(cfg), (
+            f"{cfg['backend']} {mode}: peak memory grew by {r['growth'] / MiB:.1f} MiB, over the bound of "
+            f"{bound(cfg) / MiB:.1f} MiB (budget {cfg['budget'] / MiB:.0f} MiB; {unbounded}): {fmt(report)}")
+
+
 def test_fft_workspace_stays_within_budget():
     from lisa_kernels.fft import fft_sizes
     cfg = dict(backend="fft", grid=[64, 64], B=1, H=1, Dk=64, Dv=64, M=1, budget=8 * MiB)
     P = math.prod(fft_sizes(tuple(cfg["grid"]), False))
     field = cfg["Dk"] * (cfg["Dv"] + cfg["M"]) * P * 4 * cfg["B"] * cfg["H"]
     assert field >= 4 * bound(cfg), "the problem is too small for this test to tell chunked from unchunked"
-    report = probe(cfg)
-    for mode, r in report.items():
-        assert r["growth"] <= bound(cfg), (
-            f"fft {mode}: peak memory grew by {r['growth'] / MiB:.1f} MiB, over the bound of "
-            f"{bound(cfg) / MiB:.1f} MiB (budget {cfg['budget'] / MiB:.0f} MiB; the unchunked field is "
-            f"{field / MiB:.0f} MiB): {fmt(report)}")
+    assert_within_bound(cfg, f"the unchunked field is {field / MiB:.0f} MiB")
 
 
 def test_direct_workspace_stays_within_budget():
@@ -78,12 +82,7 @@ def test_direct_workspace_stays_within_budget():
     N = math.prod(cfg["grid"])
     weights = cfg["B"] * cfg["H"] * cfg["M"] * N * N * 4
     assert weights >= 4 * bound(cfg), "the problem is too small for this test to tell blocked from unblocked"
-    report = probe(cfg)
-    for mode, r in report.items():
-        assert r["growth"] <= bound(cfg), (
-            f"direct {mode}: peak memory grew by {r['growth'] / MiB:.1f} MiB, over the bound of "
-            f"{bound(cfg) / MiB:.1f} MiB (budget {cfg['budget'] / MiB:.0f} MiB; the N x N weights are "
-            f"{weights / MiB:.0f} MiB): {fmt(report)}")
+    assert_within_bound(cfg, f"the N x N weights are {weights / MiB:.0f} MiB")
 
 
 def test_probe_sees_an_unbounded_workspace():
