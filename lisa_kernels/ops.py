@@ -8,7 +8,7 @@ backward, joined by ``register_autograd``:
 | --- | --- |
 | ``direct_core`` / ``direct_core_backward`` | the direct path's grid-to-grid (num, den), :mod:`.direct` |
 | ``fft_core`` / ``fft_core_backward`` | the FFT path's (num, den, below) with ``passes`` = "torch" (:mod:`.fft`), "cuda" (the extension, :mod:`.cuda_fft`) or "triton" (:mod:`.triton_fft`) |
-| ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernel's (out, den), :mod:`.triton_direct` |
+| ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernels' (out, den', r', mx), :mod:`.triton_direct` |
 
 Op arguments are tensors and plain values only (grid as ``int[]``, options as bool/float/str); the
 :class:`~lisa_kernels._validate.Problem` each implementation needs is rebuilt from them.
@@ -16,7 +16,7 @@ Op arguments are tensors and plain values only (grid as ``int[]``, options as bo
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ from ._validate import Problem
 from .cuda_fft import ExtensionPasses
 from .direct import direct_core_backward, direct_core_forward
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
-from .triton_direct import full_log_table, lisa_direct_bwd, lisa_direct_fwd
+from .triton_direct import _layout_of as _triton_layout
+from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
 __all__ = ["direct_core", "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
@@ -151,53 +152,61 @@ _fft_core.register_autograd(_fft_backward_rule, setup_context=_fft_setup)
 
 # ---------------------------------------------------------------- fused Triton direct kernel
 
-def _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale) -> Problem:
+def _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale) -> Problem:
     B, H, N, Dk = q.shape
-    return Problem(B=B, H=H, N=N, Dk=Dk, Dv=v.shape[-1], M=logtab.shape[1], grid=tuple(grid), num_extra=num_extra,
-                   feature_map=feature_map, normalize=normalize, eps=eps, boundary="zero", causal=causal,
+    return Problem(B=B, H=H, N=N, Dk=Dk, Dv=v.shape[-1], M=rpe.shape[1], grid=tuple(grid), num_extra=num_extra,
+                   feature_map=feature_map, normalize=normalize, eps=eps, boundary=boundary, causal=causal,
                    scale=scale, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("lisa_kernels::triton_direct", mutates_args=())
-def _triton_direct(q: Tensor, k: Tensor, v: Tensor, logtab: Tensor, grid: List[int], num_extra: int,
-                   feature_map: str, normalize: bool, eps: float, causal: bool, scale: float
-                   ) -> Tuple[Tensor, Tensor]:
-    p = _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale)
-    return _contiguous(lisa_direct_fwd(q, k, v, torch.exp(logtab.float()).contiguous(), p))
+def _triton_direct(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], grid: List[int],
+                   num_extra: int, feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str,
+                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, den', r', mx): the output, the scaled denominators, the extended weight table and its log-max."""
+    p = _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale)
+    return lisa_direct_fwd(q, k, v, rpe, rpe_extra, p)
 
 
 @_triton_direct.register_fake
-def _(q, k, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale):
+def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale):
     B, H, N, _ = q.shape
-    return q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, logtab.shape[1], dtype=torch.float32)
+    M = rpe.shape[1]
+    lay = _triton_layout(tuple(grid), num_extra, boundary == "circular", causal)
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, M, **f32), q.new_empty(H * M, lay.TXP, **f32),
+            q.new_empty(H * M, **f32))
 
 
 @torch.library.custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
-def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, logtab: Tensor, out: Tensor, den: Tensor,
-                            grad_out: Tensor, grid: List[int], num_extra: int, feature_map: str, normalize: bool,
-                            eps: float, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    p = _triton_problem(q, v, logtab, grid, num_extra, feature_map, normalize, eps, causal, scale)
-    r = torch.exp(logtab.float()).contiguous()
-    dq, dk, dv, dlog = lisa_direct_bwd(q, k, v, r, out, den, grad_out, p,
-                                       deterministic=torch.are_deterministic_algorithms_enabled())
-    return _contiguous((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog.to(logtab.dtype)))
+def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], out: Tensor,
+                            den: Tensor, r: Tensor, mx: Tensor, grad_out: Tensor, grid: List[int], num_extra: int,
+                            feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str, scale: float
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
+    p = _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale)
+    dq, dk, dv, drpe, drex = lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p,
+                                             deterministic=torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, drpe, drex if drex is not None else rpe.new_empty(0)
 
 
 @_triton_direct_backward.register_fake
-def _(q, k, v, logtab, out, den, grad_out, grid, num_extra, feature_map, normalize, eps, causal, scale):
-    return _like(q), _like(k), _like(v), _like(logtab)
+def _(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, grid, num_extra, feature_map, normalize, eps, causal,
+      boundary, scale):
+    return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, logtab = inputs[:4]
-    ctx.save_for_backward(q, k, v, logtab, output[0], output[1])
-    ctx.options = inputs[4:]
+    q, k, v, rpe, rpe_extra = inputs[:5]
+    ctx.save_for_backward(q, k, v, rpe, rpe_extra, *output)
+    ctx.options = inputs[5:]
 
 
-def _triton_backward_rule(ctx, grad_out, _gden):
-    q, k, v, logtab, out, den = ctx.saved_tensors
-    grads = _triton_direct_backward(q, k, v, logtab, out, den, grad_out, *ctx.options)
-    return (*grads,) + (None,) * len(ctx.options)
+def _triton_backward_rule(ctx, grad_out, _gden, _gr, _gmx):
+    q, k, v, rpe, rpe_extra, out, den, r, mx = ctx.saved_tensors
+    dq, dk, dv, drpe, drex = _triton_direct_backward(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out,
+                                                     *ctx.options)
+    return (dq, dk, dv, drpe, drex if rpe_extra is not None else None) + (None,) * len(ctx.options)
 
 
 _triton_direct.register_autograd(_triton_backward_rule, setup_context=_triton_setup)
@@ -227,8 +236,7 @@ triton_fft_core = _fft_core_with("triton")    # backend="triton-fft"
 
 
 def triton_direct_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
-    """``backend="triton"``: the fused kernel, forward and backward, on q, k, v and the full log table."""
-    logtab = full_log_table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p)
-    out, _ = _triton_direct(q, k, v, logtab, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
-                            p.causal, p.scale)
+    """``backend="triton"``: the fused kernels, forward and backward, on q, k, v, rpe and rpe_extra."""
+    out = _triton_direct(q, k, v, rpe, rpe_extra, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
+                         p.causal, p.boundary, p.scale)[0]
     return out

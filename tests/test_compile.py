@@ -17,7 +17,7 @@ from lisa_kernels._compose import linear_log_table
 from lisa_kernels._validate import check_inputs
 from lisa_kernels.cuda_fft import HAS_EXTENSION, extension_reason
 from lisa_kernels.nn import LiSAAttention
-from lisa_kernels.triton_direct import full_log_table, triton_direct_reason
+from lisa_kernels.triton_direct import triton_direct_reason
 
 OPS = torch.ops.lisa_kernels
 
@@ -84,13 +84,12 @@ def test_opcheck_triton_direct():
     reason = triton_direct_reason(p)
     if reason is not None:
         pytest.skip(f"Triton cannot run here: {reason}")
-    logtab = full_log_table(rpe, rx, p)
-    options = (list(grid), E, "elu1", True, 1e-6, False, 1.0)
-    args = [t.requires_grad_() for t in (q, k, v, logtab)]
+    options = (list(grid), E, "elu1", True, 1e-6, False, "zero", 1.0)
+    args = [t.requires_grad_() for t in (q, k, v, rpe, rx)]
     torch.library.opcheck(OPS.triton_direct, (*args, *options))
-    out, den = OPS.triton_direct(*[t.detach() for t in args], *options)
+    saved = OPS.triton_direct(*[t.detach() for t in args], *options)
     torch.library.opcheck(OPS.triton_direct_backward,
-                          (*[t.detach() for t in args], out, den, torch.randn_like(out), *options))
+                          (*[t.detach() for t in args], *saved, torch.randn_like(saved[0]), *options))
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason=f"lisa_kernels._C is not built: {extension_reason()}")
