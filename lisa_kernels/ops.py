@@ -162,8 +162,9 @@ def _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, cau
 @torch.library.custom_op("lisa_kernels::triton_direct", mutates_args=())
 def _triton_direct(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], grid: List[int],
                    num_extra: int, feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str,
-                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, den', r', mx): the output, the scaled denominators, the extended weight table and its log-max."""
+                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, res, den', r', mx): the output, its rounding residual (empty for fp32), the scaled denominators,
+    the extended weight table and its log-max."""
     p = _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale)
     return lisa_direct_fwd(q, k, v, rpe, rpe_extra, p)
 
@@ -174,24 +175,25 @@ def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, cau
     M = rpe.shape[1]
     lay = _triton_layout(tuple(grid), num_extra, boundary == "circular", causal)
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, M, **f32), q.new_empty(H * M, lay.TXP, **f32),
-            q.new_empty(H * M, **f32))
+    res = q.new_empty(B, H, N, v.shape[-1]) if q.dtype != torch.float32 else q.new_empty(0)
+    return (q.new_empty(B, H, N, v.shape[-1]), res, q.new_empty(B, H, N, M, **f32),
+            q.new_empty(H * M, lay.TXP, **f32), q.new_empty(H * M, **f32))
 
 
 @torch.library.custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
 def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], out: Tensor,
-                            den: Tensor, r: Tensor, mx: Tensor, grad_out: Tensor, grid: List[int], num_extra: int,
+                            res: Tensor, den: Tensor, r: Tensor, mx: Tensor, grad_out: Tensor, grid: List[int], num_extra: int,
                             feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str, scale: float
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
     p = _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale)
-    dq, dk, dv, drpe, drex = lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p,
+    dq, dk, dv, drpe, drex = lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
                                              deterministic=torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv, drpe, drex if drex is not None else rpe.new_empty(0)
 
 
 @_triton_direct_backward.register_fake
-def _(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, grid, num_extra, feature_map, normalize, eps, causal,
+def _(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, grid, num_extra, feature_map, normalize, eps, causal,
       boundary, scale):
     return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)
 
@@ -202,9 +204,9 @@ def _triton_setup(ctx, inputs, output):
     ctx.options = inputs[5:]
 
 
-def _triton_backward_rule(ctx, grad_out, _gden, _gr, _gmx):
-    q, k, v, rpe, rpe_extra, out, den, r, mx = ctx.saved_tensors
-    dq, dk, dv, drpe, drex = _triton_direct_backward(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out,
+def _triton_backward_rule(ctx, grad_out, _gres, _gden, _gr, _gmx):
+    q, k, v, rpe, rpe_extra, out, res, den, r, mx = ctx.saved_tensors
+    dq, dk, dv, drpe, drex = _triton_direct_backward(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out,
                                                      *ctx.options)
     return (dq, dk, dv, drpe, drex if rpe_extra is not None else None) + (None,) * len(ctx.options)
 

@@ -193,6 +193,12 @@ def _table_constexprs(lay: Layout) -> dict:
 
 # ---------------------------------------------------------------- dtypes of the dots
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels write a result in: the result's own, except bf16 under the interpreter, whose bf16
+    casts truncate (a GPU rounds to nearest): there the kernels write fp32 and torch rounds."""
+    return torch.float32 if dtype == torch.bfloat16 and _interpreting() else dtype
+
+
 def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
     """(feature dtype, dot mode). Mode 0: 16-bit dots (bf16; fp16 where the operands are features/grads);
     mode 1: fp16, weight-side dots in tf32; mode 2: fp32 inputs, tf32x3 dots. The interpreter's bf16 dot is
@@ -334,24 +340,28 @@ if HAS_TRITON:
         return acc, den
 
     @triton.jit
-    def _fwd_store(acc, den, gm, Out, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
-                   G: tl.constexpr, NORMALIZE: tl.constexpr):
+    def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
+                   G: tl.constexpr, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr):
         mx = tl.load(MX + h * M + gm)
         if NORMALIZE:
             acc = acc * (1.0 / (den + eps * tl.exp(-mx)))[:, None]
         else:
             acc = acc * tl.exp(mx)
         row = offs_m < N
-        tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + (gm * G + offs_g)[None, :] * sod,
-                 acc.to(Out.dtype.element_ty), mask=row[:, None] & (offs_g < G)[None, :])
+        mask = row[:, None] & (offs_g < G)[None, :]
+        o = acc.to(Out.dtype.element_ty)
+        tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + (gm * G + offs_g)[None, :] * sod, o, mask=mask)
+        if RESIDUAL:   # out - round(out), so that the backward's g . out is as exact as the fp32 accumulators
+            tl.store(Res + ((bh * N + offs_m) * M + gm)[:, None] * G + offs_g[None, :],
+                     (acc - o.to(tl.float32)).to(Res.dtype.element_ty), mask=mask)
         tl.store(Den + (bh * N + offs_m) * M + gm, den, mask=row)
 
     @triton.jit
-    def _fwd_kernel(FQ, FK, V, R, AIX, NBX, MX, Out, Den,
+    def _fwd_kernel(FQ, FK, V, R, AIX, NBX, MX, Out, Res, Den,
                     svb, svh, svn, svd, sob, soh, son, sod, H, N, eps,
                     M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                     DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr,
+                    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr, RESIDUAL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
@@ -388,28 +398,28 @@ if HAS_TRITON:
             if MC > 3:
                 acc3, den3 = _fwd_step(acc3, den3, A, rrow0 + 3 * TXP, nb, vb0 + 3 * G * svd, offs_n, offs_g, N,
                                        svn, svd, G, MODE)
-        _fwd_store(acc0, den0, m0, Out, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g, G,
-                   NORMALIZE)
+        _fwd_store(acc0, den0, m0, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g, G, NORMALIZE, RESIDUAL)
         if MC > 1:
-            _fwd_store(acc1, den1, m0 + 1, Out, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
-                       G, NORMALIZE)
+            _fwd_store(acc1, den1, m0 + 1, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
+                       offs_g, G, NORMALIZE, RESIDUAL)
         if MC > 2:
-            _fwd_store(acc2, den2, m0 + 2, Out, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
-                       G, NORMALIZE)
+            _fwd_store(acc2, den2, m0 + 2, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
+                       offs_g, G, NORMALIZE, RESIDUAL)
         if MC > 3:
-            _fwd_store(acc3, den3, m0 + 3, Out, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
-                       G, NORMALIZE)
+            _fwd_store(acc3, den3, m0 + 3, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
+                       offs_g, G, NORMALIZE, RESIDUAL)
 
     # ------------------------------------------------------------ backward
 
     @triton.jit
-    def _bwd_prep_kernel(Q, K, GO, O, DEN, MX, FQ, FK, SC, GD, DR,
+    def _bwd_prep_kernel(Q, K, GO, O, RES, DEN, MX, FQ, FK, SC, GD, R, RD,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, sgb, sgh, sgn, sgd, sob, soh, son, sod,
-                         H, N, DK, scale, eps, n_feat, dr_size,
+                         H, N, DK, scale, eps, n_feat, r_size,
                          FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                         NORMALIZE: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                         ZBLOCK: tl.constexpr):
-        """Programs [0, n_feat): features, s and gd of BLOCK_T tokens of one (b, h); then DR zeroed."""
+                         NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr,
+                         TXP: tl.constexpr, BLOCK_T: tl.constexpr, ZBLOCK: tl.constexpr):
+        """Programs [0, n_feat): features, s and gd of BLOCK_T tokens of one (b, h). Then RD (H * M, 2, TXP):
+        the table r' beside a zeroed gradient row (one base pointer serves the gather and the atomics)."""
         pid = tl.program_id(0)
         if pid < n_feat:
             NTB: tl.constexpr = NPAD // BLOCK_T
@@ -431,6 +441,9 @@ if HAS_TRITON:
                                 mask=mask, other=0.0).to(tl.float32)
                     o = tl.load(O + b * sob + h * soh + offs[:, None] * son + (gm * G + offs_g)[None, :] * sod,
                                 mask=mask, other=0.0).to(tl.float32)
+                    if RESIDUAL:
+                        o += tl.load(RES + ((bh * N + offs) * M + gm)[:, None] * G + offs_g[None, :], mask=mask,
+                                     other=0.0).to(tl.float32)
                     gd = -s * tl.sum(g * o, 1)
                 else:
                     s = tl.zeros((BLOCK_T,), tl.float32) + tl.exp(mx)
@@ -439,7 +452,10 @@ if HAS_TRITON:
                 tl.store(GD + (bh * NPAD + offs) * M + gm, tl.where(row, gd, 0.0))
         else:
             z = (pid - n_feat) * ZBLOCK + tl.arange(0, ZBLOCK)
-            tl.store(DR + z, tl.zeros((ZBLOCK,), tl.float32), mask=z < dr_size)
+            ok = z < r_size
+            dst = RD + (z // TXP) * (2 * TXP) + z % TXP
+            tl.store(dst, tl.load(R + z, mask=ok, other=0.0), mask=ok)
+            tl.store(dst + TXP, tl.zeros((ZBLOCK,), tl.float32), mask=ok)
 
     @triton.jit
     def _dq_step(A, g, s, gd, rrow, drow, nb, vbase, offs_n, offs_g, N, svn, svd,
@@ -458,7 +474,7 @@ if HAS_TRITON:
                        mask=(offs_m < N)[:, None] & (offs_g < G)[None, :], other=0.0)
 
     @triton.jit
-    def _bwd_dq_kernel(FQ, FK, V, GO, Q, R, DR, AIX, NBX, SC, GD, DQ,
+    def _bwd_dq_kernel(FQ, FK, V, GO, Q, RD, AIX, NBX, SC, GD, DQ,
                        svb, svh, svn, svd, sgb, sgh, sgn, sgd, sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn,
                        H, N, DK, scale,
                        FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr,
@@ -474,8 +490,8 @@ if HAS_TRITON:
         fq = tl.load(FQ + (bh * NPAD + offs_m)[:, None] * DKP + offs_d[None, :])
         m0 = mc * MC
         ai = tl.load(AIX + offs_m)
-        rrow0 = R + (h * M + m0) * TXP + ai
-        drow0 = DR + (h * M + m0) * TXP + ai
+        rrow0 = RD + (h * M + m0) * (2 * TXP) + ai        # r' of group m0; its gradient row is TXP further
+        drow0 = rrow0 + TXP
         vb0 = V + b * svb + h * svh + m0 * G * svd
         srow = SC + (bh * NPAD + offs_m) * M + m0
         grow = GD + (bh * NPAD + offs_m) * M + m0
@@ -504,13 +520,13 @@ if HAS_TRITON:
             A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
             dA = _dq_step(A, g0, s0, gd0, rrow0, drow0, nb, vb0, offs_n, offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
             if MC > 1:
-                dA += _dq_step(A, g1, s1, gd1, rrow0 + TXP, drow0 + TXP, nb, vb0 + G * svd, offs_n, offs_g, N,
+                dA += _dq_step(A, g1, s1, gd1, rrow0 + 2 * TXP, drow0 + 2 * TXP, nb, vb0 + G * svd, offs_n, offs_g, N,
                                svn, svd, G, TABLE_GRAD, MODE)
             if MC > 2:
-                dA += _dq_step(A, g2, s2, gd2, rrow0 + 2 * TXP, drow0 + 2 * TXP, nb, vb0 + 2 * G * svd, offs_n,
+                dA += _dq_step(A, g2, s2, gd2, rrow0 + 4 * TXP, drow0 + 4 * TXP, nb, vb0 + 2 * G * svd, offs_n,
                                offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
             if MC > 3:
-                dA += _dq_step(A, g3, s3, gd3, rrow0 + 3 * TXP, drow0 + 3 * TXP, nb, vb0 + 3 * G * svd, offs_n,
+                dA += _dq_step(A, g3, s3, gd3, rrow0 + 6 * TXP, drow0 + 6 * TXP, nb, vb0 + 3 * G * svd, offs_n,
                                offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
             dfq = _dot(dA, fk, dfq, MODE)
         mask = (offs_m < N)[:, None] & (offs_d < DK)[None, :]
@@ -615,14 +631,14 @@ if HAS_TRITON:
     @triton.jit
     def _table_grad_kernel(DR, DRPE, DREX,
                            S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr,
-                           L2: tl.constexpr, L3: tl.constexpr, TXP: tl.constexpr, HAS_REX: tl.constexpr,
+                           L2: tl.constexpr, L3: tl.constexpr, ROW: tl.constexpr, HAS_REX: tl.constexpr,
                            R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
                            R2LO: tl.constexpr, R2HI: tl.constexpr, CIRC: tl.constexpr, BLOCK: tl.constexpr):
         """d rpe[h, m] from the extended-table gradient DR[h * M + m]: the linear part as is, or for circular
         tables the sum over the (up to 2 per axis) linear offsets d = c and d = c - S of each entry c; and
         d rpe_extra[h, m, kind] as the sum over its region."""
         hm = tl.program_id(0)
-        base = DR + hm * TXP
+        base = DR + hm * ROW
         LL: tl.constexpr = L1 * L2 * L3
         W2: tl.constexpr = 2 * S2 - 1
         W3: tl.constexpr = 2 * S3 - 1
@@ -676,14 +692,17 @@ class Launch:
     args: dict
     grid: object                   # callable(meta) -> tuple, or a tuple
     tuned: Optional[str] = None    # key of GPU_CONFIGS when the block sizes are autotuned
+    block_configs: Optional[list] = None     # (BLOCK_M, BLOCK_N, warps, stages) in place of GPU_CONFIGS[tuned]
 
-    def configs(self) -> List[dict]:
+    def configs(self, interpreting: Optional[bool] = None) -> List[dict]:
+        """The launch options (and block sizes, for autotuned kernels) the launcher may use."""
         if self.tuned is None:
             return [dict(num_warps=4, num_stages=1)]
-        if _interpreting():
-            bm, bn, w, s = INTERPRETER_CONFIG
-            return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)]
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS[self.tuned]]
+        if _interpreting() if interpreting is None else interpreting:
+            blocks = [INTERPRETER_CONFIG]
+        else:
+            blocks = self.block_configs or GPU_CONFIGS[self.tuned]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
 
 
 _TUNED: Dict[str, object] = {}
@@ -695,9 +714,9 @@ def _tuned_kernel(launch: Launch):
     if fn is None:
         configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                                  num_stages=c["num_stages"]) for c in launch.configs()]
-        reset = ["DR"] if launch.name == "bwd_dq" else None
+        restore = ["RD"] if launch.name == "bwd_dq" else None      # its atomics must not pile up while tuning
         fn = triton.autotune(configs=configs, key=["N", "DKP", "BLOCK_G", "MC", "NPAD", "TXP"],
-                             reset_to_zero=reset)(launch.kernel)
+                             restore_value=restore)(launch.kernel)
         _TUNED[launch.name] = fn
     return fn
 
@@ -746,39 +765,46 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     fq, fk = _features(q, lay, p)
     r = torch.empty(H * p.M, lay.TXP, device=q.device, dtype=torch.float32)
     mx = torch.empty(H * p.M, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype)
+    out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=_store_dtype(q.dtype))
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
+    residual = out.dtype != torch.float32
+    res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
     aix, nbx = token_index(lay, q.device)
     c = _common(p, lay)
-    fwd = dict(FQ=fq, FK=fk, V=v, R=r, AIX=aix, NBX=nbx, MX=mx, Out=out, Den=den,
+    fwd = dict(FQ=fq, FK=fk, V=v, R=r, AIX=aix, NBX=nbx, MX=mx, Out=out, Res=res if residual else out, Den=den,
                svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
                sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
-               NORMALIZE=p.normalize, **c)
+               NORMALIZE=p.normalize, RESIDUAL=residual, **c)
     chunks = p.M // c["MC"]
     launches = [_prep_launch(q, k, rpe, rpe_extra, fq, fk, r, mx, p, lay),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="fwd")]
-    return launches, out, den, r, mx
+    return launches, out, res, den, r, mx
 
 
 def lisa_direct_fwd(q, k, v, rpe, rpe_extra, p: Problem):
-    """out (B, H, N, Dv) in q's dtype, den' (B, H, N, M) fp32, the extended table r' and its log-max mx."""
-    launches, out, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
-                                                 None if rpe_extra is None else rpe_extra.contiguous(), p)
+    """out (B, H, N, Dv) in q's dtype; for the backward: res = out - round(out) (16-bit inputs; else empty),
+    den' (B, H, N, M) fp32, the extended table r' and its log-max mx."""
+    launches, out, res, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
+                                                      None if rpe_extra is None else rpe_extra.contiguous(), p)
     for launch in launches:
         _run(launch)
-    return out, den, r, mx
+    if out.dtype != q.dtype:          # (interpreter, bf16: see _store_dtype)
+        out32, out = out, out.to(q.dtype)
+        res = (out32 - out.float()).to(q.dtype)
+    return out, res, den, r, mx
 
 
 def _table_grad_launch(dr, drpe, drex, p: Problem, lay: Layout) -> Launch:
+    """dr: (H * M, TXP), rows ``dr.stride(0)`` apart."""
     tab = _table_constexprs(lay)
-    args = dict(DR=dr, DRPE=drpe, DREX=drex if drex is not None else drpe, TXP=lay.TXP, HAS_REX=drex is not None,
+    args = dict(DR=dr, DRPE=drpe, DREX=drex if drex is not None else drpe, ROW=dr.stride(0), HAS_REX=drex is not None,
                 BLOCK=256, **{k: tab[k] for k in ("S1", "S2", "S3", "L1", "L2", "L3", "R1LO", "R1HI", "R0LO", "R0HI",
                                                   "R2LO", "R2HI", "CIRC")})
     return Launch("table_grad", _table_grad_kernel, args, (p.H * p.M,))
 
 
-def backward_launches(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p: Problem, deterministic: bool):
+def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem, deterministic: bool):
     """The backward's launches and the tensors they write: (launches, dq, dk, dv, drpe, drex, sc, gd, fq)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
@@ -787,30 +813,33 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p: Pro
     fq, fk = _features(q, lay, p)
     sc = torch.empty(B * H, lay.NPAD, p.M, device=q.device, dtype=torch.float32)
     gd = torch.empty_like(sc)
-    dr = torch.empty(H * p.M, lay.TXP, device=q.device, dtype=torch.float32)
+    rd = torch.empty(H * p.M, 2, lay.TXP, device=q.device, dtype=torch.float32)
+    sdt = _store_dtype(q.dtype)
     if chunks == 1:      # written in the input dtypes; several chunks write fp32 partial sums
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dq, dk = (torch.empty(B, H, N, Dk, device=q.device, dtype=sdt) for _ in range(2))
         sdc = 0
     else:
         dq, dk = (torch.empty(chunks, B, H, N, Dk, device=q.device, dtype=torch.float32) for _ in range(2))
         sdc = dq.stride(0)
-    dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=v.dtype)
-    drpe = torch.empty(rpe.shape, device=q.device, dtype=rpe.dtype)
-    drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=rpe_extra.dtype)
+    dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=sdt)
+    drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
+    drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
     aix, nbx = token_index(lay, q.device)
     feature = 0 if p.feature_map == "elu1" else 1
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
     zblock = 1024
-    n_zero = 0 if deterministic else triton.cdiv(dr.numel(), zblock)
+    n_zero = triton.cdiv(r.numel(), zblock)
     g = grad_out
-    prep = dict(Q=q, K=k, GO=g, O=out, DEN=den, MX=mx, FQ=fq, FK=fk, SC=sc, GD=gd, DR=dr,
+    residual = res.numel() > 0
+    prep = dict(Q=q, K=k, GO=g, O=out, RES=res if residual else out, DEN=den, MX=mx, FQ=fq, FK=fk, SC=sc, GD=gd, R=r, RD=rd,
                 sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
                 skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
                 sgb=g.stride(0), sgh=g.stride(1), sgn=g.stride(2), sgd=g.stride(3),
                 sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3),
-                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, dr_size=dr.numel(),
-                FEATURE=feature, M=p.M, G=c["G"], BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, DKP=c["DKP"],
-                NPAD=lay.NPAD, BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
+                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, r_size=r.numel(),
+                FEATURE=feature, M=p.M, G=c["G"], BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual,
+                DKP=c["DKP"],
+                NPAD=lay.NPAD, TXP=lay.TXP, BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
     strides_vg = dict(svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
                       sgb=g.stride(0), sgh=g.stride(1), sgn=g.stride(2), sgd=g.stride(3))
     dkv = dict(FQ=fq, FK=fk, V=v, GO=g, K=k, R=r, AIX=aix, NBX=nbx, SC=sc, GD=gd, DKB=dk, DV=dv, **strides_vg,
@@ -818,7 +847,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p: Pro
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
                H=H, N=N, DK=Dk, FEATURE=feature, **c)
-    dqa = dict(FQ=fq, FK=fk, V=v, GO=g, Q=q, R=r, DR=dr, AIX=aix, NBX=nbx, SC=sc, GD=gd, DQ=dq, **strides_vg,
+    dqa = dict(FQ=fq, FK=fk, V=v, GO=g, Q=q, RD=rd, AIX=aix, NBX=nbx, SC=sc, GD=gd, DQ=dq, **strides_vg,
                sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
                sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
                H=H, N=N, DK=Dk, scale=p.scale, FEATURE=feature, TABLE_GRAD=not deterministic, **c)
@@ -828,26 +857,28 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p: Pro
                 Launch("bwd_dq", _bwd_dq_kernel, dqa, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="dq")]
     if not deterministic:
-        launches.append(_table_grad_launch(dr, drpe, drex, p, lay))
+        launches.append(_table_grad_launch(rd[:, 1], drpe, drex, p, lay))
     return launches, dq, dk, dv, drpe, drex, sc, gd, fq, fk
 
 
-def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, den, r, mx, grad_out, p: Problem, deterministic: bool = False):
+def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem,
+                    deterministic: bool = False):
     """dq, dk, dv (input dtypes), drpe (rpe's dtype) and drex (rpe_extra's, or None).
 
     The table gradient is accumulated with atomics (not bitwise reproducible); with ``deterministic=True``
     it is computed by :func:`_table_grad_deterministic` instead (fixed order)."""
     rpe = rpe.contiguous()
     rpe_extra = None if rpe_extra is None else rpe_extra.contiguous()
-    launches, dq, dk, dv, drpe, drex, sc, gd, fq, fk = backward_launches(q, k, v, rpe, rpe_extra, out, den, r, mx,
-                                                                         grad_out, p, deterministic)
+    launches, dq, dk, dv, drpe, drex, sc, gd, fq, fk = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r,
+                                                                         mx, grad_out, p, deterministic)
     for launch in launches:
         _run(launch)
     if dq.dim() == 5:
-        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+        dq, dk = dq.sum(0), dk.sum(0)
     if deterministic:
         drpe, drex = _table_grad_deterministic(q, k, v, rpe, rpe_extra, mx, sc, gd, grad_out, p)
-    return dq, dk, dv, drpe, drex
+    dq, dk, dv, drpe = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drpe.to(rpe.dtype)   # (no-ops on a GPU)
+    return dq, dk, dv, drpe, None if drex is None else drex.to(rpe_extra.dtype)
 
 
 def kernel_launches(p: Problem, device="meta") -> List[Tuple[str, Launch]]:
@@ -858,8 +889,8 @@ def kernel_launches(p: Problem, device="meta") -> List[Tuple[str, Launch]]:
     q, k, v = mk(B, H, N, Dk), mk(B, H, N, Dk), mk(B, H, N, p.Dv)
     rpe = mk(p.H, p.M, *p.rpe_table_shape)
     rex = mk(p.H, p.M, 3) if p.num_extra else None
-    fl, out, den, r, mx = forward_launches(q, k, v, rpe, rex, p)
-    bl = backward_launches(q, k, v, rpe, rex, out, den, r, mx, mk(B, H, N, p.Dv), p, False)[0]
+    fl, out, res, den, r, mx = forward_launches(q, k, v, rpe, rex, p)
+    bl = backward_launches(q, k, v, rpe, rex, out, res, den, r, mx, mk(B, H, N, p.Dv), p, False)[0]
     return [("fwd", x) for x in fl] + [("bwd", x) for x in bl]
 
 
@@ -913,8 +944,9 @@ def _table_grad_deterministic(q, k, v, rpe, rpe_extra, mx, sc, gd, grad_out, p: 
         d_extra = (d_extra * torch.exp(shifted[..., T:])).reshape(H * M, 3)
         for kind, region in enumerate((lay.R0, lay.R1, lay.R2)):      # one entry per region carries its sum
             dr[:, region[0]] = d_extra[:, kind]
-    drpe = torch.empty(rpe.shape, device=q.device, dtype=rpe.dtype)
-    drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=rpe_extra.dtype)
+    sdt = _store_dtype(rpe.dtype)
+    drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
+    drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
     _run(_table_grad_launch(dr, drpe, drex, p, lay))
     return drpe, drex
 
