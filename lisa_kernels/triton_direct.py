@@ -668,19 +668,32 @@ if HAS_TRITON:
 
 # ---------------------------------------------------------------- launch configurations
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on a GPU; the interpreter takes one small config
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on a GPU, per kernel, for "light" programs (one RPE group,
+# head dim <= 64) and "heavy" ones (more live state); configs that spill are pruned before tuning
+# (:func:`_spill_free`), so only spill-free ones run where one exists. The interpreter takes one small config.
 GPU_CONFIGS = {
-    "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-    "dkv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    "light": {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
+              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+              "dkv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)]},
+    "heavy": {"fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+              "dkv": [(32, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]},
 }
 INTERPRETER_CONFIG = (16, 16, 1, 1)
+
+
+def gpu_configs(kind: str, DKP: int, MC: int) -> list:
+    return GPU_CONFIGS["light" if MC == 1 and DKP <= 64 else "heavy"][kind]
+
+
 PREP_BLOCK_T = 32
 
 
-def _group_chunk(M: int) -> int:
-    """Groups per program: the largest divisor of M that is at most MAX_FUSED_GROUPS."""
-    return next(c for c in range(min(M, MAX_FUSED_GROUPS), 0, -1) if M % c == 0)
+def _group_chunk(M: int, DKP: int) -> int:
+    """Groups per program: the largest divisor of M that is at most MAX_FUSED_GROUPS (2 for head dims over 64,
+    whose tiles leave fewer registers)."""
+    limit = MAX_FUSED_GROUPS if DKP <= 64 else 2
+    return next(c for c in range(min(M, limit), 0, -1) if M % c == 0)
 
 
 @dataclasses.dataclass
@@ -701,23 +714,46 @@ class Launch:
         if _interpreting() if interpreting is None else interpreting:
             blocks = [INTERPRETER_CONFIG]
         else:
-            blocks = self.block_configs or GPU_CONFIGS[self.tuned]
+            blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"])
         return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
 
 
-_TUNED: Dict[str, object] = {}
+_TUNED: Dict[tuple, object] = {}
+
+
+def _spill_free(kernel):
+    """An ``early_config_prune`` for triton.autotune: compiles each config and keeps those that do not spill
+    (all, if none is spill-free, or if the spill count cannot be read)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        scored = []
+        for cfg in configs:
+            try:
+                compiled = kernel.warmup(**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                         grid=(1,))
+                compiled._init_handles()
+                spills = int(compiled.n_spills)
+            except Exception:      # (an API difference across Triton versions: do not prune)
+                return configs
+            scored.append((spills, cfg))
+        free = [cfg for spills, cfg in scored if spills == 0]
+        return free or [min(scored, key=lambda sc: sc[0])[1]]
+    return prune
 
 
 def _tuned_kernel(launch: Launch):
-    """The autotuned wrapper of a kernel (GPU only), built once per kernel."""
-    fn = _TUNED.get(launch.name)
+    """The autotuned wrapper of a kernel (GPU only), one per kernel and candidate list."""
+    configs = launch.configs()
+    key = (launch.name, tuple(tuple(sorted(c.items())) for c in configs))
+    fn = _TUNED.get(key)
     if fn is None:
-        configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                 num_stages=c["num_stages"]) for c in launch.configs()]
+        tconfigs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                                  num_stages=c["num_stages"]) for c in configs]
         restore = ["RD"] if launch.name == "bwd_dq" else None      # its atomics must not pile up while tuning
-        fn = triton.autotune(configs=configs, key=["N", "DKP", "BLOCK_G", "MC", "NPAD", "TXP"],
-                             restore_value=restore)(launch.kernel)
-        _TUNED[launch.name] = fn
+        fn = triton.autotune(configs=tconfigs, key=["N", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "MODE", "CAUSAL"],
+                             restore_value=restore,
+                             prune_configs_by={"early_config_prune": _spill_free(launch.kernel)})(launch.kernel)
+        _TUNED[key] = fn
     return fn
 
 
@@ -733,8 +769,9 @@ def _run(launch: Launch) -> None:
 def _common(p: Problem, lay: Layout) -> dict:
     M, G = p.M, p.Dv // p.M
     _, mode = _modes(p.dtype)
-    return dict(M=M, MC=_group_chunk(M), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                DKP=max(16, triton.next_power_of_2(p.Dk)), NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
+    DKP = max(16, triton.next_power_of_2(p.Dk))
+    return dict(M=M, MC=_group_chunk(M, DKP), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), DKP=DKP,
+                NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
 
 
 def _prep_launch(q, k, rpe, rpe_extra, fq, fk, r, mx, p: Problem, lay: Layout) -> Launch:

@@ -163,3 +163,17 @@ def test_triton_deterministic_mode(grid, E, causal):
         assert torch.equal(a, b)
     errors = [_rel(a.cpu(), b) for a, b in zip(runs[0], g_ref)]
     assert max(errors) <= TOL[torch.float32], errors
+
+
+def test_triton_launch_count(monkeypatch):
+    """Two Triton launches per forward (prep, fwd) and four per backward (prep, dkv, dq, table fold); the table
+    is built by the prep kernel, not by PyTorch ops (benchmarks/overhead.py counts all launches on a GPU)."""
+    import lisa_kernels.triton_direct as TD
+    launched = []
+    real = TD._run
+    monkeypatch.setattr(TD, "_run", lambda launch: (launched.append(launch.name), real(launch))[1])
+    ref, low = _inputs((4, 5), 1, 2, "zero", torch.float16, seed=4)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(4, 5), num_extra=1, backend="triton")
+    assert launched == ["prep", "fwd"]
+    torch.autograd.grad(out, low, torch.ones_like(out))
+    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"]

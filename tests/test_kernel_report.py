@@ -1,0 +1,109 @@
+"""benchmarks/kernel_report.py and its yardstick: the SASS reading, the yardstick's correctness, and the
+compiled-code properties of every Triton kernel of backend="triton" (no spills; the issue's cycle targets).
+
+Compiling for a GPU needs no GPU, but it needs Triton *without* its interpreter, so the compile test runs the
+report in a subprocess with TRITON_INTERPRET unset.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lisa_kernels.triton_direct import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   MUFU.EX2 R3, R3 ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR6][R6.64] ;
+        /*0040*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R8.64], R9 ;
+        /*0050*/                   IMAD.WIDE R8, R2, 0x4, R10 ;
+        /*0060*/                   FFMA R3, R4, R5, R3 ;
+        /*0070*/                   NOP ;
+        /*0080*/              @!P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0090*/                   FADD R3, R4, R5 ;
+        /*00a0*/                   BRA `(.L_x_1) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_hot_loop_is_the_longest_backward_branch():
+    import kernel_report as kr
+    n, mix = kr.hot_loop_mix(SASS)
+    assert n == 7            # HGMMA .. BRA, the NOP not counted
+    assert mix == {"mma": 1, "mufu": 1, "load": 1, "atomic": 1, "integer": 1, "float": 1, "other": 1}
+
+
+def test_opcodes_are_classified():
+    import kernel_report as kr
+    assert kr.opclass("HMMA.16816.F32.BF16") == "mma"
+    assert kr.opclass("LDS.128") == "load" and kr.opclass("STS.64") == "store"
+    assert kr.opclass("RED.E.ADD.F32") == "atomic" and kr.opclass("ISETP.GE.AND") == "integer"
+    assert kr.opclass("F2FP.BF16.F32.PACK_AB") == "float"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the yardstick under Triton's interpreter (CPU machines)")
+def test_yardstick_is_a_real_flash_attention():
+    """The yardstick's forward and gradients match F.scaled_dot_product_attention (fp32, ragged N)."""
+    import yardstick_fa2
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 37, 16, generator=g) for _ in range(4))
+    out, dq, dk, dv = yardstick_fa2.run(q, k, v, do)
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*x)
+    grads = torch.autograd.grad(ref, x, do)
+    for got, want in zip((out, dq, dk, dv), (ref,) + grads):
+        assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
+
+
+@pytest.fixture(scope="module")
+def ci_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--ci",
+                           "--json", str(path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
+    assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(path.read_text()), proc
+
+
+def test_every_kernel_compiles_without_spills(ci_report):
+    """Every candidate config compiles for sm_90a and sm_80, and every kernel has spill-free configs for the
+    launcher to pick (it prunes the spilling ones before autotuning); the untuned kernels never spill."""
+    import kernel_report as kr
+    records, proc = ci_report
+    errors = [(r["name"], r["arch"], r["dtype"], r["D"], r["M"], r["config"], r["error"])
+              for r in records if "error" in r]
+    assert not errors, errors
+    groups = {}
+    for r in records:
+        groups.setdefault((r["name"], r["arch"], r["dtype"], r["D"], r["M"], tuple(r["grid"]), r["E"], r["causal"],
+                           r["boundary"]), []).append(r)
+    spills = [(key, [(c["config"], c["stack_bytes"]) for c in recs]) for key, recs in groups.items()
+              if any(c["stack_bytes"] > 0 for c in kr.launcher_choices(recs))]
+    assert not spills, spills
+    lisa = {r["name"] for r in records if not r["pass"].startswith("yardstick")}
+    assert lisa == {"prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"}
+    assert {r["arch"] for r in records} == {"sm_90a", "sm_80"}
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_issue_cycle_targets(ci_report):
+    """sm_90a, bf16, D=64, M=1: forward <= 100 and backward <= 250 issue cycles per 1000 pairs (the yardstick's
+    FlashAttention-2 figures are printed beside them by the report)."""
+    import kernel_report as kr
+    targets = kr.targets(ci_report[0])
+    assert len(targets) == 2
+    assert all(t["met"] for t in targets), targets
