@@ -306,3 +306,30 @@ def test_registration_after_import(code):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "LiSAAttention"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the digits example (examples/digits_vit.py): 2 steps per variant, in-process, with and without tqdm
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False])
+def test_digits_example_smoke(tmp_path, monkeypatch, with_tqdm):
+    pytest.importorskip("sklearn", reason="the digits example needs scikit-learn (in the `test` extra)")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("digits_vit", os.path.join(ROOT, "examples", "digits_vit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not with_tqdm:
+        monkeypatch.setattr(mod, "tqdm", None)
+    threads = torch.get_num_threads()
+    try:
+        res = mod.main(["--seeds", "0", "--steps", "2", "--depth", "2", "--out", str(tmp_path / "d")])
+    finally:
+        torch.set_num_threads(threads)
+    for v in ("lisa", "linear", "softmax"):
+        assert 0.0 <= res[v]["0"]["test_acc"] <= 1.0 and len(res[v]["0"]["train_loss"]) == 2
+    tot_lisa, tr_lisa = res["lisa"]["params"]
+    tot_lin, tr_lin = res["linear"]["params"]
+    assert tot_lisa == tot_lin == tr_lisa and tr_lin == res["softmax"]["params"][1] < tr_lisa
+    assert res["linear"]["0"]["max_abs_rpe"] == 0.0 and res["lisa"]["0"]["max_abs_rpe"] > 0.0
+    assert (tmp_path / "d.json").exists() and "mean ± std" in (tmp_path / "d.md").read_text()
