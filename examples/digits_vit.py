@@ -196,6 +196,13 @@ def table(results, variants, seeds):
     return "\n".join(lines)
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository root when it is inside it."""
+    root = os.path.dirname(HERE)
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -243,11 +250,12 @@ def main(argv=None):
               f"{info['torch_threads']} thread(s); total {total:.0f} s")
     print("\n" + header + "\n\n" + md)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    config = dict(vars(args), out=_shown(args.out))            # no machine path in the saved files
     with open(args.out + ".json", "w") as f:
-        json.dump({"config": vars(args), "machine": info, "total_wall_s": total, "results": results}, f)
+        json.dump({"config": config, "machine": info, "total_wall_s": total, "results": results}, f)
     with open(args.out + ".md", "w") as f:
         f.write(header + "\n\n" + md + "\n")
-    print(f"\nwrote {args.out}.json and {args.out}.md")
+    print(f"\nwrote {_shown(args.out)}.json and {_shown(args.out)}.md")
     return results
 
 
