@@ -79,3 +79,54 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> dict:
     x = torch.zeros(1, 1, 4, 4, device=device)
     p = check_inputs(x, x, x, torch.zeros(1, 1, 7, device=device), grid=(4,))
     return {name: backend_reason(name, p) for name in BACKENDS if name != "auto"}
+
+
+def _register_timm_models_on_import() -> None:
+    """Register ``lisa_kernels.models`` in timm's registry: now if timm is imported, else when it is.
+
+    ``import lisa_kernels`` must not pay for importing timm (about 1.7 s), yet ``timm.create_model("lisa_vit_...")``
+    should work after it in either import order. So: if timm is already in ``sys.modules``, import
+    ``lisa_kernels.models`` now; otherwise add a one-shot finder to ``sys.meta_path`` that lets the normal
+    finders locate timm and runs the registration right after timm's own module code. A failure to register
+    warns and never breaks ``import timm``. ``import lisa_kernels.models`` registers explicitly.
+    """
+    import importlib.abc
+    import importlib.util
+    import sys
+    import warnings
+
+    def register() -> None:
+        try:
+            from . import models  # noqa: F401
+        except Exception as e:  # pragma: no cover - a timm too old or broken: keep timm usable
+            warnings.warn(f"lisa_kernels: could not register the LiSA models with timm: {e}", stacklevel=2)
+
+    if "timm" in sys.modules:
+        register()
+        return
+
+    class _TimmFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != "timm":
+                return None
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            spec = importlib.util.find_spec("timm")   # the normal finders (this one is gone)
+            loader = getattr(spec, "loader", None)
+            if loader is None or not hasattr(loader, "exec_module"):
+                return spec
+            exec_module = loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                register()
+
+            loader.exec_module = exec_then_register
+            return spec
+
+    if importlib.util.find_spec("timm") is not None and not any(
+            type(f).__name__ == "_TimmFinder" for f in sys.meta_path):
+        sys.meta_path.insert(0, _TimmFinder())
+
+
+_register_timm_models_on_import()

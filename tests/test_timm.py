@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - timm is in the `test` extra
     pytest.skip(f"timm is not installed ({e}); `pip install timm` or `pip install .[test]`",
                 allow_module_level=True)
 
-from lisa_kernels.nn import LiSAAttention
+from lisa_kernels.nn import LiSAAttention, convert_vit
 
 MODEL = "vit_tiny_patch16_224"
 DEPTH = 3
@@ -201,3 +201,15 @@ def test_attn_layer_class_builds_a_lisa_vit():
     assert all(isinstance(a, LiSAAttention) and a.grid == (14, 14) and a.num_extra == 1 for a in attns)
     out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_convert_vit_matches_the_hand_swap(timm_vit):
+    """``convert_vit`` (one call) builds the same model as the swap by hand above: same keys, same outputs."""
+    hand = _lisa_vit(timm_vit)
+    conv = convert_vit(copy.deepcopy(timm_vit))
+    assert [type(b.attn) for b in conv.blocks] == [LiSAAttention] * DEPTH
+    assert all(m.grid == GRID_224 and m.num_extra == 1 for m in _lisa_modules(conv))
+    conv.load_state_dict(hand.state_dict(), strict=True)     # the random RPE tables of the hand-made model
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), hand(x), rtol=0, atol=0)
