@@ -134,7 +134,7 @@ CONFIGS = {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2)], "dkdv": [(64, 64, 4, 2), (3
 
 def launches(B, H, N, D, dtype, device="meta", q=None, k=None, v=None, do=None, interpret=False):
     """The yardstick's launches (pass "fwd" / "bwd", Launch) on given or placeholder (B, H, N, D) tensors."""
-    mk = functools.partial(torch.empty, device=device, dtype=dtype)
+    mk = functools.partial(torch.empty, device=device if q is None else q.device, dtype=dtype)
     q, k, v = (mk(B, H, N, D) if t is None else t for t in (q, k, v))
     do = mk(B, H, N, D) if do is None else do
     out, dq, dk, dv = mk(B, H, N, D), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
