@@ -167,8 +167,10 @@ class _DenseFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpe, rpe_extra, options):
         out, parts = dense_forward_saving(q, k, v, rpe, rpe_extra, *options)
-        ctx.save_for_backward(parts[8])     # the normalised output: may be ``out`` itself (no reference cycle)
-        ctx.parts, ctx.options = parts[:8] + (None,) + parts[9:], options
+        # all through save_for_backward: freed after a backward without retain_graph, and the normalised
+        # output among them may be ``out`` itself (no reference cycle)
+        ctx.save_for_backward(*parts)
+        ctx.options = options
         ctx.meta = (q.dtype, k.dtype, v.dtype, rpe.shape, rpe.dtype, None if rpe_extra is None else rpe_extra.dtype)
         return out
 
@@ -176,10 +178,8 @@ class _DenseFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         qd, kd, vd, rpe_shape, rpe_dtype, extra_dtype = ctx.meta
-        options, parts = ctx.options, ctx.parts
-        parts = parts[:8] + ctx.saved_tensors + parts[9:]
-        dq, dk, dv, dtable = dense_backward_from(parts, grad_out, options[2], options[7], (qd, kd, vd))
-        ctx.parts = None
+        options = ctx.options
+        dq, dk, dv, dtable = dense_backward_from(ctx.saved_tensors, grad_out, options[2], options[7], (qd, kd, vd))
         drpe, dextra = _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype)
         return dq, dk, dv, drpe, dextra, None
 

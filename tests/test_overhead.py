@@ -277,3 +277,15 @@ def test_tiny_direct_call_issues_few_aten_ops(overhead_run):
     assert ops_per_call[("lisa-direct", "fwd+bwd")] <= 160
     assert ops_per_call[("lisa-auto", "fwd")] == ops_per_call[("lisa-direct", "fwd")]
     assert math.isfinite(ops_per_call[("sdpa", "fwd")])
+
+
+def test_eager_function_backward_twice_with_retain_graph():
+    q, k, v, rpe = _tiny(requires_grad=True, dtype=torch.float64)
+    out = _call(q, k, v, rpe, backend="direct")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v, rpe), g, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v, rpe), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, (q,), g)
