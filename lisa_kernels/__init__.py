@@ -7,16 +7,18 @@ Shapes follow ``F.scaled_dot_product_attention``: q, k (B, H, N, Dk), v (B, H, N
 
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence, Union
 
 import torch
 
+from . import dispatch as _dispatch
 from ._config import Config, get_config, set_config
 from ._validate import BACKENDS, check_inputs
 from .dispatch import Estimate, Explanation, backend_reason, explain_problem, run_backend
 
 __version__ = "0.1.0"
-__all__ = ["lisa_attention", "explain", "available_backends", "get_config", "set_config", "Config",
+__all__ = ["lisa_attention", "explain", "available_backends", "clear_cache", "get_config", "set_config", "Config",
            "Estimate", "Explanation", "BACKENDS", "__version__"]
 
 Grid = Union[int, Sequence[int]]
@@ -24,6 +26,64 @@ Grid = Union[int, Sequence[int]]
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------- the per-signature plan cache
+#
+# Validating the arguments and evaluating the cost model take longer than the kernels on small inputs, and a
+# model calls attention with the same signature on every step. So the validated Problem and the backend that
+# runs it (auto's choice, after its can-run check) are kept per *signature*: everything the checks and the
+# choice read. For each tensor: its type, shape, strides, dtype, device and requires_grad; every option with
+# its type (True == 1 and 2.0 == 2 in Python, but the checks tell them apart); the grid with its element types;
+# grad mode and the deterministic flag; the settings (reference_max_bytes decides whether the reference can
+# run, direct_block_bytes the direct path's form); and the identity of the can-run function and of the cost
+# model's entries (so that replacing them, as tests do, is seen). Only signatures that passed every check are
+# stored, so a cached call skips no check whose outcome could differ. Under torch.compile the cache is
+# bypassed (dynamo traces the checks themselves, and guards on what they read).
+
+_PLAN_CACHE_SIZE = 256
+_PLANS: "collections.OrderedDict" = collections.OrderedDict()
+_GRID_TYPES = (tuple, list, torch.Size)
+
+
+def _tensor_signature(t):
+    return (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _signature(q, k, v, rpe, rpe_extra, grid, options):
+    """The plan-cache key of a call, or None where the call is not cacheable (then it is checked in full)."""
+    if type(grid) in _GRID_TYPES:
+        grid_key = (type(grid), tuple(grid), tuple(map(type, grid)))
+    elif type(grid) is int:
+        grid_key = (int, grid)
+    else:
+        return None
+    cfg = get_config()
+    try:
+        return (_tensor_signature(q), _tensor_signature(k), _tensor_signature(v), _tensor_signature(rpe),
+                None if rpe_extra is None else _tensor_signature(rpe_extra), grid_key, options,
+                tuple(map(type, options)), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+                cfg.reference_max_bytes, cfg.fft_workspace_bytes, cfg.direct_block_bytes,
+                _dispatch.backend_reason, tuple(map(id, _dispatch.COST_MODEL.values())))
+    except (AttributeError, TypeError):       # not tensors, or unhashable options: the full checks say why
+        return None
+
+
+def _plan(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, boundary, causal, backend, scale):
+    """(Problem, backend name) for a call: validated, auto resolved, can-run checked; raises like the checks."""
+    p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
+                     normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend, scale=scale)
+    if backend == "auto":
+        backend = _dispatch.explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
+    reason = _dispatch.backend_reason(backend, p)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run this input: {reason}")
+    return p, backend
+
+
+def clear_cache() -> None:
+    """Forget every cached call plan (validated problem and backend choice); they are rebuilt on the next call."""
+    _PLANS.clear()
 
 
 def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch.Tensor, *, grid: Grid,
@@ -53,11 +113,32 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
     Returns:
         (B, H, N, Dv) in the dtype of q.
     """
-    p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
-                     normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend, scale=scale)
-    if backend == "auto":
-        backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
-    return run_backend(backend, q, k, v, rpe, rpe_extra, p)
+    if torch.compiler.is_compiling():
+        p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
+                         normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend,
+                         scale=scale)
+        if backend == "auto":
+            backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
+        return run_backend(backend, q, k, v, rpe, rpe_extra, p)
+    options = (num_extra, feature_map, normalize, eps, boundary, causal, backend, scale)
+    key = _signature(q, k, v, rpe, rpe_extra, grid, options)
+    plan = None if key is None else _PLANS.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, rpe, rpe_extra, grid, *options)
+        if key is not None:
+            _PLANS[key] = plan
+            if len(_PLANS) > _PLAN_CACHE_SIZE:
+                try:
+                    _PLANS.popitem(last=False)
+                except KeyError:                # emptied by another thread meanwhile
+                    pass
+    else:
+        try:
+            _PLANS.move_to_end(key)
+        except KeyError:                        # evicted by another thread meanwhile
+            pass
+    p, name = plan
+    return _dispatch._RUNNERS[name](q, k, v, rpe, rpe_extra, p)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch.Tensor, *, grid: Grid,

@@ -21,6 +21,7 @@ The backward recomputes A and W block by block (nothing N x N is saved):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -184,3 +185,208 @@ def direct_core_backward(fq, fk, v, logtab, gnum, gden, p: Problem):
         _add_antidiagonal_sums(dr, dR[0] if B == 1 else dR.sum(0), p.grid, s)
     dv = dve_rev.flip(3)[..., :G].transpose(2, 3).reshape(B, H, ng, p.Dv)
     return dfq, dfk_rev.flip(2), dv, dr * r
+
+
+# ---------------------------------------------------------------- the dense single-block form (small problems)
+#
+# When the whole (B, H, M, N, N) weight tensor fits in the block budget, the blocked loop above would run a
+# single block anyway, plus the extra-token terms, the table building and the normalisation as separate
+# steps. The dense form does all of it in a dozen aten ops: every pair (i, j) of the N tokens, extra tokens
+# included, reads its weight from one table
+#
+#     table = [rpe flattened (T entries) | rpe_extra (3, if E > 0) | -inf (1, if causal)]
+#     R[h, m, i, j] = exp(table[h, m, index[i, j]])                   (index: (N, N) ints, cached per grid)
+#
+# so that  W = (phi(Q) phi(K)^T) * R,  out = W V / (W 1 + eps).  The backward recomputes W (nothing N x N is
+# saved between the passes) and scatters the weight gradient back onto the table with one index_add_.
+
+_DENSE_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_DENSE_CACHE_SIZE = 64
+
+
+def _dense_cached(key, build):
+    """A small LRU of index and constant tensors (a few per grid and device)."""
+    hit = _DENSE_CACHE.get(key)
+    if hit is None:
+        hit = build()
+        _DENSE_CACHE[key] = hit
+        while len(_DENSE_CACHE) > _DENSE_CACHE_SIZE:
+            _DENSE_CACHE.popitem(last=False)
+    return hit
+
+
+def dense_table_size(table_shape, num_extra: int, causal: bool) -> int:
+    """Entries per (h, m) of the dense form's table: the rpe's, 3 extra-token slots if E > 0, 1 mask slot if causal."""
+    return math.prod(table_shape) + (3 if num_extra else 0) + (1 if causal else 0)
+
+
+def _build_dense_index(grid, num_extra: int, boundary: str, causal: bool, device) -> torch.Tensor:
+    d, E = len(grid), num_extra
+    ng = math.prod(grid)
+    axes = torch.meshgrid(*[torch.arange(s) for s in grid], indexing="ij")
+    pos = torch.stack([a.reshape(-1) for a in axes], dim=-1)                 # (Ng, d)
+    delta = pos[:, None, :] - pos[None, :, :]                               # (Ng, Ng, d): p_i - p_j
+    size = torch.tensor(grid)
+    if boundary == "circular":
+        idx, shape = torch.remainder(delta, size), tuple(grid)
+    else:
+        idx, shape = delta + size - 1, tuple(2 * s - 1 for s in grid)
+    flat = torch.zeros(ng, ng, dtype=torch.long)
+    for a in range(d):
+        flat = flat * shape[a] + idx[..., a]
+    T = math.prod(shape)
+    N = E + ng
+    full = torch.full((N, N), T + 2, dtype=torch.long)                     # extra -> extra
+    full[E:, E:] = flat
+    full[:E, E:] = T                                                        # extra query, grid key
+    full[E:, :E] = T + 1                                                    # grid query, extra key
+    if causal:
+        full.masked_fill_(torch.ones(N, N, dtype=torch.bool).triu(1), T + (3 if E else 0))
+    return full.reshape(-1).to(device)
+
+
+def _dense_weights(rpe, rpe_extra, grid, E, boundary, causal, ct):
+    """(exp(table) (H, M, T'), R (H, M, N*N) = exp(table)[..., index], index (N*N,))."""
+    device = rpe.device
+    index = _dense_cached(("index", grid, E, boundary, causal, device),
+                          lambda: _build_dense_index(grid, E, boundary, causal, device))
+    H, M = rpe.shape[0], rpe.shape[1]
+    table = rpe.reshape(H, M, -1)
+    if table.dtype is not ct:
+        table = table.to(ct)
+    if E or causal:
+        parts = [table]
+        if E:
+            if rpe_extra is None:
+                parts.append(_dense_cached(("zeros", H, M, ct, device),
+                                           lambda: torch.zeros(H, M, 3, dtype=ct, device=device)))
+            else:
+                parts.append(rpe_extra if rpe_extra.dtype is ct else rpe_extra.to(ct))
+        if causal:
+            parts.append(_dense_cached(("-inf", H, M, ct, device),
+                                       lambda: torch.full((H, M, 1), float("-inf"), dtype=ct, device=device)))
+        table = torch.cat(parts, dim=-1)
+    rt = torch.exp(table)
+    return rt, rt.index_select(-1, index), index
+
+
+def _constant(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor (usable with tensors on any device): adding a Python float wraps it in a new tensor
+    on every call, which costs several times the addition itself on small inputs."""
+    return _dense_cached(("constant", value, dtype), lambda: torch.tensor(value, dtype=dtype))
+
+
+def _phi(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    if feature_map == "elu1":
+        return torch.nn.functional.elu(x).add_(_constant(1.0, x.dtype))
+    return torch.relu(x)
+
+
+def _dphi(fx: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi'(x) from phi(x): elu1 -> min(phi, 1) (1 for x > 0, exp(x) = phi otherwise); relu -> [phi > 0]."""
+    if feature_map == "elu1":
+        return fx.clamp(max=1.0)
+    return (fx > 0).to(fx.dtype)
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_features(q, k, feature_map, scale, ct):
+    qc = q if q.dtype is ct else q.to(ct)
+    if scale != 1.0:
+        qc = qc * _constant(scale, ct)
+    return _phi(qc, feature_map), _phi(k if k.dtype is ct else k.to(ct), feature_map)
+
+
+def _dense_pass(q, k, v, rpe, rpe_extra, grid, E, feature_map, normalize, eps, boundary, causal, scale, keep):
+    """The forward; with ``keep`` also what the backward needs (the tiles are only as large as one block)."""
+    ct = _compute_dtype(q.dtype)
+    B, H, N, _ = q.shape
+    Dv, M = v.shape[-1], rpe.shape[1]
+    fq, fk = _dense_features(q, k, feature_map, scale, ct)
+    A = torch.matmul(fq, fk.transpose(-1, -2))                              # (B, H, N, N)
+    rt, R, index = _dense_weights(rpe, rpe_extra, grid, E, boundary, causal, ct)
+    vc = v if v.dtype is ct else v.to(ct)
+    if M == 1:
+        R = R.view(H, N, N)
+        W = A * R if keep else A.mul_(R)                                    # (B, H, N, N)
+        vg = vc
+    else:
+        R = R.view(H, M, N, N)
+        W = A.unsqueeze(2) * R                                              # (B, H, M, N, N)
+        vg = vc.reshape(B, H, N, M, Dv // M).transpose(2, 3)                # (B, H, M, N, G)
+    num = torch.matmul(W, vg)
+    inv = None
+    if normalize:
+        den = W.sum(-1, keepdim=True).add_(_constant(eps, ct))
+        if keep:
+            inv = den.reciprocal_()
+            num.mul_(inv)
+        else:
+            num.div_(den)
+    out = num if M == 1 else num.transpose(2, 3).reshape(B, H, N, Dv)
+    out = out if out.dtype is q.dtype else out.to(q.dtype)
+    if not keep:
+        return out, None
+    return out, (fq, fk, vg, A, W, R, rt, index, num, inv)
+
+
+def _dense_grads(parts, grad_out, feature_map, scale, dtypes):
+    """(dq, dk, dv, dtable) from the forward's parts and the output's gradient."""
+    fq, fk, vg, A, W, R, rt, index, out, inv = parts
+    ct = fq.dtype
+    B, H, N, _ = fq.shape
+    M = rt.shape[1]
+    go = grad_out if grad_out.dtype is ct else grad_out.to(ct)
+    if M > 1:
+        go = go.reshape(B, H, N, M, -1).transpose(2, 3)                     # (B, H, M, N, G)
+    gnum = go if inv is None else go * inv
+    dW = torch.matmul(gnum, vg.transpose(-1, -2))
+    if inv is not None:
+        dW.sub_((gnum * out).sum(-1, keepdim=True))                         # d/d den = -out / (den + eps)
+    dv = torch.matmul(W.transpose(-1, -2), gnum)
+    if M == 1:
+        dA = dW * R
+        dR = dW.mul_(A)
+    else:
+        dv = dv.transpose(2, 3).reshape(B, H, N, -1)
+        dA = (dW * R).sum(2)
+        dR = dW.mul_(A.unsqueeze(2))
+    dR = dR[0] if B == 1 else dR.sum(0)                                     # (H, [M,] N, N)
+    dtable = torch.zeros_like(rt).index_add_(-1, index, dR.mul_(R).view(H, M, N * N))
+    dfq = torch.matmul(dA, fk).mul_(_dphi(fq, feature_map))
+    if scale != 1.0:
+        dfq.mul_(_constant(scale, ct))
+    dfk = torch.matmul(dA.transpose(-1, -2), fq).mul_(_dphi(fk, feature_map))
+    dq_t, dk_t, dv_t = dtypes
+    return (dfq if dq_t is ct else dfq.to(dq_t), dfk if dk_t is ct else dfk.to(dk_t),
+            dv if dv_t is ct else dv.to(dv_t), dtable)
+
+
+def dense_forward(q, k, v, rpe, rpe_extra, grid, E: int, feature_map: str, normalize: bool, eps: float,
+                  boundary: str, causal: bool, scale: float) -> torch.Tensor:
+    """The whole LiSA attention (extra tokens, causal mask, normalisation) of a small problem, (B, H, N, Dv)."""
+    return _dense_pass(q, k, v, rpe, rpe_extra, grid, E, feature_map, normalize, eps, boundary, causal, scale,
+                       False)[0]
+
+
+def dense_forward_saving(q, k, v, rpe, rpe_extra, grid, E: int, feature_map: str, normalize: bool, eps: float,
+                         boundary: str, causal: bool, scale: float):
+    """:func:`dense_forward` and the parts that :func:`dense_backward_from` takes (no recomputation)."""
+    return _dense_pass(q, k, v, rpe, rpe_extra, grid, E, feature_map, normalize, eps, boundary, causal, scale, True)
+
+
+def dense_backward_from(parts, grad_out, feature_map: str, scale: float, dtypes):
+    """Gradients (dq, dk, dv, dtable) from the parts that :func:`dense_forward_saving` kept."""
+    return _dense_grads(parts, grad_out, feature_map, scale, dtypes)
+
+
+def dense_backward(q, k, v, rpe, rpe_extra, grad_out, grid, E: int, feature_map: str, normalize: bool, eps: float,
+                   boundary: str, causal: bool, scale: float):
+    """Gradients (dq, dk, dv, dtable) of :func:`dense_forward`, recomputing the forward; dtable is over the
+    (H, M, T') table (the rpe's T entries first, then rpe_extra's 3 when E > 0, then the mask slot)."""
+    _, parts = _dense_pass(q, k, v, rpe, rpe_extra, grid, E, feature_map, normalize, eps, boundary, causal, scale,
+                           True)
+    return _dense_grads(parts, grad_out, feature_map, scale, (q.dtype, k.dtype, v.dtype))

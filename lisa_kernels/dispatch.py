@@ -27,7 +27,8 @@ from ._compose import compose
 from ._validate import Problem
 from .cuda_fft import extension_reason
 from .fft import fft_sizes
-from .ops import cuda_fft_core, direct_core, fft_core, triton_direct_attention, triton_fft_core
+from .ops import (cuda_fft_core, direct_core, direct_dense_attention, direct_dense_fits, fft_core,
+                  triton_direct_attention, triton_fft_core)
 from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
@@ -194,9 +195,16 @@ def _fft_path(core):
     return run
 
 
+def _direct_path(q, k, v, rpe, rpe_extra, p: Problem):
+    """The direct path: one dense op when the problem fits one block, else the blocked core inside compose."""
+    if direct_dense_fits(p):
+        return direct_dense_attention(q, k, v, rpe, rpe_extra, p)
+    return compose(direct_core, q, k, v, rpe, rpe_extra, p)
+
+
 _RUNNERS: Dict[str, Callable] = {
     "reference": reference_lisa_attention,
-    "direct": lambda q, k, v, rpe, rpe_extra, p: compose(direct_core, q, k, v, rpe, rpe_extra, p),
+    "direct": _direct_path,
     "fft": _fft_path(fft_core),
     "triton": triton_direct_attention,
     "triton-fft": _fft_path(triton_fft_core),

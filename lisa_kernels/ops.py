@@ -7,8 +7,9 @@ backward, joined by ``register_autograd``:
 | op (namespace ``lisa_kernels``) | computes |
 | --- | --- |
 | ``direct_core`` / ``direct_core_backward`` | the direct path's grid-to-grid (num, den), :mod:`.direct` |
+| ``direct_dense`` / ``direct_dense_backward`` | the direct path's whole output on small problems (one block), :mod:`.direct` |
 | ``fft_core`` / ``fft_core_backward`` | the FFT path's (num, den, below) with ``passes`` = "torch" (:mod:`.fft`), "cuda" (the extension, :mod:`.cuda_fft`) or "triton" (:mod:`.triton_fft`) |
-| ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernels' (out, den', r', mx), :mod:`.triton_direct` |
+| ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernels' (out, res, den', r', mx), :mod:`.triton_direct` |
 
 Op arguments are tensors and plain values only (grid as ``int[]``, options as bool/float/str); the
 :class:`~lisa_kernels._validate.Problem` each implementation needs is rebuilt from them.
@@ -16,20 +17,24 @@ Op arguments are tensors and plain values only (grid as ``int[]``, options as bo
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._validate import Problem
 from .cuda_fft import ExtensionPasses
-from .direct import direct_core_backward, direct_core_forward
+from ._config import get_config
+from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_table_size,
+                      direct_core_backward, direct_core_forward)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
 from .triton_direct import _layout_of as _triton_layout
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
-__all__ = ["direct_core", "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
+__all__ = ["direct_core", "direct_dense_fits", "direct_dense_attention", "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
 
 
 def _core_problem(fq: Tensor, v: Tensor, M: int, grid, causal: bool) -> Problem:
@@ -90,6 +95,123 @@ def _direct_backward(ctx, gnum, gden):
 
 
 _direct_core.register_autograd(_direct_backward, setup_context=_direct_setup)
+
+
+# ---------------------------------------------------------------- direct path, dense single-block form
+
+@torch.library.custom_op("lisa_kernels::direct_dense", mutates_args=())
+def _direct_dense(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], grid: List[int],
+                  num_extra: int, feature_map: str, normalize: bool, eps: float, boundary: str, causal: bool,
+                  scale: float) -> Tensor:
+    return dense_forward(q, k, v, rpe, rpe_extra, tuple(grid), num_extra, feature_map, normalize, eps, boundary,
+                         causal, scale)
+
+
+@_direct_dense.register_fake
+def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, boundary, causal, scale):
+    B, H, N, _ = q.shape
+    return q.new_empty(B, H, N, v.shape[-1])
+
+
+@torch.library.custom_op("lisa_kernels::direct_dense_backward", mutates_args=())
+def _direct_dense_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor],
+                           grad_out: Tensor, grid: List[int], num_extra: int, feature_map: str, normalize: bool,
+                           eps: float, boundary: str, causal: bool, scale: float
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dense_backward(q, k, v, rpe, rpe_extra, grad_out, tuple(grid), num_extra, feature_map, normalize, eps,
+                          boundary, causal, scale)
+
+
+@_direct_dense_backward.register_fake
+def _(q, k, v, rpe, rpe_extra, grad_out, grid, num_extra, feature_map, normalize, eps, boundary, causal, scale):
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    size = dense_table_size(rpe.shape[2:], num_extra, causal)
+    return _like(q), _like(k), _like(v), rpe.new_empty(rpe.shape[0], rpe.shape[1], size, dtype=ct)
+
+
+def _dense_setup(ctx, inputs, output):
+    q, k, v, rpe, rpe_extra = inputs[:5]
+    ctx.save_for_backward(q, k, v, rpe, rpe_extra)
+    ctx.options = inputs[5:]
+
+
+def _dense_backward_rule(ctx, grad_out):
+    q, k, v, rpe, rpe_extra = ctx.saved_tensors
+    dq, dk, dv, dtable = _direct_dense_backward(q, k, v, rpe, rpe_extra, grad_out, *ctx.options)
+    drpe, dextra = _table_grads(dtable, rpe.shape, rpe.dtype, None if rpe_extra is None else rpe_extra.dtype)
+    return (dq, dk, dv, drpe, dextra) + (None,) * len(ctx.options)
+
+
+_direct_dense.register_autograd(_dense_backward_rule, setup_context=_dense_setup)
+
+
+def direct_dense_fits(p: Problem) -> bool:
+    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form: the (B, H, M, N, N) weights and the
+    backward's three more tiles of that size fit in ``direct_block_bytes`` (the blocked loop would run one block)."""
+    itemsize = 8 if p.dtype == torch.float64 else 4
+    return 4 * p.B * p.H * p.M * p.N * p.N * itemsize <= get_config().direct_block_bytes
+
+
+def _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype):
+    """d rpe (rpe's shape and dtype) and d rpe_extra (None if there is none) from the dense table's gradient."""
+    T = math.prod(rpe_shape[2:])
+    drpe = dtable[..., :T].reshape(rpe_shape)
+    drpe = drpe if drpe.dtype is rpe_dtype else drpe.to(rpe_dtype)
+    dextra = None if extra_dtype is None else dtable[..., T:T + 3].to(extra_dtype)
+    return drpe, dextra
+
+
+class _DenseFunction(torch.autograd.Function):
+    """The eager form of the ``direct_dense`` op: the same computation without the dispatcher round trip, and
+    the backward reads the forward's tiles (one block's worth) instead of recomputing them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpe, rpe_extra, options):
+        out, parts = dense_forward_saving(q, k, v, rpe, rpe_extra, *options)
+        # all through save_for_backward: freed after a backward without retain_graph, and the normalised
+        # output among them may be ``out`` itself (no reference cycle)
+        ctx.save_for_backward(*parts)
+        ctx.options = options
+        ctx.meta = (q.dtype, k.dtype, v.dtype, rpe.shape, rpe.dtype, None if rpe_extra is None else rpe_extra.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qd, kd, vd, rpe_shape, rpe_dtype, extra_dtype = ctx.meta
+        options = ctx.options
+        dq, dk, dv, dtable = dense_backward_from(ctx.saved_tensors, grad_out, options[2], options[7], (qd, kd, vd))
+        drpe, dextra = _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype)
+        return dq, dk, dv, drpe, dextra, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors) -> bool:
+    """True where a call may skip the dispatcher: eager mode (not compiling or exporting), no dispatch or
+    function mode, no functorch transform, plain tensors. Anywhere else the registered custom op runs."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
+    """``backend="direct"`` on a small problem: the ``direct_dense`` op, forward and backward (:mod:`.direct`).
+
+    In plain eager mode the op's two functions are called through a ``torch.autograd.Function`` instead (the
+    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs);
+    under torch.compile, export, dispatch modes or functorch the custom op itself runs."""
+    rx = rpe_extra if p.num_extra else None
+    if plain_eager(q, k, v, rpe, rx):
+        options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
+                                        or (rx is not None and rx.requires_grad)):
+            return _DenseFunction.apply(q, k, v, rpe, rx, options)
+        return dense_forward(q, k, v, rpe, rx, *options)
+    return _direct_dense(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
+                         p.boundary, p.causal, p.scale)
 
 
 # ---------------------------------------------------------------- FFT path (torch, extension or Triton passes)

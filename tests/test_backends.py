@@ -580,6 +580,8 @@ def test_poison_reaches_the_backends(monkeypatch):
                             lambda self, *a, _fn=fn, _n=name, **kw: _record(seen, _n, _fn(self, *a, **kw)))
     grid = (4, 3)
     inputs = make_inputs(grid, E=1, M=2, seed=36)
+    # the blocked direct loop (it allocates its tiles; the dense one-block form builds everything from ops)
+    lisa_kernels.set_config(direct_block_bytes=4096)
     for backend in ("direct", "fft"):
         forward_backward(inputs, backend, grid=grid, num_extra=1)
     floating = [(n, nan) for n, nan in seen if nan is not None]
