@@ -223,29 +223,20 @@ class TorchPasses:
 
     @staticmethod
     def contract_d(Y, a, chunk, grid, sizes):
-        """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng), one multiply-add pass per d (no temporary)."""
+        """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng); Y is read in its cropped layout (no copy)."""
         sb, sd, _, _ = chunk
         at = a[sb, :, sd].transpose(1, 2)                                   # (nb, nd, Ng)
         at = at.reshape(at.shape[:2] + (1, 1) + tuple(grid))
-        out = Y[:, 0] * at[:, 0]
-        for i in range(1, Y.shape[1]):
-            out.addcmul_(Y[:, i], at[:, i])
+        out = (Y * at).sum(1)
         return out.reshape(out.shape[:3] + (-1,))
 
     @staticmethod
     def contract_mc(Y, b, chunk, grid, sizes):
-        """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng), one multiply-add pass per (m, c)."""
+        """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng); Y is read in its cropped layout."""
         sb, _, sm, sc = chunk
         bt = b[sb, :, sm, sc].permute(0, 2, 3, 1)                          # (nb, nm, nc, Ng)
         bt = bt.reshape(bt.shape[:3] + tuple(grid))
-        out = None
-        for m in range(Y.shape[2]):
-            for c in range(Y.shape[3]):
-                term = bt[:, None, m, c]
-                if out is None:
-                    out = Y[:, :, m, c] * term
-                else:
-                    out.addcmul_(Y[:, :, m, c], term)
+        out = (Y * bt[:, None]).sum(dim=(2, 3))
         return out.reshape(out.shape[:2] + (-1,))
 
     @staticmethod
