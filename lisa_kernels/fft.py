@@ -13,8 +13,20 @@ the circular convolution exact; for ``boundary="circular"`` ``L = S`` and no pad
 The spectrum FFT(K) is computed once per call and saved for the backward.
 
 Only chunks of the field exist at any time: a range of (batch, head) pairs, of feature channels d, and of
-value channels c, sized so that one chunk's FFT workspace stays within the budget. The backward is the
-same loop with H = phi(q) (x) [gnum, gden]:
+value channels c, sized so that one chunk's FFT workspace stays within the budget (on the CPU, at most
+CPU_CHUNK_TARGET_BYTES per chunk, which is faster). The transforms are pruned: the field is nonzero on S of
+the L points per axis and only S outputs are kept, so the forward transform runs the last axis (rfft, n=L)
+on the nonzero rows only and then the other axes, and the inverse crops to S after each axis
+(:func:`rfftn_pruned`, :func:`irfftn_cropped`; shared with the triton-fft path).
+
+Precision: the kernel is exp(logtab - max) (<= 1, no overflow inside the transforms; num and den are scaled
+back by exp(max), exactly). A float32 FFT's round-off is relative to the largest row, so rows whose RPE
+weights are far smaller than other rows' lose accuracy like exp(spread); :func:`fft_needs_float64` measures
+that spread on the tiny table (row_log_mass: the log of the weight mass each row sees) and runs such calls in
+float64 (torch passes). Below the threshold the per-row float32 error stays under 1e-4 of each row's own
+magnitude (tests/test_fft_accuracy.py).
+
+The backward is the same loop with H = phi(q) (x) [gnum, gden]:
 
     dphi(q)_i[d] = sum_c [gnum, gden]_i[c] F[d, c]_i        (F recomputed)
     Q[d, c]      = IFFT( FFT(H[d, c]) * conj(FFT(K^m)) )    (correlation: the adjoint convolution)
