@@ -162,19 +162,34 @@ def parse_grid(text: str) -> Tuple[int, ...]:
     return grid
 
 
+def parse_point(text: str) -> Tuple[Tuple[int, ...], int, str]:
+    """'256x256:32:fwd' -> ((256, 256), 32, 'fwd'): one (grid, D, mode) point for --cases."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[2] not in MODES:
+        raise argparse.ArgumentTypeError(f"a case is GRID:D:MODE with MODE one of {MODES}, got {text!r}")
+    try:
+        D = int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"D must be an integer in {text!r}") from None
+    return parse_grid(parts[0]), D, parts[2]
+
+
 def build_cases(args) -> List[Case]:
-    """All cases, smallest grid first, the baseline first within a (grid, D, dtype, mode)."""
-    grids = sorted(set(args.grids), key=lambda g: (math.prod(g), g))
+    """All cases, smallest grid first, the baseline first within a (grid, D, dtype, mode).
+
+    The (grid, D, mode) points are the product of --grids, --dims and --modes, or exactly --cases."""
     methods = sorted(set(args.methods), key=lambda m: (m != args.baseline, METHODS.index(m)))
+    if getattr(args, "cases", None):
+        points = sorted(set(args.cases), key=lambda c: (math.prod(c[0]), c[0], c[1], MODES.index(c[2])))
+    else:
+        grids = sorted(set(args.grids), key=lambda g: (math.prod(g), g))
+        points = [(g, D, m) for g in grids for D in sorted(set(args.dims)) for m in MODES if m in args.modes]
     cases = []
-    for grid in grids:
-        for D in sorted(set(args.dims)):
-            for dtype in args.dtypes:
-                for mode in [m for m in MODES if m in args.modes]:
-                    for method in methods:
-                        cases.append(Case(grid, D, dtype, mode, method, args.batch, args.heads, args.device,
-                                          args.repeats, args.warmup, args.min_time, args.rotate,
-                                          args.seed + len(cases)))
+    for grid, D, mode in points:
+        for dtype in args.dtypes:
+            for method in methods:
+                cases.append(Case(grid, D, dtype, mode, method, args.batch, args.heads, args.device, args.repeats,
+                                  args.warmup, args.min_time, args.rotate, args.seed + len(cases)))
     return cases
 
 
@@ -719,13 +734,26 @@ def auto_vs_base(records, grid_label: str, D: int, mode: str, dtype: str, limit:
     return out
 
 
+def method_vs(records, method: str, other: str, grid_label: str, D: int, mode: str, dtype: str,
+              limit: float) -> Dict:
+    """One method's median time over another's at one point of the same run, against a limit."""
+    a, b = find(records, method, grid_label, D, mode, dtype), find(records, other, grid_label, D, mode, dtype)
+    ratio = None if a is None or b is None else a["median_ms"] / b["median_ms"]
+    return {"grid": grid_label, "D": D, "mode": mode, "versus": other, "ratio": ratio, "limit": limit,
+            "met": None if ratio is None else ratio <= limit}
+
+
 def compute_targets(records: Sequence[Dict], meta: Dict) -> Dict:
     """Issue 2's CPU targets (float32) and issue 6's GPU targets (bf16, D=64, fwd+bwd), on this run's data."""
     fa_grids = ("14x14", "28x28", "32x32", "56x56", "64x64", "128x128", "256x256")
     return {
         "baseline": meta["baseline"], "device": meta["device_name"],
-        "fft_scaling_d32_fwd_float32": [fft_scaling(records, "64x64", "128x128", "float32"),
+        "fft_scaling_d32_fwd_float32": [fft_scaling(records, "32x32", "64x64", "float32"),
+                                        fft_scaling(records, "64x64", "128x128", "float32"),
                                         fft_scaling(records, "128x128", "256x256", "float32")],
+        "fft_speed_float32": [method_vs(records, "lisa-fft", "sdpa", "256x256", 32, "fwd", "float32", 0.4),
+                              method_vs(records, "lisa-fft", "lisa-direct", "128x128", 64, "fwd+bwd", "float32", 1.0),
+                              method_vs(records, "lisa-fft", "sdpa", "16x64x64", 32, "fwd", "float32", 0.6)],
         "auto_within_3x_base_d64_fwd_float32": [auto_vs_base(records, g, 64, "fwd", "float32", 3.0)
                                                 for g in ("32x32", "64x64", "128x128")],
         "auto_within_1x_base_d64_fwdbwd_bf16": [auto_vs_base(records, g, 64, "fwd+bwd", "bfloat16", 1.0)
@@ -745,6 +773,8 @@ def targets_text(targets: Dict) -> str:
     lines = [f"Targets (baseline: {base}):"]
     for t in targets["fft_scaling_d32_fwd_float32"]:
         lines.append(f"  lisa-fft time ratio {t['grids']} (D=32, fwd, float32): {verdict(t)}")
+    for t in targets.get("fft_speed_float32", []):
+        lines.append(f"  lisa-fft / {t['versus']} time at {t['grid']} (D={t['D']}, {t['mode']}, float32): {verdict(t)}")
     titles = {"auto_within_3x_base_d64_fwd_float32": f"lisa-auto / {base} time (D=64, fwd, float32)",
               "auto_within_1x_base_d64_fwdbwd_bf16": f"lisa-auto / {base} time (D=64, fwd+bwd, bf16)",
               "auto_speedup_2x_d64_fwdbwd_bf16": f"{base} / lisa-auto time, at least (D=64, fwd+bwd, bf16)",
@@ -1026,6 +1056,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grids", nargs="+", type=parse_grid, metavar="SxS",
                     help=f"token grids, e.g. 64x64 (2D), 1024 (1D), 8x32x32 (3D) [default: {' '.join(DEFAULT_GRIDS)}]")
+    ap.add_argument("--cases", nargs="+", type=parse_point, metavar="GRID:D:MODE",
+                    help="measure exactly these points instead of --grids x --dims x --modes, e.g. "
+                         "256x256:32:fwd 128x128:64:fwd+bwd")
     ap.add_argument("--dims", nargs="+", type=int, metavar="D",
                     help=f"head dims D (Dk = Dv) [default: {' '.join(map(str, DEFAULT_DIMS))}]")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
@@ -1074,6 +1107,10 @@ def resolve_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> a
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch sees no CUDA device")
     on_cuda = args.device.startswith("cuda")
+    if args.cases:
+        args.grids = sorted({c[0] for c in args.cases}, key=lambda g: (math.prod(g), g))
+        args.dims = sorted({c[1] for c in args.cases})
+        args.modes = [m for m in MODES if any(c[2] == m for c in args.cases)]
     args.grids = args.grids or [parse_grid(g) for g in (QUICK_GRIDS if args.quick else DEFAULT_GRIDS)]
     args.dims = args.dims or list(QUICK_DIMS if args.quick else DEFAULT_DIMS)
     args.repeats = args.repeats or (2 if args.quick else 30 if on_cuda else 3)

@@ -19,14 +19,14 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ._compose import compose
 from ._validate import Problem
 from .cuda_fft import extension_reason
-from .fft import fft_sizes
+from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
 from .ops import (cuda_fft_core, direct_core, direct_dense_attention, direct_dense_fits, fft_core,
                   triton_direct_attention, triton_fft_core)
 from .reference import reference_lisa_attention, reference_reason
@@ -155,6 +155,7 @@ class Explanation:
     backward: bool
     device_class: str
     estimates: Dict[str, Estimate]
+    crossover: str = ""           # where the FFT form starts to win for this D, dtype and device class
 
     def __str__(self) -> str:
         guess = "" if COST_MODEL[self.device_class].get("measured") else " (unmeasured guess)"
@@ -164,6 +165,8 @@ class Explanation:
             est = "   n/a   " if e.seconds is None else f"{e.seconds * 1e3:9.2f} ms"
             mark = "*" if e.backend == self.chosen else " "
             lines.append(f" {mark} {e.backend:<10} {est}  {('cannot run: ' + e.reason) if e.reason else 'can run'}")
+        if self.crossover:
+            lines.append(f"   {self.crossover}")
         return "\n".join(lines)
 
 
@@ -176,7 +179,51 @@ def explain_problem(p: Problem, backward: bool) -> Explanation:
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
     chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
-    return Explanation(chosen, backward, cls, estimates)
+    return Explanation(chosen, backward, cls, estimates, fft_crossover_text(p, backward, cls))
+
+
+_FFT_KINDS, _DIRECT_KINDS = ("fft",), ("direct",)
+
+
+def fft_crossover(p: Problem, backward: bool, device_class: Optional[str] = None,
+                  names: Optional[tuple] = None) -> Optional[Tuple[int, ...]]:
+    """The smallest grid of p's shape (scaled uniformly, same D, dtype, batch, heads, options) on which the
+    cost model puts the best FFT-form backend at or below the best direct-form one; None if none up to 2^24
+    tokens. ``names`` (default: every modelled backend of the class that can run ``p``) are the candidates."""
+    cls = device_class or _device_class(p.device)
+    kinds = model_backends(COST_MODEL[cls])
+    if names is None:
+        names = [n for n in AUTO_CANDIDATES if n in kinds and backend_reason(n, p) is None]
+    ffts = [n for n in names if kinds.get(n, {}).get("kind") in _FFT_KINDS]
+    directs = [n for n in names if kinds.get(n, {}).get("kind") in _DIRECT_KINDS]
+    if not ffts or not directs:
+        return None
+    top = max(p.grid)
+    for side in sorted({max(2, round(2 ** (e / 8))) for e in range(8, 8 * 24 + 1)}):
+        grid = tuple(max(1, round(g * side / top)) for g in p.grid)
+        if math.prod(grid) > 2 ** 24:
+            return None
+        q = dataclasses.replace(p, grid=grid, N=p.num_extra + math.prod(grid))
+        best = lambda group: min(estimate_seconds(n, q, backward, cls) for n in group)  # noqa: E731
+        if best(ffts) <= best(directs):
+            return grid
+    return None
+
+
+def fft_crossover_text(p: Problem, backward: bool, device_class: str) -> str:
+    """One line for :class:`Explanation`: the crossover grid, and when a float32 FFT runs in float64."""
+    try:
+        grid = fft_crossover(p, backward, device_class)
+    except Exception as exc:   # never let the explanation break a call
+        return f"fft crossover: not computed ({type(exc).__name__})"
+    what = (f"D={p.Dk}, {dtype_name(p.dtype)}, {'fwd+bwd' if backward else 'fwd'}, class {device_class}")
+    head = ("fft crossover: none up to 2^24 tokens" if grid is None else
+            f"fft crossover: the FFT form wins from grid {'x'.join(map(str, grid))} (N={math.prod(grid)})")
+    note = ""
+    if p.dtype != torch.float64:
+        note = (f"; float32 FFTs switch to float64 (about 2x the time) where the rpe table spreads the rows' "
+                f"weight masses over {FLOAT32_MAX_ROW_RANGE:g} nats (fft.fft_needs_float64), and causal ones always")
+    return f"{head} ({what}){note}"
 
 
 def choose_backend(p: Problem, backward: bool) -> str:

@@ -13,8 +13,20 @@ the circular convolution exact; for ``boundary="circular"`` ``L = S`` and no pad
 The spectrum FFT(K) is computed once per call and saved for the backward.
 
 Only chunks of the field exist at any time: a range of (batch, head) pairs, of feature channels d, and of
-value channels c, sized so that one chunk's FFT workspace stays within the budget. The backward is the
-same loop with H = phi(q) (x) [gnum, gden]:
+value channels c, sized so that one chunk's FFT workspace stays within the budget (on the CPU, at most
+CPU_CHUNK_TARGET_BYTES per chunk, which is faster). The transforms are pruned: the field is nonzero on S of
+the L points per axis and only S outputs are kept, so the forward transform runs the last axis (rfft, n=L)
+on the nonzero rows only and then the other axes, and the inverse crops to S after each axis
+(:func:`rfftn_pruned`, :func:`irfftn_cropped`; shared with the triton-fft path).
+
+Precision: the kernel is exp(logtab - max) (<= 1, no overflow inside the transforms; num and den are scaled
+back by exp(max), exactly). A float32 FFT's round-off is relative to the largest row, so rows whose RPE
+weights are far smaller than other rows' lose accuracy like exp(spread); :func:`fft_needs_float64` measures
+that spread on the tiny table (row_log_mass: the log of the weight mass each row sees) and runs such calls in
+float64 (torch passes). Below the threshold the per-row float32 error stays under 1e-4 of each row's own
+magnitude (tests/test_fft_accuracy.py).
+
+The backward is the same loop with H = phi(q) (x) [gnum, gden]:
 
     dphi(q)_i[d] = sum_c [gnum, gden]_i[c] F[d, c]_i        (F recomputed)
     Q[d, c]      = IFFT( FFT(H[d, c]) * conj(FFT(K^m)) )    (correlation: the adjoint convolution)
@@ -34,7 +46,8 @@ import torch
 from ._config import get_config
 from ._validate import Problem
 
-__all__ = ["fft_core_forward", "fft_core_backward", "TorchPasses", "fft_sizes", "fft_chunk_plan", "next_fast_len"]
+__all__ = ["fft_core_forward", "fft_core_backward", "TorchPasses", "fft_sizes", "fft_chunk_plan", "next_fast_len",
+           "rfftn_pruned", "irfftn_cropped"]
 
 
 def next_fast_len(n: int) -> int:
@@ -80,9 +93,21 @@ def _unit_bytes(p: Problem, sizes, backward: bool) -> int:
     return itemsize * per
 
 
+# On the CPU a chunk is cut at this size even under a larger budget: measured on a 2-core CPU (128x128 and
+# 256x256, D=32), chunks of 16-64 MiB ran about 1.5x faster than 256 MiB ones. Bigger ones miss the caches
+# and, above glibc's largest mmap threshold (32 MiB), are fresh mappings that page-fault on every chunk.
+CPU_CHUNK_TARGET_BYTES = 32 * 2**20
+
+
 def fft_chunk_plan(p: Problem, circular: bool, backward: bool = False, budget: int = None) -> ChunkPlan:
-    """How the field is cut: the largest chunks whose workspace stays within the budget."""
-    budget = get_config().fft_workspace_bytes if budget is None else budget
+    """How the field is cut: the largest chunks whose workspace stays within the budget.
+
+    Without an explicit ``budget`` it is ``fft_workspace_bytes``, capped at :data:`CPU_CHUNK_TARGET_BYTES` on
+    the CPU (a GPU takes the whole budget: bigger batches of transforms pay there)."""
+    if budget is None:
+        budget = get_config().fft_workspace_bytes
+        if p.device.type == "cpu":
+            budget = min(budget, CPU_CHUNK_TARGET_BYTES)
     sizes = fft_sizes(p.grid, circular)
     unit = _unit_bytes(p, sizes, backward)
     G1 = p.Dv // p.M + 1
@@ -130,21 +155,45 @@ def _kernel_grad(dK: torch.Tensor, grid, circular: bool) -> torch.Tensor:
     return dK[(slice(None), slice(None)) + tuple(slice(0, 2 * s - 1) for s in grid)]
 
 
-def _rfft(x: torch.Tensor, sizes) -> torch.Tensor:
-    """Real FFT of the last len(sizes) axes, zero-padded to ``sizes``."""
-    return torch.fft.rfftn(x, s=sizes, dim=tuple(range(-len(sizes), 0)))
+def rfftn_pruned(x: torch.Tensor, sizes) -> torch.Tensor:
+    """Real FFT of the last d = len(sizes) axes, zero-padded to ``sizes``, skipping the zero rows.
+
+    ``x`` (..., S1, .., Sd) holds the field (its last axis may also be already padded to Ld). Instead of
+    ``rfftn(x, s=sizes)`` on the padded volume, the last axis is transformed (rfft, n=Ld) on the S1..S(d-1)
+    nonzero rows only, then each other axis (fft, n=La) from the last to the first: every stage touches
+    only lines that can hold a nonzero value. At L = 2S this is 3/4 of the work of rfftn in 2D and
+    about 3.5/6 in 3D, and there is no padded copy of the real field.
+    """
+    d = len(sizes)
+    X = torch.fft.rfft(x, n=sizes[-1], dim=-1)
+    for a in range(d - 2, -1, -1):
+        X = torch.fft.fft(X, n=sizes[a], dim=a - d)
+    return X
 
 
-def _irfft_crop(X: torch.Tensor, sizes, grid) -> torch.Tensor:
-    """Inverse of _rfft, keeping only the first S entries per axis -> (..., prod(grid)).
+def irfftn_cropped(X: torch.Tensor, sizes, grid) -> torch.Tensor:
+    """Inverse of :func:`rfftn_pruned` keeping only the first S entries per axis -> (..., S1, .., Sd).
 
-    Done axis by axis, cropping after each inverse transform, which skips the rows that would be thrown
-    away (faster than irfftn then crop)."""
+    Done axis by axis from the first, cropping after each inverse transform, so that the later (and the
+    real) transforms run on the kept rows only."""
     d = len(grid)
     for a in range(d - 1):
         dim = a - d
-        X = torch.fft.ifft(X, dim=dim).narrow(dim, 0, grid[a])
-    x = torch.fft.irfft(X, n=sizes[-1], dim=-1).narrow(-1, 0, grid[-1])
+        X = torch.fft.ifft(X, dim=dim)
+        if grid[a] < X.shape[dim]:
+            X = X.narrow(dim, 0, grid[a])
+    x = torch.fft.irfft(X, n=sizes[-1], dim=-1)
+    return x.narrow(-1, 0, grid[-1]) if grid[-1] < sizes[-1] else x
+
+
+def _rfft(x: torch.Tensor, sizes) -> torch.Tensor:
+    return rfftn_pruned(x, sizes)
+
+
+def _irfft_crop(X: torch.Tensor, sizes, grid) -> torch.Tensor:
+    """:func:`irfftn_cropped`, flattened to (..., prod(grid))."""
+    d = len(grid)
+    x = irfftn_cropped(X, sizes, grid)
     return x.reshape(x.shape[:-d] + (math.prod(grid),))
 
 
@@ -181,20 +230,26 @@ class TorchPasses:
 
     @staticmethod
     def inverse(Xh, grid, sizes):
-        """Inverse FFT, cropped to the grid: (nb, nd, nm, nc, Ng)."""
-        return _irfft_crop(Xh, sizes, grid)
+        """Inverse FFT, cropped to the grid: (nb, nd, nm, nc, S...), a strided view (no copy)."""
+        return irfftn_cropped(Xh, sizes, grid)
 
     @staticmethod
     def contract_d(Y, a, chunk, grid, sizes):
-        """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng)."""
+        """sum_d Y[b, d, m, c, s] a[b, s, d] -> (nb, nm, nc, Ng); Y is read in its cropped layout (no copy)."""
         sb, sd, _, _ = chunk
-        return (Y * a[sb, :, sd].transpose(1, 2)[:, :, None, None]).sum(1)
+        at = a[sb, :, sd].transpose(1, 2)                                   # (nb, nd, Ng)
+        at = at.reshape(at.shape[:2] + (1, 1) + tuple(grid))
+        out = (Y * at).sum(1)
+        return out.reshape(out.shape[:3] + (-1,))
 
     @staticmethod
     def contract_mc(Y, b, chunk, grid, sizes):
-        """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng)."""
+        """sum_{m, c} Y[b, d, m, c, s] b[b, s, m, c] -> (nb, nd, Ng); Y is read in its cropped layout."""
         sb, _, sm, sc = chunk
-        return (Y * b[sb, :, sm, sc].permute(0, 2, 3, 1)[:, None]).sum(dim=(2, 3))
+        bt = b[sb, :, sm, sc].permute(0, 2, 3, 1)                          # (nb, nm, nc, Ng)
+        bt = bt.reshape(bt.shape[:3] + tuple(grid))
+        out = (Y * bt[:, None]).sum(dim=(2, 3))
+        return out.reshape(out.shape[:2] + (-1,))
 
     @staticmethod
     def corr(Hh, Uh, chunk, grid, sizes):
@@ -210,6 +265,73 @@ def _add_per_head(acc: torch.Tensor, x: torch.Tensor, b0: int) -> None:
     else:
         for i in range(nb):
             acc[(b0 + i) % H] += x[i]
+
+
+def _sliding_logsumexp(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """log sum exp of every window of ``width`` consecutive entries along ``dim`` (n - width + 1 of them).
+
+    Doubling blocks (lse of 1, 2, 4, ... entries), then one block per set bit of ``width``: O(n log width)
+    logaddexps on the small table, stable for any range of log-weights (-inf included)."""
+    n = x.shape[dim]
+    out_len = n - width + 1
+    blocks, k, res, off = x, 1, None, 0
+    while True:
+        if width & k:
+            part = blocks.narrow(dim, off, out_len)
+            res = part if res is None else torch.logaddexp(res, part)
+            off += k
+        if 2 * k > width:
+            return res
+        m = blocks.shape[dim] - k
+        blocks = torch.logaddexp(blocks.narrow(dim, 0, m), blocks.narrow(dim, k, m))
+        k *= 2
+
+
+def row_log_mass(logtab: torch.Tensor, grid) -> torch.Tensor:
+    """(H, M, 2S-1, ...) linear log table -> (H, M, S...): log of the sum of the weights each grid row sees.
+
+    Row i at p_i meets offsets p_i - p_j, i.e. the table window [p_i, p_i + S - 1] per axis; a box sum is a
+    sliding sum per axis in turn (in log space)."""
+    x = logtab.detach().to(torch.float64)
+    for a, S in enumerate(grid):
+        x = _sliding_logsumexp(x, 2 + a, S)
+    return x
+
+
+def table_row_range(logtab: torch.Tensor, grid, circular: bool) -> torch.Tensor:
+    """The largest spread (in nats) between the weight masses of two rows of one (head, group), a 0-dim tensor.
+
+    A float32 FFT's round-off in row i is about eps_32 * (the largest row's magnitude), so its error relative
+    to row i's own magnitude grows like exp(spread). Circular tables give every row the same mass (0)."""
+    if circular:
+        return logtab.new_zeros((), dtype=torch.float64)
+    w = row_log_mass(logtab, grid).flatten(2)
+    finite = torch.isfinite(w)
+    hi = w.masked_fill(~finite, float("-inf")).amax(-1)
+    lo = w.masked_fill(~finite, float("inf")).amin(-1)
+    return (hi - lo).clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0).amax()
+
+
+# A float32 FFT call switches to float64 when the table's row spread exceeds this (nats). Measured per-row
+# float32 errors (1D, 2D, 3D grids; tests/test_fft_accuracy.py) are about 3e-7 * exp(spread) of each row's own
+# magnitude: 1.6e-5 at a spread of 4, 1 (all lost) at 12; below this threshold they stay under 1e-4.
+FLOAT32_MAX_ROW_RANGE = 5.5
+
+
+def fft_needs_float64(logtab: torch.Tensor, grid, circular: bool, dtype: torch.dtype) -> bool:
+    """Whether a float32 FFT convolution of this table would lose the small rows (see :func:`table_row_range`).
+
+    Reads one number back from the device (``.item()`` on the reduced tiny table: a host sync on a GPU)."""
+    if dtype == torch.float64:
+        return False
+    return bool(table_row_range(logtab, grid, circular).item() > FLOAT32_MAX_ROW_RANGE)
+
+
+def _max_shift(logtab: torch.Tensor, H: int, M: int) -> torch.Tensor:
+    """(H, M) max log-weight per (head, group), 0 where a table has no finite entry: r = exp(logtab - shift) <= 1
+    cannot overflow, and the outputs are scaled back by exp(shift)."""
+    mx = logtab.detach().reshape(H, M, -1).amax(-1)
+    return torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
 
 
 def _below_noise_floor(den, fq_, fk_, r, p: Problem, sizes) -> torch.Tensor:
@@ -230,15 +352,27 @@ def _below_noise_floor(den, fq_, fk_, r, p: Problem, sizes) -> torch.Tensor:
     return den.abs() <= tol * bound
 
 
+def _in_float64(fn, tensors, out_dtype):
+    """Run ``fn`` on float64 copies of the floating tensors; its floating outputs back in ``out_dtype``."""
+    res = fn(*[t.to(torch.float64) if t is not None and t.is_floating_point() else t for t in tensors])
+    return tuple(t.to(out_dtype) if t is not None and t.is_floating_point() else t for t in res)
+
+
 def fft_core_forward(fq, fk, v, logtab, p: Problem, circular: bool, passes=TorchPasses):
     """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den, below); see the module docstring.
 
     ``below`` (BH, M, Ng) marks the rows snapped to 0 (:func:`_below_noise_floor`); the backward needs it.
+    The kernel is exp(logtab - shift) with the per-(head, group) max log-weight as shift (so it is <= 1), and
+    num, den are scaled back by exp(shift). With the torch passes, a float32 call whose table spreads the rows'
+    weight masses too far (:func:`fft_needs_float64`) runs in float64.
     """
+    if passes is TorchPasses and fft_needs_float64(logtab, p.grid, circular, fq.dtype):
+        return _in_float64(lambda *t: fft_core_forward(*t, p, circular, passes), (fq, fk, v, logtab), fq.dtype)
     B, H, ng, Dk = fq.shape
     M, G1 = p.M, p.Dv // p.M + 1
     sizes = fft_sizes(p.grid, circular)
-    r = torch.exp(logtab)
+    shift = _max_shift(logtab, H, M)                                    # (H, M)
+    r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
     fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
     ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
@@ -250,18 +384,28 @@ def fft_core_forward(fq, fk, v, logtab, p: Problem, circular: bool, passes=Torch
         Fld = passes.inverse(Uhat, p.grid, sizes)
         del Uhat
         out[sb, sm, sc] += passes.contract_d(Fld, fq_, chunk, p.grid, sizes)
+        del Fld
     below = _below_noise_floor(out[:, :, -1], fq_, fk_, r, p, sizes)       # (BH, M, Ng)
     out.masked_fill_(below[:, :, None], 0.0)
+    heads = torch.arange(B * H, device=fq.device) % H
+    out *= torch.exp(shift)[heads][:, :, None, None]
     out = out.permute(0, 3, 1, 2).reshape(B, H, ng, M, G1)
     return out[..., :-1].reshape(B, H, ng, p.Dv), out[..., -1].contiguous(), below
 
 
 def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular: bool, passes=TorchPasses):
-    """Gradients (dfq, dfk, dv, dlogtab) of fft_core_forward: the same chunked loop, see the module docstring."""
+    """Gradients (dfq, dfk, dv, dlogtab) of fft_core_forward: the same chunked loop, see the module docstring.
+
+    With the shifted kernel r' = exp(logtab - shift) (shift a constant), num = exp(shift) num'(r'): the loop
+    runs on r' with the incoming gradients scaled by exp(shift), which gives the exact gradients."""
+    if passes is TorchPasses and fft_needs_float64(logtab, p.grid, circular, fq.dtype):
+        return _in_float64(lambda *t: fft_core_backward(*t, p, circular, passes),
+                           (fq, fk, v, logtab, below, gnum, gden), fq.dtype)
     B, H, ng, Dk = fq.shape
     M, G1 = p.M, p.Dv // p.M + 1
     sizes = fft_sizes(p.grid, circular)
-    r = torch.exp(logtab)
+    shift = _max_shift(logtab, H, M)
+    r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular)
     if gnum is None:
         gnum = fq.new_zeros(B, H, ng, p.Dv)
@@ -271,6 +415,8 @@ def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular
     ve = _ones_column(v, M)
     ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)
     ge = ge.masked_fill(below.transpose(1, 2)[..., None], 0.0)       # snapped outputs are constants
+    heads = torch.arange(B * H, device=fq.device) % H
+    ge = ge * torch.exp(shift)[heads][:, None, :, None]
     dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
     dve = fq.new_zeros(B * H, M, G1, ng)
     dKhat = torch.zeros_like(Khat)
@@ -290,6 +436,7 @@ def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular
         del Hhat
         dfk[sb, sd] += passes.contract_mc(Q, ve, chunk, p.grid, sizes)
         dve[sb, sm, sc] += passes.contract_d(Q, fk_, chunk, p.grid, sizes)
+        del Q
     dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
     dr = _kernel_grad(dK, p.grid, circular)
     dv = dve.permute(0, 3, 1, 2)[..., :-1].reshape(B, H, ng, p.Dv)

@@ -6,9 +6,10 @@ that a chunk ``(b, d, m, c)`` of the field makes few passes over memory. Per chu
 
     1. lisa_fft_form_kernel       U[b, d, m, c, l] = phi(k)[b, n(l), d] * [v, 1][b, n(l), m, c]  (0 in the padding)
                                   one pass: reads fk and v, writes the zero-padded field of the FFT sizes
-    2. torch.fft.rfftn           Uhat = FFT(U)                      (no s= padding: U is already padded)
+    2. fft.rfftn_pruned          Uhat = FFT(U)    (rfft of the last axis on the S nonzero rows only, then the
+                                                   other axes: U's padding is already 0 along the last axis)
     3. lisa_fft_spectral_kernel   Uhat *= Khat[head(b), m]           (in place, broadcast over d and c)
-    4. torch.fft.irfftn          F = IFFT(Uhat)                     (full padded size, into U's buffer)
+    4. fft.irfftn_cropped        F = IFFT(Uhat)   (axis by axis, cropped to the grid between axes)
     5. lisa_fft_contract_kernel   [num, den][b, n, m, c] (+)= sum_d F[b, d, m, c, l(n)] phi(q)[b, n, d]
                                   one pass: crops to the grid, contracts over the chunk's d, writes num/den
                                   in their final (B, H, Ng, Dv) / (B, H, Ng, M) layout
@@ -31,7 +32,11 @@ The backward mirrors :class:`fft.FFTCoreFunction` with H = phi(q) (x) [gnum, gde
 Memory: the inputs and outputs, O((Dk + Dv) N), plus the chunk workspace, which is allocated once per call
 (the largest chunk of the plan: one padded real buffer and one spectrum buffer in the forward, two of each
 in the backward) and reused by every chunk: the form kernel writes every element of its buffer, padding
-included, so the buffer never needs zeroing, and rfftn / irfftn write into the buffers with ``out=``.
+included, so the buffer never needs zeroing. The pruned transforms of :mod:`lisa_kernels.fft` (shared with
+the torch path) return their spectra and cropped fields as new tensors; the contractions read the cropped
+field with the grid as its "padded" size (l(n) = n). With :data:`PRUNED` False the transforms are the
+full ``rfftn`` / ``irfftn`` of the padded buffers, written with ``out=`` (the earlier layout, kept for
+measuring one against the other on a GPU).
 The whole Dk x (Dv + M) x N field never exists. Outputs are written, not zeroed then added: the first chunk
 that reaches an output element stores it, later chunks add to it (chunks run in order, one launch at a
 time, and each output element belongs to one program of a launch: no atomics, deterministic).
@@ -55,7 +60,8 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 from ._validate import Problem
 from .triton_direct import triton_device_reason
-from .fft import _below_noise_floor, _chunks, _kernel_grad, _kernel_spectrum, fft_chunk_plan, fft_sizes
+from .fft import (_below_noise_floor, _chunks, _kernel_grad, _kernel_spectrum, _max_shift, fft_chunk_plan, fft_sizes,
+                  irfftn_cropped, rfftn_pruned)
 
 __all__ = ["HAS_TRITON", "triton_fft_reason", "triton_fft_forward", "triton_fft_backward"]
 
@@ -331,12 +337,15 @@ class _Workspace:
         real = rows * math.prod(sizes)
         spec = rows * math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
         self.reals = [_empty(real, device=device, dtype=torch.float32) for _ in range(count)]
-        self.specs = [_empty(spec, device=device, dtype=torch.complex64) for _ in range(count)]
+        self._spec_numel, self._device = spec, device
+        self.specs = [None] * count           # allocated on first use (only the unpruned transforms write them)
 
     def real(self, i: int, ch: _Chunk) -> torch.Tensor:
         return self.reals[i][:math.prod(ch.field_shape)].view(ch.field_shape)
 
     def spec(self, i: int, ch: _Chunk) -> torch.Tensor:
+        if self.specs[i] is None:
+            self.specs[i] = _empty(self._spec_numel, device=self._device, dtype=torch.complex64)
         return self.specs[i][:math.prod(ch.spec_shape)].view(ch.spec_shape)
 
 
@@ -406,6 +415,25 @@ def _dims(sizes):
     return tuple(range(-len(sizes), 0))
 
 
+PRUNED = True   # pruned transforms (fewer flops; measured on the CPU only, under the interpreter for correctness)
+
+
+def _forward_fft(U, ws, i, ch, p: Problem, sizes):
+    """Spectrum of the chunk's padded field U (zero outside the grid)."""
+    if not PRUNED:
+        return torch.fft.rfftn(U, dim=_dims(sizes), out=ws.spec(i, ch))
+    d = len(sizes)
+    view = U[(Ellipsis,) + tuple(slice(0, s) for s in p.grid[:-1]) + (slice(None),)] if d > 1 else U
+    return rfftn_pruned(view, sizes).contiguous()      # the kernels index it flat
+
+
+def _inverse_fft(Xhat, U, p: Problem, sizes):
+    """(field, the sizes its contractions index it with): cropped to the grid, or the full padded inverse."""
+    if not PRUNED:
+        return torch.fft.irfftn(Xhat, s=sizes, dim=_dims(sizes), out=U), sizes
+    return irfftn_cropped(Xhat, sizes, p.grid).contiguous(), tuple(p.grid)
+
+
 def triton_fft_forward(fq, fk, v, logtab, p: Problem, circular: bool):
     """Grid-to-grid core (fq, fk, v, logtab) -> (num, den, below (BH, M, Ng)), float32; see the module docstring."""
     if fq.dtype != torch.float32:
@@ -413,8 +441,8 @@ def triton_fft_forward(fq, fk, v, logtab, p: Problem, circular: bool):
                          f"(compose upcasts float16 / bfloat16; use backend='fft' for float64)")
     B, H, ng, Dk = fq.shape
     sizes = fft_sizes(p.grid, circular)
-    dims = _dims(sizes)
-    r = torch.exp(logtab)
+    shift = _max_shift(logtab, H, p.M)                                   # kernel exp(logtab - max) <= 1
+    r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular).contiguous()     # (H, M, L..., L_d/2+1)
     Kr = torch.view_as_real(Khat)
     fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
@@ -427,14 +455,17 @@ def triton_fft_forward(fq, fk, v, logtab, p: Problem, circular: bool):
         ch = _Chunk(sl, sizes)
         U = ws.real(0, ch)
         _form(U, fk_, v_, None, ch, p, sizes)
-        Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
+        Uhat = _forward_fft(U, ws, 0, ch, p, sizes)
         _spectral(Uhat, Kr, ch, p, conj=False)
-        Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)
-        _contract(Fld, fq_, num_, den_, ch, p, sizes)
+        Fld, fsizes = _inverse_fft(Uhat, U, p, sizes)
+        _contract(Fld, fq_, num_, den_, ch, p, fsizes)
     # like fft_core: rows whose den is below the FFT's round-off are exactly 0 (num and den), constants
     below = _below_noise_floor(den_.transpose(1, 2), fq_, fk_, r, p, sizes).transpose(1, 2)  # (BH, Ng, M)
     num_.view(B * H, ng, p.M, p.Dv // p.M).masked_fill_(below[..., None], 0.0)
     den_.masked_fill_(below, 0.0)
+    scale = torch.exp(shift)                                               # (H, M): back to exp(logtab)
+    num.view(B, H, ng, p.M, p.Dv // p.M).mul_(scale[None, :, None, :, None])
+    den.mul_(scale[None, :, None, :])
     return num, den, below.transpose(1, 2)
 
 
@@ -442,8 +473,8 @@ def triton_fft_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circul
     """Gradients (dfq, dfk, dv, dlogtab) of triton_fft_forward; ``below`` is its (BH, M, Ng) mask."""
     B, H, ng, Dk = fq.shape
     sizes = fft_sizes(p.grid, circular)
-    dims = _dims(sizes)
-    r = torch.exp(logtab)
+    shift = _max_shift(logtab, H, p.M)
+    r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular).contiguous()
     below = below.transpose(1, 2)                                          # (BH, Ng, M)
     if gnum is None:
@@ -453,6 +484,10 @@ def triton_fft_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circul
     M, G = p.M, p.Dv // p.M
     gn_ = gnum.float().reshape(B * H, ng, M, G).masked_fill(below[..., None], 0.0).view(B * H, ng, p.Dv)
     gd_ = gden.float().reshape(B * H, ng, M).masked_fill(below, 0.0)     # snapped outputs are constants
+    # num = exp(shift) num'(r'): the loop runs on r' with the incoming gradients scaled by exp(shift)
+    scale = torch.exp(shift).repeat(B, 1)                                  # (B*H, M)
+    gn_ = (gn_.view(B * H, ng, M, G) * scale[:, None, :, None]).view(B * H, ng, p.Dv)
+    gd_ = gd_ * scale[:, None, :]
     Kr = torch.view_as_real(Khat)
     fq_, fk_, v_ = _rows(fq), _rows(fk), _rows(v)
     dfq = _empty(B, H, ng, Dk, device=fq.device, dtype=torch.float32)
@@ -467,17 +502,17 @@ def triton_fft_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circul
         ch = _Chunk(sl, sizes)
         U, Hf = ws.real(0, ch), ws.real(1, ch)
         _form(U, fk_, v_, None, ch, p, sizes)
-        Uhat = torch.fft.rfftn(U, dim=dims, out=ws.spec(0, ch))
+        Uhat = _forward_fft(U, ws, 0, ch, p, sizes)
         _form(Hf, fq_, gn_, gd_, ch, p, sizes)
-        Hhat = torch.fft.rfftn(Hf, dim=dims, out=ws.spec(1, ch))
+        Hhat = _forward_fft(Hf, ws, 1, ch, p, sizes)
         _corr(Hhat, Uhat, dKr, ch, p)                                       # RPE gradient spectrum
         _spectral(Uhat, Kr, ch, p, conj=False)
-        Fld = torch.fft.irfftn(Uhat, s=sizes, dim=dims, out=U)              # F, recomputed
-        _contract_mc(Fld, gn_, gd_, dfq_, ch, p, sizes)                      # dphi(q)
+        Fld, fsizes = _inverse_fft(Uhat, U, p, sizes)                       # F, recomputed
+        _contract_mc(Fld, gn_, gd_, dfq_, ch, p, fsizes)                     # dphi(q)
         _spectral(Hhat, Kr, ch, p, conj=True)
-        Q = torch.fft.irfftn(Hhat, s=sizes, dim=dims, out=Hf)               # the adjoint convolution
-        _contract_mc(Q, v_, None, dfk_, ch, p, sizes)                        # dphi(k)
-        _contract(Q, fk_, dv_, None, ch, p, sizes)                           # dv
+        Q, fsizes = _inverse_fft(Hhat, Hf, p, sizes)                        # the adjoint convolution
+        _contract_mc(Q, v_, None, dfk_, ch, p, fsizes)                       # dphi(k)
+        _contract(Q, fk_, dv_, None, ch, p, fsizes)                          # dv
     dK = torch.fft.irfftn(dKhat, s=sizes, dim=tuple(range(2, 2 + len(sizes))))
     dr = _kernel_grad(dK, p.grid, circular)
     return dfq, dfk, dv, dr * r

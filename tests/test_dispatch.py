@@ -74,7 +74,7 @@ def test_str_of_explanation_mentions_every_backend(problem):
         if e.reason is not None:
             assert e.reason in text
             assert "\n" not in e.reason, f"the reason of {name!r} is not one line: {e.reason!r}"
-    assert len(text.splitlines()) == 1 + len(expl.estimates)
+    assert len(text.splitlines()) == 1 + len(expl.estimates) + bool(expl.crossover)   # + the fft crossover line
     marked = [line for line in text.splitlines()[1:] if line.lstrip().startswith("*")]
     assert len(marked) == 1 and expl.chosen in marked[0]
 
