@@ -248,6 +248,19 @@ if HAS_TRITON:
         tl.store(FX + (bh * NPAD + offs)[:, None] * DKP + offs_d[None, :], f.to(FX.dtype.element_ty))
 
     @triton.jit
+    def _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK, scale,
+                       FEATURE: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Features of q and k for the BLOCK_T tokens of feature program ``pid``; returns (b, h, bh, offs)."""
+        NTB: tl.constexpr = NPAD // BLOCK_T
+        bh = pid // NTB
+        b = bh // H
+        h = bh % H
+        offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
+        _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
+        return b, h, bh, offs
+
+    @triton.jit
     def _table_values(RPE_hm, REX_hm, t, HAS_REX: tl.constexpr,
                       S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
                       L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr,
@@ -302,13 +315,8 @@ if HAS_TRITON:
         extended table r' = exp(log r - max) and max."""
         pid = tl.program_id(0)
         if pid < n_feat:
-            NTB: tl.constexpr = NPAD // BLOCK_T
-            bh = pid // NTB
-            b = bh // H
-            h = bh % H
-            offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
-            _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
-            _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
+            b, h, bh, offs = _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK,
+                                            scale, FEATURE, DKP, NPAD, BLOCK_T)
         else:
             hm = pid - n_feat
             rpe_hm = RPE + hm * (L1 * L2 * L3)
@@ -422,13 +430,8 @@ if HAS_TRITON:
         the table r' beside a zeroed gradient row (one base pointer serves the gather and the atomics)."""
         pid = tl.program_id(0)
         if pid < n_feat:
-            NTB: tl.constexpr = NPAD // BLOCK_T
-            bh = pid // NTB
-            b = bh // H
-            h = bh % H
-            offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
-            _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
-            _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
+            b, h, bh, offs = _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK,
+                                            scale, FEATURE, DKP, NPAD, BLOCK_T)
             row = offs < N
             offs_g = tl.arange(0, BLOCK_G)
             mask = row[:, None] & (offs_g < G)[None, :]
