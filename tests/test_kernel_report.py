@@ -54,19 +54,25 @@ def test_opcodes_are_classified():
     assert kr.opclass("F2FP.BF16.F32.PACK_AB") == "float"
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="runs the yardstick under Triton's interpreter (CPU machines)")
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA GPU and TRITON_INTERPRET is not 1: the yardstick cannot run (tests/conftest.py "
+                           "sets the interpreter on CPU machines)")
 def test_yardstick_is_a_real_flash_attention():
-    """The yardstick's forward and gradients match F.scaled_dot_product_attention (fp32, ragged N)."""
+    """The yardstick's forward and gradients match F.scaled_dot_product_attention (fp32, ragged N; on a GPU
+    SDPA is held to its math kernel, so that both sides are fp32-accurate)."""
     import yardstick_fa2
     g = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, 2, 37, 16, generator=g) for _ in range(4))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (torch.randn(1, 2, 37, 16, generator=g).to(device) for _ in range(4))
     out, dq, dk, dv = yardstick_fa2.run(q, k, v, do)
     x = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*x)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(*x)
     grads = torch.autograd.grad(ref, x, do)
+    tol = 3e-3 if device == "cuda" else 2e-5          # (fp32 tl.dot takes tf32 on a GPU)
     for got, want in zip((out, dq, dk, dv), (ref,) + grads):
-        assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
+        assert torch.allclose(got, want, atol=tol, rtol=5 * tol), (got - want).abs().max()
 
 
 @pytest.fixture(scope="module")
