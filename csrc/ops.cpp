@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include "dense.h"
 #include "fft_passes.h"
 
 namespace lisa {
@@ -228,7 +229,13 @@ TORCH_LIBRARY_IMPL(lisa_kernels, CUDA, m) {
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lisa_kernels._C: custom ops torch.ops.lisa_kernels.fft_* (CPU and CUDA)";
+  m.doc() = "lisa_kernels._C: custom ops torch.ops.lisa_kernels.fft_* (CPU and CUDA) and dense_forward";
+  m.def("dense_forward", &lisa::dense_forward,
+        "The direct path's dense form, forward (lisa_kernels/direct.py): one call, no Python between the ops",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("rpe"),
+        pybind11::arg("rpe_extra"), pybind11::arg("index"), pybind11::arg("num_extra"), pybind11::arg("elu1"),
+        pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("causal"), pybind11::arg("scale"));
+  m.attr("dense_loop_max_work") = lisa::kDenseLoopMaxWork;
 #ifdef LISA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

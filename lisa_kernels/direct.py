@@ -245,11 +245,16 @@ def _build_dense_index(grid, num_extra: int, boundary: str, causal: bool, device
     return full.reshape(-1).to(device)
 
 
+def dense_index(grid, E: int, boundary: str, causal: bool, device) -> torch.Tensor:
+    """The dense form's (N*N,) table index of every pair (i, j), cached per (grid, options, device)."""
+    return _dense_cached(("index", grid, E, boundary, causal, device),
+                         lambda: _build_dense_index(grid, E, boundary, causal, device))
+
+
 def _dense_weights(rpe, rpe_extra, grid, E, boundary, causal, ct):
     """(exp(table) (H, M, T'), R (H, M, N*N) = exp(table)[..., index], index (N*N,))."""
     device = rpe.device
-    index = _dense_cached(("index", grid, E, boundary, causal, device),
-                          lambda: _build_dense_index(grid, E, boundary, causal, device))
+    index = dense_index(grid, E, boundary, causal, device)
     H, M = rpe.shape[0], rpe.shape[1]
     table = rpe.reshape(H, M, -1)
     if table.dtype is not ct:

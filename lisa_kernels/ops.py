@@ -25,9 +25,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._validate import Problem
-from .cuda_fft import ExtensionPasses
+from .cuda_fft import HAS_EXTENSION, ExtensionPasses
 from ._config import get_config
-from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_table_size,
+from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_index,
+                     dense_table_size,
                       direct_core_backward, direct_core_forward)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
 from .triton_direct import _layout_of as _triton_layout
@@ -197,19 +198,37 @@ def plain_eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
+def _compiled_dense_forward():
+    """The extension's one-call dense forward (csrc/dense.cpp), or None where the extension is not built."""
+    if not HAS_EXTENSION:
+        return None
+    from . import _C
+    return getattr(_C, "dense_forward", None)
+
+
+_C_DENSE_FORWARD = _compiled_dense_forward()
+
+
 def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     """``backend="direct"`` on a small problem: the ``direct_dense`` op, forward and backward (:mod:`.direct`).
 
     In plain eager mode the op's two functions are called through a ``torch.autograd.Function`` instead (the
-    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs);
-    under torch.compile, export, dispatch modes or functorch the custom op itself runs."""
+    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs), and
+    a forward that autograd does not record runs as one call of the compiled extension where it is built
+    (``_C.dense_forward``: the same ATen ops in the same order, issued from C++); under torch.compile, export,
+    dispatch modes or functorch the custom op itself runs."""
     rx = rpe_extra if p.num_extra else None
     if plain_eager(q, k, v, rpe, rx):
-        options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
                                         or (rx is not None and rx.requires_grad)):
+            options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
             return _DenseFunction.apply(q, k, v, rpe, rx, options)
-        return dense_forward(q, k, v, rpe, rx, *options)
+        if _C_DENSE_FORWARD is not None:
+            index = dense_index(p.grid, p.num_extra, p.boundary, p.causal, q.device)
+            return _C_DENSE_FORWARD(q, k, v, rpe, rx, index, p.num_extra, p.feature_map == "elu1", p.normalize,
+                                    p.eps, p.causal, p.scale)
+        return dense_forward(q, k, v, rpe, rx, p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary,
+                             p.causal, p.scale)
     return _direct_dense(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
                          p.boundary, p.causal, p.scale)
 
