@@ -10,7 +10,8 @@ backends against the reference, one small call per backend for compute-sanitizer
 Correctness: for each backend, dtype (float32, float16, bfloat16) and case (1D, 2D and 3D grids, extra tokens
 with rpe_extra, M > 1 RPE groups, causal, the circular boundary), fresh random inputs (never zeros), the
 output and the gradients of q, k, v, rpe and rpe_extra for a random upstream gradient, against
-``backend="reference"`` in float64 on the same device. Uninitialised memory is poisoned (torch.empty and
+``backend="reference"`` in float64 on the same device (for ``direct`` also the output of a forward under
+``torch.no_grad``, which runs the compiled dense form of csrc/dense.cpp where the extension is built). Uninitialised memory is poisoned (torch.empty and
 friends return NaN-filled tensors while the backend runs), so an unwritten output element fails. The error of a
 tensor is max|x - x_ref| / max|x_ref|; limits: float32 2e-3 (Triton's float32 dots may use tf32), float16
 1e-2, bfloat16 3e-2. Each case's result is appended to the --out file (one JSON line) as soon as it is known.
@@ -43,7 +44,7 @@ import lisa_kernels  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-BACKENDS = ("triton", "triton-fft", "cuda")
+BACKENDS = ("triton", "triton-fft", "cuda", "direct")
 
 # (name, grid, E, M, D, options)
 CASES = [
@@ -178,7 +179,13 @@ def run(x, g, backend, grid, E, options):
                                       rpe_extra=x["rpe_extra"], backend=backend, **options)
     names = [n for n in ("q", "k", "v", "rpe", "rpe_extra") if x[n] is not None]
     grads = torch.autograd.grad(out, [x[n] for n in names], g.to(out.dtype))
-    return {"out": out.detach(), **{f"d{n}": t for n, t in zip(names, grads)}}
+    res = {"out": out.detach(), **{f"d{n}": t for n, t in zip(names, grads)}}
+    if backend == "direct":            # a forward autograd does not record: the compiled dense form (csrc/dense.cpp)
+        with torch.no_grad():
+            res["out_nograd"] = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=grid,
+                                                            num_extra=E, rpe_extra=x["rpe_extra"], backend=backend,
+                                                            **options)
+    return res
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -208,7 +215,7 @@ def check_case(backend, dtype, case, seed) -> Dict:
         return {**rec, "status": "FAIL", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     seconds = time.perf_counter() - t0
     want = run(ref, g, "reference", grid, E, options)
-    errors = {n: rel_err(got[n], want[n]) for n in want}
+    errors = {n: rel_err(got[n], want[n if n in want else "out"]) for n in got}
     worst = max(errors.values())
     return {**rec, "status": "ok" if worst <= TOL[dtype] else "FAIL", "errors": errors, "worst": worst,
             "limit": TOL[dtype], "seconds": seconds}

@@ -134,7 +134,7 @@ wait_build() {   # the rest of the build's own cap, at most the time left
 export -f wait_build
 TAIL=4 stage build 300 wait_build
 
-stage check-cuda 60 $PY benchmarks/gpu_check.py check --backends cuda $TINY --out "$WORK/check.jsonl"
+stage check-cuda 60 $PY benchmarks/gpu_check.py check --backends cuda direct $TINY --out "$WORK/check.jsonl"
 
 memcheck() {
   if [ $DRY = 0 ] && command -v compute-sanitizer > /dev/null; then
