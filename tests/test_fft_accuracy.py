@@ -126,3 +126,31 @@ def test_large_log_weights_do_not_overflow_the_spectrum():
     out = lisa_kernels.lisa_attention(q.float(), k.float(), v.float(), t.float(), grid=grid, backend="fft")
     assert torch.isfinite(out).all()
     assert row_errors(out.double(), ref).max().item() <= ROW_TOL
+
+
+# ------------------------------------------------------------------------------- the pruned, buffered transforms
+
+@pytest.mark.parametrize("grid", [(5,), (4, 6), (3, 4, 5)], ids=str)
+def test_pruned_transforms_equal_the_padded_rfftn(grid):
+    """rfftn_pruned and rfftn_pruned_buffered against rfftn of the explicitly zero-padded field; the buffers are
+    reused for a second field and for a chunk of another shape, so a padding that was written would show; the
+    cropped inverse returns the field."""
+    from lisa_kernels.fft import PaddedBuffers, fft_sizes, irfftn_cropped, rfftn_pruned, rfftn_pruned_buffered
+
+    sizes = fft_sizes(grid, circular=False)
+    d = len(grid)
+    bufs = PaddedBuffers()
+    g = torch.Generator().manual_seed(sum(grid))
+    for lead in [(2, 3), (2, 3), (1, 2)]:
+        x = torch.randn(*lead, *grid, generator=g, dtype=torch.float64)
+        padded = torch.zeros(*lead, *sizes, dtype=torch.float64)
+        padded[(Ellipsis,) + tuple(slice(0, s) for s in grid)] = x
+        want = torch.fft.rfftn(padded, dim=tuple(range(-d, 0)))
+        got_plain = rfftn_pruned(x, sizes)
+        got = rfftn_pruned_buffered(lambda out: out.copy_(x), lead, grid, sizes, x.dtype, x.device, bufs)
+        torch.testing.assert_close(got_plain, want, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(irfftn_cropped(got.clone(), sizes, grid), x, rtol=1e-12, atol=1e-12)
+        got.fill_(float("nan"))                      # the result is not a view of a buffer
+        again = rfftn_pruned_buffered(lambda out: out.copy_(x), lead, grid, sizes, x.dtype, x.device, bufs)
+        torch.testing.assert_close(again, want, rtol=1e-12, atol=1e-10)
