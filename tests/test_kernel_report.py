@@ -54,9 +54,12 @@ def test_opcodes_are_classified():
     assert kr.opclass("F2FP.BF16.F32.PACK_AB") == "float"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="no CUDA GPU and TRITON_INTERPRET is not 1: the yardstick cannot run (tests/conftest.py "
-                           "sets the interpreter on CPU machines)")
+NO_TRITON_RUNTIME = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+NO_TRITON_REASON = ("no CUDA GPU and TRITON_INTERPRET is not 1: the yardstick cannot run (tests/conftest.py sets the "
+                    "interpreter on CPU machines)")
+
+
+@pytest.mark.skipif(NO_TRITON_RUNTIME, reason=NO_TRITON_REASON)
 def test_yardstick_is_a_real_flash_attention():
     """The yardstick's forward and gradients match F.scaled_dot_product_attention (fp32, ragged N; on a GPU
     SDPA is held to its math kernel, so that both sides are fp32-accurate)."""
