@@ -11,8 +11,9 @@ Correctness: for each backend, dtype (float32, float16, bfloat16) and case (1D, 
 with rpe_extra, M > 1 RPE groups, causal, the circular boundary), fresh random inputs (never zeros), the
 output and the gradients of q, k, v, rpe and rpe_extra for a random upstream gradient, against
 ``backend="reference"`` in float64 on the same device (for ``direct`` also the output of a forward under
-``torch.no_grad``, which runs the compiled dense form of csrc/dense.cpp where the extension is built). Uninitialised memory is poisoned (torch.empty and
-friends return NaN-filled tensors while the backend runs), so an unwritten output element fails. The error of a
+``torch.no_grad``, which runs the compiled dense form of csrc/dense.cpp where the extension is built).
+Uninitialised memory is poisoned (torch.empty and friends return NaN-filled tensors while the backend runs), so
+an unwritten output element fails. The error of a
 tensor is max|x - x_ref| / max|x_ref|; limits: float32 2e-3 (Triton's float32 dots may use tf32), float16
 1e-2, bfloat16 3e-2. Each case's result is appended to the --out file (one JSON line) as soon as it is known.
 ``--tiny`` (the session's dry run on the CPU, Triton's interpreter) runs small shapes only.

@@ -28,8 +28,7 @@ from ._validate import Problem
 from .cuda_fft import HAS_EXTENSION, ExtensionPasses
 from ._config import get_config
 from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_index,
-                     dense_table_size,
-                      direct_core_backward, direct_core_forward)
+                     dense_table_size, direct_core_backward, direct_core_forward)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
 from .triton_direct import _layout_of as _triton_layout
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
@@ -215,8 +214,8 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     In plain eager mode the op's two functions are called through a ``torch.autograd.Function`` instead (the
     dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs), and
     a forward that autograd does not record runs as one call of the compiled extension where it is built
-    (``_C.dense_forward``: the same ATen ops in the same order, issued from C++); under torch.compile, export,
-    dispatch modes or functorch the custom op itself runs."""
+    (``_C.dense_forward``: a loop nest for little work on a CPU, else the same ATen ops in the same order, issued
+    from C++); under torch.compile, export, dispatch modes or functorch the custom op itself runs."""
     rx = rpe_extra if p.num_extra else None
     if plain_eager(q, k, v, rpe, rx):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
