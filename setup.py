@@ -79,7 +79,7 @@ def cuda_extension():
     log(f"include dirs: {includes}; MAX_JOBS={os.environ.get('MAX_JOBS', 'torch default')}")
     ext = CUDAExtension("lisa_kernels._C", sources, include_dirs=includes,
                         define_macros=[("LISA_WITH_CUDA", None)],
-                        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]})
+                        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp"], "nvcc": ["-O3", "-std=c++20"]})
     return ext, BuildExtension
 
 

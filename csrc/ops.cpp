@@ -14,6 +14,7 @@
 #endif
 
 #include "dense.h"
+#include "fft_cpu.h"
 #include "fft_passes.h"
 
 namespace lisa {
@@ -229,13 +230,25 @@ TORCH_LIBRARY_IMPL(lisa_kernels, CUDA, m) {
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lisa_kernels._C: custom ops torch.ops.lisa_kernels.fft_* (CPU and CUDA) and dense_forward";
+  m.doc() = "lisa_kernels._C: custom ops torch.ops.lisa_kernels.fft_* (CPU and CUDA) dense_forward and fft_cpu_{forward,backward}";
   m.def("dense_forward", &lisa::dense_forward,
         "The direct path's dense form, forward (lisa_kernels/direct.py): one call, no Python between the ops",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("rpe"),
         pybind11::arg("rpe_extra"), pybind11::arg("index"), pybind11::arg("num_extra"), pybind11::arg("elu1"),
         pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("causal"), pybind11::arg("scale"));
   m.attr("dense_loop_max_work") = lisa::kDenseLoopMaxWork;
+  m.def("fft_cpu_forward", &lisa::fft_cpu_forward,
+        "The FFT path's forward loop on the CPU, one channel at a time (csrc/fft_cpu.cpp)", pybind11::arg("fk"),
+        pybind11::arg("ve"), pybind11::arg("fq"), pybind11::arg("khat"), pybind11::arg("grid"),
+        pybind11::arg("sizes"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("fft_cpu_workspace_bytes", &lisa::fft_cpu_workspace_bytes,
+        "Workspace estimate of fft_cpu_forward / fft_cpu_backward (all threads)", pybind11::arg("grid"),
+        pybind11::arg("sizes"), pybind11::arg("H"), pybind11::arg("M"), pybind11::arg("Dk"), pybind11::arg("itemsize"),
+        pybind11::arg("backward"));
+  m.def("fft_cpu_backward", &lisa::fft_cpu_backward,
+        "The FFT path's backward loop on the CPU, one channel at a time (csrc/fft_cpu.cpp)", pybind11::arg("fk"),
+        pybind11::arg("ve"), pybind11::arg("fq"), pybind11::arg("ge"), pybind11::arg("khat"), pybind11::arg("grid"),
+        pybind11::arg("sizes"), pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef LISA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

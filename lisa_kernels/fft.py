@@ -420,6 +420,35 @@ def _in_float64(fn, tensors, out_dtype):
     return tuple(t.to(out_dtype) if t is not None and t.is_floating_point() else t for t in res)
 
 
+def _compiled_cpu_loop():
+    """The extension's module if it has the CPU loop of csrc/fft_cpu.cpp, else None (not built)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "fft_cpu_forward") else None
+
+
+# The compiled CPU loop (csrc/fft_cpu.cpp), used by the torch passes for CPU float32/float64 tensors; set to None
+# to run the batched torch.fft chunks instead (tests compare the two).
+_C_FFT_CPU = _compiled_cpu_loop()
+
+
+def _use_cpu_loop(passes, t: torch.Tensor, p: Problem, sizes, backward: bool) -> bool:
+    """Whether the torch passes run as the compiled CPU loop: CPU float32/float64 tensors, the extension built,
+    and the loop's workspace (a few channels per thread) within ``fft_workspace_bytes``."""
+    if not (_C_FFT_CPU is not None and passes is TorchPasses and t.device.type == "cpu"
+            and t.dtype in (torch.float32, torch.float64)):
+        return False
+    ws = _C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, t.element_size(), backward)
+    return ws <= get_config().fft_workspace_bytes
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(BH, Ng, ...) -> (BH, ..., Ng) contiguous: one channel's grid values contiguous, for the CPU loop."""
+    return x.movedim(1, -1).contiguous()
+
+
 def fft_core_forward(fq, fk, v, logtab, p: Problem, circular: bool, passes=TorchPasses):
     """Grid-to-grid core of the fft path: (fq, fk, v, logtab) -> (num, den, below); see the module docstring.
 
@@ -430,18 +459,23 @@ def fft_core_forward(fq, fk, v, logtab, p: Problem, circular: bool, passes=Torch
     """
     if passes is TorchPasses and fft_needs_float64(logtab, p.grid, circular, fq.dtype):
         return _in_float64(lambda *t: fft_core_forward(*t, p, circular, passes), (fq, fk, v, logtab), fq.dtype)
+    sizes = fft_sizes(p.grid, circular)
+    cpu_loop = _use_cpu_loop(passes, fq, p, sizes, backward=False)
     if passes is TorchPasses:
         passes = TorchPasses.for_call()
     B, H, ng, Dk = fq.shape
     M, G1 = p.M, p.Dv // p.M + 1
-    sizes = fft_sizes(p.grid, circular)
     shift = _max_shift(logtab, H, M)                                    # (H, M)
     r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular)                 # (H, M, L..., L_d/2+1)
     fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
     ve = _ones_column(v, M)                                             # (BH, Ng, M, G+1)
-    out = fq.new_zeros(B * H, M, G1, ng)
-    for chunk in _chunks(p, fft_chunk_plan(p, circular)):
+    if cpu_loop:        # the same loop in C++, one channel at a time (csrc/fft_cpu.cpp)
+        out = _C_FFT_CPU.fft_cpu_forward(_channels_last(fk_), _channels_last(ve), _channels_last(fq_),
+                                         Khat / math.prod(sizes), list(p.grid), list(sizes))
+    else:
+        out = fq.new_zeros(B * H, M, G1, ng)
+    for chunk in () if cpu_loop else _chunks(p, fft_chunk_plan(p, circular)):
         sb, sd, sm, sc = chunk
         Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)               # (b, d, m, c, L...)
         passes.multiply_(Uhat, Khat, chunk, p.grid, sizes, conj=False)
@@ -465,11 +499,12 @@ def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular
     if passes is TorchPasses and fft_needs_float64(logtab, p.grid, circular, fq.dtype):
         return _in_float64(lambda *t: fft_core_backward(*t, p, circular, passes),
                            (fq, fk, v, logtab, below, gnum, gden), fq.dtype)
+    sizes = fft_sizes(p.grid, circular)
+    cpu_loop = _use_cpu_loop(passes, fq, p, sizes, backward=True)
     if passes is TorchPasses:
         passes = TorchPasses.for_call()
     B, H, ng, Dk = fq.shape
     M, G1 = p.M, p.Dv // p.M + 1
-    sizes = fft_sizes(p.grid, circular)
     shift = _max_shift(logtab, H, M)
     r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular)
@@ -483,10 +518,15 @@ def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular
     ge = ge.masked_fill(below.transpose(1, 2)[..., None], 0.0)       # snapped outputs are constants
     heads = torch.arange(B * H, device=fq.device) % H
     ge = ge * torch.exp(shift)[heads][:, None, :, None]
-    dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
-    dve = fq.new_zeros(B * H, M, G1, ng)
-    dKhat = torch.zeros_like(Khat)
-    for chunk in _chunks(p, fft_chunk_plan(p, circular, backward=True)):
+    if cpu_loop:        # the same loop in C++, one channel at a time (csrc/fft_cpu.cpp)
+        dfq, dfk, dve, dKhat = _C_FFT_CPU.fft_cpu_backward(
+            _channels_last(fk_), _channels_last(ve), _channels_last(fq_), _channels_last(ge),
+            Khat / math.prod(sizes), list(p.grid), list(sizes))
+    else:
+        dfq, dfk = fq.new_zeros(B * H, Dk, ng), fq.new_zeros(B * H, Dk, ng)
+        dve = fq.new_zeros(B * H, M, G1, ng)
+        dKhat = torch.zeros_like(Khat)
+    for chunk in () if cpu_loop else _chunks(p, fft_chunk_plan(p, circular, backward=True)):
         sb, sd, sm, sc = chunk
         Uhat = passes.spectrum(fk_, ve, chunk, p.grid, sizes)
         Hhat = passes.spectrum(fq_, ge, chunk, p.grid, sizes)
