@@ -3,10 +3,12 @@
 The chunk loop and the backward are those of :mod:`lisa_kernels.fft`; this module only supplies the
 per-chunk passes, each one kernel of ``lisa_kernels._C`` (``torch.ops.lisa_kernels.fft_*``):
 
-    spectrum   fft_form (phi(k) (x) [v, 1] written straight into the zero-padded field) + torch.fft.rfftn (cuFFT)
+    spectrum   fft_form (phi(k) (x) [v, 1] written straight into the zero-padded field) + the pruned transforms
+               of fft.rfftn_pruned (cuFFT: the last axis on the nonzero rows only, then the other axes)
     multiply_  fft_multiply_ (in-place complex product with the RPE spectrum of the chunk's head and group)
-    inverse    torch.fft.irfftn (cuFFT), the padded field kept as is
-    contract   fft_contract_d / fft_contract_mc (crop + contraction with phi(q), [gnum, gden], [v, 1] or phi(k))
+    inverse    fft.irfftn_cropped (cuFFT, cropped to the grid between axes), made contiguous
+    contract   fft_contract_d / fft_contract_mc (contraction with phi(q), [gnum, gden], [v, 1] or phi(k)) of the
+               cropped field, read as a field whose FFT size is the grid
     corr       fft_corr (sum over d and c of Hhat conj(Uhat), a fixed order: deterministic)
 
 The same ops have CPU implementations that run the same element functions (csrc/fft_passes.h), so the
@@ -20,6 +22,8 @@ import math
 from typing import Optional
 
 import torch
+
+from .fft import irfftn_cropped, rfftn_pruned
 
 __all__ = ["extension_reason", "ExtensionPasses", "HAS_EXTENSION"]
 
@@ -75,9 +79,14 @@ class ExtensionPasses:
 
     @staticmethod
     def spectrum(a, b, chunk, grid, sizes):
+        """The padded field (fft_form), transformed pruned (:func:`lisa_kernels.fft.rfftn_pruned`: the last axis
+        on the rows that can be nonzero, then the other axes), contiguous for the kernels that index it flat."""
         X = torch.ops.lisa_kernels.fft_form(a.contiguous(), b.contiguous(), _chunk_ints(chunk, 1),
                                             list(grid), list(sizes))
-        return torch.fft.rfftn(X, dim=tuple(range(-len(sizes), 0)))
+        d = len(grid)
+        for ax in range(d - 1):
+            X = X.narrow(ax - d, 0, grid[ax])
+        return rfftn_pruned(X, sizes).contiguous()
 
     @staticmethod
     def multiply_(Xh, Khat, chunk, grid, sizes, conj: bool):
@@ -86,17 +95,19 @@ class ExtensionPasses:
 
     @staticmethod
     def inverse(Xh, grid, sizes):
-        return torch.fft.irfftn(Xh, s=sizes, dim=tuple(range(-len(sizes), 0))).contiguous()
+        """Inverse transform cropped to the grid between axes (:func:`lisa_kernels.fft.irfftn_cropped`):
+        (..., S...) contiguous, which the contractions read as a field of FFT size = grid."""
+        return irfftn_cropped(Xh, sizes, grid).contiguous()
 
     @staticmethod
     def contract_d(Y, a, chunk, grid, sizes):
         return torch.ops.lisa_kernels.fft_contract_d(Y, a.contiguous(), _chunk_ints(chunk, 1), list(grid),
-                                                     list(sizes))
+                                                     list(grid))
 
     @staticmethod
     def contract_mc(Y, b, chunk, grid, sizes):
         return torch.ops.lisa_kernels.fft_contract_mc(Y, b.contiguous(), _chunk_ints(chunk, 1), list(grid),
-                                                      list(sizes))
+                                                      list(grid))
 
     @staticmethod
     def corr(Hh, Uh, chunk, grid, sizes):

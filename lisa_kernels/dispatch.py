@@ -23,7 +23,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import fft as _fft_module
 from ._compose import compose
+from ._config import get_config
 from ._validate import Problem
 from .cuda_fft import extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
@@ -112,17 +114,37 @@ def model_backends(consts: dict) -> Dict[str, dict]:
     return {name: {"kind": name, **c} for name, c in consts.items() if isinstance(c, dict)}
 
 
+# The CPU "fft" constants are fitted to the compiled loop (csrc/fft_cpu.cpp). Where it does not run (extension not
+# built, or a workspace budget below its needs) the batched torch.fft chunks do
+# the same work in about this much more time (measured 2026-12-02, 2-core CPU, fwd and fwd+bwd, 128x128 to
+# 256x256 and 16x64x64: 1.7x to 4x; tests/test_fft_cpu.py, the A/B in the README).
+FFT_TORCH_CHUNKS_FACTOR = 2.5
+
+
+def _fft_cpu_loop_used(p: Problem, backward: bool) -> bool:
+    if _fft_module._C_FFT_CPU is None:
+        return False
+    itemsize = 8 if p.dtype == torch.float64 or p.causal else 4      # the core's dtype (see _fft_path)
+    sizes = fft_sizes(p.grid, p.boundary == "circular" and not p.causal)
+    ws = _fft_module._C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, itemsize,
+                                                        backward)
+    return ws <= get_config().fft_workspace_bytes
+
+
 def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Optional[str] = None) -> Optional[float]:
     """Cost-model estimate of one call (forward, plus backward if asked); None for unmodelled backends.
 
     ``device_class`` defaults to the class of ``p.device``. Extra tokens add
     4 B H E N (Dk + Dv) / flops_per_s of the class's direct entry.
     """
-    consts = COST_MODEL[device_class or _device_class(p.device)]
+    cls = device_class or _device_class(p.device)
+    consts = COST_MODEL[cls]
     c = model_backends(consts).get(name)
     t = None if c is None else backend_seconds(c, p, backward)
     if t is None:
         return None
+    if name == "fft" and cls == "cpu" and not _fft_cpu_loop_used(p, backward):
+        t *= FFT_TORCH_CHUNKS_FACTOR
     extra = 4.0 * p.B * p.H * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
     return t + extra
 

@@ -111,19 +111,31 @@ def test_budget_below_the_loop_workspace_takes_the_chunks(loop_calls):
     assert loop_calls == {"forward": 1, "backward": 1}, loop_calls
 
 
-def test_not_taken_for_low_precision_or_float64_switch(loop_calls):
-    """float16/bfloat16 run the torch passes (in float32); float32 calls switched to float64 take the loop."""
+def test_taken_for_half_inputs_and_the_float64_switch(loop_calls):
+    """float16 inputs (the core computes in float32) and float32 calls switched to float64 both take the loop."""
     grid = (8, 8)
     x = make_inputs(grid, Dk=4, Dv=4, B=1, H=1, seed=76, requires_grad=False)
     with torch.no_grad():
         lisa_kernels.lisa_attention(x["q"].half(), x["k"].half(), x["v"].half(), x["rpe"].half(), grid=grid,
                                     backend="fft")
-        n_half = loop_calls["forward"]
+        assert loop_calls["forward"] == 1, loop_calls
         spread = torch.zeros_like(x["rpe"]).float()
         spread[..., 0, 0] = 12.0          # one corner offset far heavier: the rows' masses spread over 5.5 nats
         assert F.fft_needs_float64(spread, grid, False, torch.float32)
         lisa_kernels.lisa_attention(x["q"].float(), x["k"].float(), x["v"].float(), spread, grid=grid, backend="fft")
-    assert loop_calls["forward"] - n_half == 1, loop_calls
+    assert loop_calls["forward"] == 2, loop_calls
+
+
+def test_cost_model_knows_whether_the_loop_runs(monkeypatch):
+    """The CPU fft estimate is for the compiled loop; without it the torch chunks' factor applies."""
+    from lisa_kernels import dispatch
+    x = make_inputs((64, 64), Dk=32, Dv=32, B=1, H=4, dtype=torch.float32, requires_grad=False)
+    expl = lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], grid=(64, 64))
+    with_loop = expl.estimates["fft"].seconds
+    monkeypatch.setattr(F, "_C_FFT_CPU", None)
+    expl = lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], grid=(64, 64))
+    without = expl.estimates["fft"].seconds
+    assert without == pytest.approx(with_loop * dispatch.FFT_TORCH_CHUNKS_FACTOR)
 
 
 def _loop_args(grid=(6, 5), BH=2, Dk=3, M=1, G1=3, H=2, dtype=torch.float32):
