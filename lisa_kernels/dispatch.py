@@ -124,6 +124,8 @@ FFT_TORCH_CHUNKS_FACTOR = 2.5
 def _fft_cpu_loop_used(p: Problem, backward: bool) -> bool:
     if _fft_module._C_FFT_CPU is None:
         return False
+    if torch.compiler.is_compiling():     # dynamo cannot trace the pybind estimate: assume the default budget
+        return True
     itemsize = 8 if p.dtype == torch.float64 or p.causal else 4      # the core's dtype (see _fft_path)
     sizes = fft_sizes(p.grid, p.boundary == "circular" and not p.causal)
     ws = _fft_module._C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, itemsize,

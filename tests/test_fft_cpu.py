@@ -57,17 +57,21 @@ def test_loop_matches_reference_float64(loop_calls, grid, E, M, boundary, causal
     assert loop_calls == {"forward": 1, "backward": 1}, loop_calls
 
 
+def _assert_loop_matches_chunks(monkeypatch, loop_calls, inputs, chunk_inputs, grid, tol):
+    """The loop on ``inputs`` (both loops called once) against the torch chunks on ``chunk_inputs``."""
+    result = forward_backward(inputs, "fft", grid=grid)
+    assert loop_calls == {"forward": 1, "backward": 1}, loop_calls
+    monkeypatch.setattr(F, "_C_FFT_CPU", None)
+    errs = errors(result, forward_backward(chunk_inputs, "fft", grid=grid))
+    assert max(errs.values()) < tol, errs
+
+
 @pytest.mark.parametrize("grid, Dk", [((16384,), 11), ((40, 36), 37), ((6, 10, 12), 13)], ids=str)
 def test_loop_matches_torch_chunks_with_partial_blocks(monkeypatch, loop_calls, grid, Dk):
     """Channel blocks that do not divide Dk (in float64, 2 channels per call at L = 32768, 11 at 80x72 and at
     12x20x24); the loop and the chunked torch passes compute the same sums."""
     inputs = make_inputs(grid, M=1, Dk=Dk, Dv=3, B=1, H=2, seed=72)
-    result = forward_backward(inputs, "fft", grid=grid)
-    assert loop_calls == {"forward": 1, "backward": 1}, loop_calls
-    monkeypatch.setattr(F, "_C_FFT_CPU", None)
-    expected = forward_backward(inputs, "fft", grid=grid)
-    errs = errors(result, expected)
-    assert max(errs.values()) < 1e-11, errs
+    _assert_loop_matches_chunks(monkeypatch, loop_calls, inputs, inputs, grid, 1e-11)
 
 
 def test_loop_one_channel_per_call_on_big_grids(monkeypatch, loop_calls):
@@ -75,12 +79,7 @@ def test_loop_one_channel_per_call_on_big_grids(monkeypatch, loop_calls):
     grid = (128, 256)
     x64 = make_inputs(grid, M=1, Dk=2, Dv=2, B=1, H=1, seed=73, rpe_scale=0.1)
     x32 = {n: None if t is None else t.detach().float().requires_grad_() for n, t in x64.items()}
-    result = forward_backward(x32, "fft", grid=grid)
-    assert loop_calls == {"forward": 1, "backward": 1}, loop_calls
-    monkeypatch.setattr(F, "_C_FFT_CPU", None)
-    expected = forward_backward(x64, "fft", grid=grid)
-    errs = errors(result, expected)
-    assert max(errs.values()) < 2e-5, errs
+    _assert_loop_matches_chunks(monkeypatch, loop_calls, x32, x64, grid, 2e-5)
 
 
 @pytest.mark.parametrize("grid", [(64,), (12, 10), (4, 5, 6)], ids=str)
