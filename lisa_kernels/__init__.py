@@ -8,6 +8,7 @@ Shapes follow ``F.scaled_dot_product_attention``: q, k (B, H, N, Dk), v (B, H, N
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from . import dispatch as _dispatch
 from ._config import Config, get_config, set_config
 from ._validate import BACKENDS, check_inputs
-from .dispatch import Estimate, Explanation, backend_reason, explain_problem, run_backend
+from .dispatch import Estimate, Explanation, backend_reason, explain_problem, fft_precision_text, run_backend
 
 __version__ = "0.1.0"
 __all__ = ["lisa_attention", "explain", "available_backends", "clear_cache", "get_config", "set_config", "Config",
@@ -146,12 +147,15 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch.Tensor
     """What ``backend="auto"`` picks for these inputs, with each backend's estimate or why it cannot run.
 
     Takes the arguments of :func:`lisa_attention`. ``backward`` (default: whether autograd would need
-    gradients of the inputs) adds the backward pass to the estimates. ``print(explain(...))`` shows a table.
+    gradients of the inputs) adds the backward pass to the estimates. ``print(explain(...))`` shows a table,
+    the grid from which the FFT form wins, and whether this rpe table makes the fft backend compute in float64
+    (``Explanation.precision``: its rows' weight masses spread over ``fft.FLOAT32_MAX_ROW_RANGE`` nats).
     """
     p = check_inputs(q, k, v, rpe, grid=grid, **options)
     if backward is None:
         backward = _needs_grad(q, k, v, rpe, options.get("rpe_extra"))
-    return explain_problem(p, backward)
+    expl = explain_problem(p, backward)
+    return dataclasses.replace(expl, precision=fft_precision_text(rpe, p))
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> dict:

@@ -180,6 +180,7 @@ class Explanation:
     device_class: str
     estimates: Dict[str, Estimate]
     crossover: str = ""           # where the FFT form starts to win for this D, dtype and device class
+    precision: str = ""           # what this input's rpe table means for the fft backend's precision (explain())
 
     def __str__(self) -> str:
         guess = "" if COST_MODEL[self.device_class].get("measured") else " (unmeasured guess)"
@@ -191,7 +192,28 @@ class Explanation:
             lines.append(f" {mark} {e.backend:<10} {est}  {('cannot run: ' + e.reason) if e.reason else 'can run'}")
         if self.crossover:
             lines.append(f"   {self.crossover}")
+        if self.precision:
+            lines.append(f"   {self.precision}")
         return "\n".join(lines)
+
+
+def fft_precision_text(rpe: torch.Tensor, p: Problem) -> str:
+    """One line on this rpe table and the fft backend: whether its float32 call switches to float64, and why.
+
+    Reads the table's row spread (:func:`lisa_kernels.fft.table_row_range`: sliding log-sum-exps on the small
+    table, one host sync on a GPU)."""
+    if p.dtype == torch.float64 or rpe.device.type == "meta":     # nothing to switch, or no values to read
+        return ""
+    if p.causal:
+        return "this input: causal, so the fft backends convolve in float64"
+    circular = p.boundary == "circular"
+    spread = float(_fft_module.table_row_range(rpe.detach(), p.grid, circular))
+    if spread > FLOAT32_MAX_ROW_RANGE:
+        return (f"this input: its rpe spreads the rows' weight masses over {spread:.1f} nats (> "
+                f"{FLOAT32_MAX_ROW_RANGE:g}): backend 'fft' runs it in float64 (about 2x its estimate); "
+                "'triton-fft' and 'cuda' would lose the light rows' precision (use 'fft' or 'direct')")
+    return (f"this input: its rpe spreads the rows' weight masses over {spread:.1f} nats (<= "
+            f"{FLOAT32_MAX_ROW_RANGE:g}): float32 FFTs keep every row's error under 1e-4 of its magnitude")
 
 
 def explain_problem(p: Problem, backward: bool) -> Explanation:

@@ -154,3 +154,20 @@ def test_pruned_transforms_equal_the_padded_rfftn(grid):
         got.fill_(float("nan"))                      # the result is not a view of a buffer
         again = rfftn_pruned_buffered(lambda out: out.copy_(x), lead, grid, sizes, x.dtype, x.device, bufs)
         torch.testing.assert_close(again, want, rtol=1e-12, atol=1e-10)
+
+
+def test_explain_says_when_this_rpe_needs_float64():
+    """explain() reads the input's table: the float64 switch is named where fft_needs_float64 holds, not elsewhere."""
+    grid = (8, 8)
+    q = torch.randn(1, 2, 64, 4)
+    flat = torch.zeros(2, 1, 15, 15)
+    peaked = flat.clone()
+    peaked[..., 0, 0] = 12.0
+    assert not F.fft_needs_float64(flat, grid, False, torch.float32)
+    assert F.fft_needs_float64(peaked, grid, False, torch.float32)
+    assert "runs it in float64" not in lisa_kernels.explain(q, q, q, flat, grid=grid).precision
+    text = str(lisa_kernels.explain(q, q, q, peaked, grid=grid))
+    assert "runs it in float64" in text, text
+    assert lisa_kernels.explain(q.double(), q.double(), q.double(), peaked.double(), grid=grid).precision == ""
+    s = q[:, :, :8]
+    assert "causal" in lisa_kernels.explain(s, s, s, torch.zeros(2, 1, 15), grid=(8,), causal=True).precision
