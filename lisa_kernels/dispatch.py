@@ -115,9 +115,9 @@ def model_backends(consts: dict) -> Dict[str, dict]:
 
 
 # The CPU "fft" constants are fitted to the compiled loop (csrc/fft_cpu.cpp). Where it does not run (extension not
-# built, or a workspace budget below its needs) the batched torch.fft chunks do
-# the same work in about this much more time (measured 2026-12-02, 2-core CPU, fwd and fwd+bwd, 128x128 to
-# 256x256 and 16x64x64: 1.7x to 4x; tests/test_fft_cpu.py, the A/B in the README).
+# built, or a workspace budget below its needs) the batched torch.fft chunks do the same work in about this much
+# more time (measured 2026-12-02 on the 2-core CPU, same process, fwd and fwd+bwd at 128x128 to 256x256 and
+# 16x64x64: 1.7x to 4x).
 FFT_TORCH_CHUNKS_FACTOR = 2.5
 
 
