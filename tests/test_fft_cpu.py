@@ -66,16 +66,19 @@ def _assert_loop_matches_chunks(monkeypatch, loop_calls, inputs, chunk_inputs, g
     assert max(errs.values()) < tol, errs
 
 
-@pytest.mark.parametrize("grid, Dk", [((16384,), 11), ((40, 36), 37), ((6, 10, 12), 13)], ids=str)
+@pytest.mark.parametrize("grid, Dk", [((16384,), 11), ((40, 36), 37), ((6, 10, 12), 13), ((128, 128), 3)],
+                         ids=str)
 def test_loop_matches_torch_chunks_with_partial_blocks(monkeypatch, loop_calls, grid, Dk):
     """Channel blocks that do not divide Dk (in float64, 2 channels per call at L = 32768, 11 at 80x72 and at
-    12x20x24); the loop and the chunked torch passes compute the same sums."""
+    12x20x24), and column blocks (128x128 in float64: one channel per call, its 528 KiB spectrum in 3 blocks of
+    columns); the loop and the chunked torch passes compute the same sums."""
     inputs = make_inputs(grid, M=1, Dk=Dk, Dv=3, B=1, H=2, seed=72)
     _assert_loop_matches_chunks(monkeypatch, loop_calls, inputs, inputs, grid, 1e-11)
 
 
 def test_loop_one_channel_per_call_on_big_grids(monkeypatch, loop_calls):
-    """128x256 (L = 256x512, a 1 MiB spectrum per channel) takes one channel per call; float32 against float64."""
+    """128x256 (L = 256x512, a 1 MiB spectrum per channel): one channel per call, 3 column blocks; float32
+    against float64."""
     grid = (128, 256)
     x64 = make_inputs(grid, M=1, Dk=2, Dv=2, B=1, H=1, seed=73, rpe_scale=0.1)
     x32 = {n: None if t is None else t.detach().float().requires_grad_() for n, t in x64.items()}
