@@ -17,7 +17,8 @@
 // The transforms are ATen's (at::_fft_r2c / _fft_c2c / _fft_c2r: MKL or pocketfft, whichever torch has),
 // called from the worker threads of an at::parallel_for over units (each runs them single-threaded).
 // Pruned as in fft.py: the last axis (r2c, length L) runs on the S nonzero rows only; the leading axes are
-// one c2c call over the padded volume; the inverse crops the leading axes before the c2r of the kept rows.
+// one c2c call over the padded volume (on big 2D grids, one per block of columns: column_blocks below); the
+// inverse crops the leading axes before the c2r of the kept rows.
 //
 // The backward is the same loop over units with H = fq[d] * ge[c] as the second field (fft.py's docstring):
 // dfq[d] += ge[c] IFFT(FFT(U) K), dfk[d] += ve[c] Q, dve[c] += fk[d] Q with Q = IFFT(FFT(H) conj(K)), and the
@@ -325,7 +326,7 @@ std::vector<Tensor> backward_impl(const Tensor& fk, const Tensor& ve, const Tens
   struct State {
     std::unique_ptr<Worker<T>> w;
     Tensor dq, dk;                // (Dk, Ng)
-    std::vector<Tensor> dK;       // per m, in the spectra's layout (undefined until used)
+    std::vector<Tensor> dK;       // per (m, column block), in the spectra's layout (undefined until used)
     bool used = false;
   };
   const int64_t nb = channel_block(g, Dk, fk.element_size());

@@ -25,7 +25,6 @@ import torch
 
 from . import fft as _fft_module
 from ._compose import compose
-from ._config import get_config
 from ._validate import Problem
 from .cuda_fft import extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
@@ -128,9 +127,7 @@ def _fft_cpu_loop_used(p: Problem, backward: bool) -> bool:
         return True
     itemsize = 8 if p.dtype == torch.float64 or p.causal else 4      # the core's dtype (see _fft_path)
     sizes = fft_sizes(p.grid, p.boundary == "circular" and not p.causal)
-    ws = _fft_module._C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, itemsize,
-                                                        backward)
-    return ws <= get_config().fft_workspace_bytes
+    return _fft_module.cpu_loop_fits(p, sizes, itemsize, backward)
 
 
 def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Optional[str] = None) -> Optional[float]:

@@ -440,14 +440,19 @@ def _compiled_cpu_loop():
 _C_FFT_CPU = _compiled_cpu_loop()
 
 
-def _use_cpu_loop(passes, t: torch.Tensor, p: Problem, sizes, backward: bool) -> bool:
-    """Whether the torch passes run as the compiled CPU loop: CPU float32/float64 tensors, the extension built,
-    and the loop's workspace (a few channels per thread) within ``fft_workspace_bytes``."""
-    if not (_C_FFT_CPU is not None and passes is TorchPasses and t.device.type == "cpu"
-            and t.dtype in (torch.float32, torch.float64)):
+def cpu_loop_fits(p: Problem, sizes, itemsize: int, backward: bool) -> bool:
+    """Whether the compiled CPU loop is built and its workspace (a few channels per thread) fits
+    ``fft_workspace_bytes`` (also read by the cost model, lisa_kernels.dispatch)."""
+    if _C_FFT_CPU is None:
         return False
-    ws = _C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, t.element_size(), backward)
+    ws = _C_FFT_CPU.fft_cpu_workspace_bytes(list(p.grid), list(sizes), p.H, p.M, p.Dk, itemsize, backward)
     return ws <= get_config().fft_workspace_bytes
+
+
+def _use_cpu_loop(passes, t: torch.Tensor, p: Problem, sizes, backward: bool) -> bool:
+    """Whether the torch passes run as the compiled CPU loop: CPU float32/float64 tensors and the loop fits."""
+    return (passes is TorchPasses and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            and cpu_loop_fits(p, sizes, t.element_size(), backward))
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
