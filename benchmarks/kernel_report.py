@@ -228,8 +228,10 @@ def run_job(job):
     config = launch.configs(interpreting=False)[ci]
     per_pair = launch.tuned is not None
     pairs = config["BLOCK_M"] * config["BLOCK_N"] if per_pair else None
+    import torch
+    import triton
     rec = dict(kernel=launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.name,
-               name=launch.name, arch=case.arch, dtype=case.dtype, D=case.D, M=case.M, grid=list(case.grid),
+               name=launch.name, triton=triton.__version__, torch=torch.__version__.split("+")[0], arch=case.arch, dtype=case.dtype, D=case.D, M=case.M, grid=list(case.grid),
                E=case.E, causal=case.causal, boundary=case.boundary,
                **{"pass": ("yardstick-" + pas) if yard else pas},
                config=" ".join(f"{k}={v}" for k, v in config.items()), num_warps=config["num_warps"],
@@ -282,7 +284,8 @@ def launcher_choices(recs):
 
 
 def render(records, meta) -> str:
-    lines = [f"# Kernel report ({meta['date']}, triton {meta['triton']}, commit {meta['commit']})", "",
+    lines = [f"# Kernel report ({meta['date']}, triton {meta['triton']} with torch {meta['torch']}, "
+             f"commit {meta['commit']})", "",
              "Compiled code of every Triton kernel of `backend=\"triton\"` and of a textbook FlashAttention-2 "
              "(`benchmarks/yardstick_fa2.py`); no GPU involved. Issue cycles per 1k (query, key) pairs = hot-loop "
              "instructions x warps / 4 / (tile pairs / 1000).", "",
@@ -373,16 +376,19 @@ def main(argv=None):
             if key not in seen and c.M == 1 and c.E == 0:
                 seen.add(key)
                 jobs += jobs_for(c, True)
-    print(f"compiling {len(jobs)} kernel configs with {args.jobs} processes ...", flush=True)
+    import triton
+    print(f"compiling {len(jobs)} kernel configs with {args.jobs} processes, triton {triton.__version__} ...",
+          flush=True)
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         records = list(pool.map(run_job, jobs))
-    import triton
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
     except OSError:
         commit = "?"
-    meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__, commit=commit)
+    import torch
+    meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__,
+                torch=torch.__version__.split("+")[0], commit=commit)
     text = render(records, meta)
     print(text)
     tg = targets(records)

@@ -181,6 +181,8 @@ def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
 
 
 if HAS_TRITON:
+    from ._triton_compat import patch_interpreter
+    patch_interpreter()          # Triton 3.6's interpreter and NumPy >= 2.4: runtime loop bounds (see there)
     from .triton_direct_kernels import (_bwd_dkv_kernel, _bwd_dq_kernel, _bwd_prep_kernel, _fwd_kernel,
                                         _prep_kernel, _table_grad_kernel)
 
