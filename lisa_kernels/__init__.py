@@ -91,7 +91,7 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
                    num_extra: int = 0, rpe_extra: Optional[torch.Tensor] = None, feature_map: str = "elu1",
                    normalize: bool = True, eps: float = 1e-6, boundary: str = "zero", causal: bool = False,
                    backend: str = "auto", scale: float = 1.0) -> torch.Tensor:
-    """LiSA attention, as defined in SPEC.md.
+    """LiSA attention, as defined in docs/operator.md.
 
     For grid tokens i, j at positions p_i, p_j and RPE group m = g(c) of value channel c::
 

@@ -1,6 +1,6 @@
 """The one place where the arguments of :func:`lisa_kernels.lisa_attention` are checked.
 
-Every rule of SPEC.md is checked here, before any backend runs, and every violation raises a
+Every rule of docs/operator.md is checked here, before any backend runs, and every violation raises a
 ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong value or shape) whose message
 names the argument, what was expected and what was given.
 """

@@ -1,4 +1,4 @@
-"""The exact dense reference: SPEC.md written out in PyTorch, O(N^2) time and memory.
+"""The exact dense reference: docs/operator.md written out in PyTorch, O(N^2) time and memory.
 
     A_ij     = phi(q_i) . phi(k_j)
     W^m_ij   = A_ij * exp(rpe[h, m, p_i - p_j + S - 1])        grid token pairs (boundary "zero")
@@ -45,7 +45,7 @@ def reference_bytes(p: Problem) -> int:
 
 
 def _log_weights(rpe: torch.Tensor, rpe_extra: Optional[torch.Tensor], p: Problem) -> torch.Tensor:
-    """The (H, M, N, N) log-weights log r_hm for every token pair (i, j), as SPEC.md defines them."""
+    """The (H, M, N, N) log-weights log r_hm for every token pair (i, j), as docs/operator.md defines them."""
     H, M, E, N = p.H, p.M, p.num_extra, p.N
     pos = grid_positions(p.grid, rpe.device)                      # (Ng, d)
     delta = pos[:, None, :] - pos[None, :, :]                      # (Ng, Ng, d): p_i - p_j

@@ -4,7 +4,8 @@ Errors are relative: max|a - b| / max|b|. float64 must agree to 1e-9 and float32
 bfloat16 must be within twice the error that the reference itself makes when PyTorch computes it in that
 precision (the FlashAttention criterion), plus half an ulp of the dtype.
 
-The reference is checked, in turn, against independent formulas: a loop-by-loop transcription of SPEC.md and,
+The reference is checked, in turn, against independent formulas: a loop-by-loop transcription of docs/operator.md
+and,
 for rpe == 0, plain normalized linear attention.
 """
 
@@ -457,7 +458,7 @@ def test_zero_rpe_is_linear_attention(grid, E, boundary, causal, feature_map, ba
 
 
 def _spec_loops(q, k, v, rpe, rpe_extra, grid, E, boundary, causal, normalize, eps, feature_map):
-    """SPEC.md, written with Python loops over (b, h, i, j) and Python floats; shares no code with the package."""
+    """docs/operator.md written with Python loops over (b, h, i, j) and Python floats; no code of the package."""
     def phi(x):
         if feature_map == "elu1":
             return x + 1.0 if x > 0 else math.exp(x)

@@ -1,4 +1,4 @@
-"""LiSAAttention as a drop-in for timm's ViT ``Attention`` (SPEC.md, 'What "drop-in" means').
+"""LiSAAttention as a drop-in for timm's ViT ``Attention`` (docs/models.md).
 
 Builds ``vit_tiny_patch16_224`` with ``pretrained=False`` (no download, no network), replaces every block's
 ``attn`` with ``LiSAAttention(dim, num_heads, qkv_bias=True, grid=(14, 14), num_extra=1)`` (the CLS token is
