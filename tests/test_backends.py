@@ -5,8 +5,7 @@ bfloat16 must be within twice the error that the reference itself makes when PyT
 precision (the FlashAttention criterion), plus half an ulp of the dtype.
 
 The reference is checked, in turn, against independent formulas: a loop-by-loop transcription of docs/operator.md
-and,
-for rpe == 0, plain normalized linear attention.
+and, for rpe == 0, plain normalized linear attention.
 """
 
 from __future__ import annotations
