@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The oldest torch and triton the package supports (pyproject.toml): torch 2.11.0 with triton 3.6.0, the pair of
+# the H100/H200 machine benchmarks/gpu_session.sh runs on. In a fresh venv: install the package, building the
+# extension against this torch's headers where nvcc exists (for sm_90a only, the GPU machine's arch, to save
+# time: the newest environment compiles both archs), then the tests that depend on the torch/triton version:
+# the Triton kernels under the interpreter, their compile for sm_90a and sm_80 (tests/test_kernel_report.py),
+# the extension, and gpu_session.sh --dry-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH=${LISA_OLDEST_TORCH:-2.11.0}
+TRITON=${LISA_OLDEST_TRITON:-3.6.0}
+
+python3 -m venv .venv-ci-oldest
+. .venv-ci-oldest/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==$TORCH" "triton==$TRITON" setuptools wheel
+if command -v nvcc >/dev/null 2>&1; then
+  export LISA_REQUIRE_EXTENSION=1 LISA_CUDA_ARCHS=${LISA_CUDA_ARCHS:-9.0a}
+fi
+python -m pip install --quiet --no-build-isolation ".[test]"
+python - <<PY
+import torch, triton
+print(f"torch {torch.__version__}, triton {triton.__version__}")
+assert torch.__version__.split("+")[0] == "$TORCH" and triton.__version__ == "$TRITON", "wrong versions installed"
+PY
+pytest -q tests/test_triton_direct.py tests/test_triton_range.py tests/test_triton_fft.py \
+  tests/test_kernel_report.py tests/test_cuda_extension.py tests/test_gpu_session.py tests/test_validation.py
