@@ -39,7 +39,7 @@ def extension_reason() -> Optional[str]:
     if HAS_EXTENSION:
         return None
     return (f"the compiled extension lisa_kernels._C is not built ({_IMPORT_ERROR}); reinstall with a CUDA "
-            f"toolkit and 'pip install --no-build-isolation .' (README, 'CUDA extension')")
+            f"toolkit and 'pip install --no-build-isolation .' (docs/backends.md, 'The compiled extension')")
 
 
 def _spectrum_shape(sizes):
