@@ -13,7 +13,7 @@ TRITON=${LISA_OLDEST_TRITON:-3.6.0}
 python3 -m venv .venv-ci-oldest
 . .venv-ci-oldest/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==$TORCH" "triton==$TRITON" setuptools wheel
+python -m pip install --quiet "torch==$TORCH" "triton==$TRITON" "setuptools>=77" wheel
 if command -v nvcc >/dev/null 2>&1; then
   export LISA_REQUIRE_EXTENSION=1 LISA_CUDA_ARCHS=${LISA_CUDA_ARCHS:-9.0a}
 fi
