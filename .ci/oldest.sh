@@ -13,11 +13,15 @@ TRITON=${LISA_OLDEST_TRITON:-3.6.0}
 python3 -m venv .venv-ci-oldest
 . .venv-ci-oldest/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==$TORCH" "triton==$TRITON" "setuptools>=77" wheel
+# pinned for every install below: the test extras' timm pulls torchvision, whose newest release would
+# otherwise replace this torch with another
+PINS=.venv-ci-oldest/pins.txt
+printf 'torch==%s\ntriton==%s\n' "$TORCH" "$TRITON" > "$PINS"
+python -m pip install --quiet -c "$PINS" torch triton "setuptools>=77" wheel
 if command -v nvcc >/dev/null 2>&1; then
   export LISA_REQUIRE_EXTENSION=1 LISA_CUDA_ARCHS=${LISA_CUDA_ARCHS:-9.0a}
 fi
-python -m pip install --quiet --no-build-isolation ".[test]"
+python -m pip install --quiet -c "$PINS" --no-build-isolation ".[test]"
 python - <<PY
 import torch, triton
 print(f"torch {torch.__version__}, triton {triton.__version__}")
