@@ -17,6 +17,8 @@ sys.path.insert(0, BENCH_DIR)
 
 import benchmark  # noqa: E402
 import compare  # noqa: E402
+import harness  # noqa: E402
+import methods  # noqa: E402
 
 import lisa_kernels  # noqa: E402
 
@@ -36,7 +38,7 @@ def offsets_table_index(grid):
 
 @pytest.mark.parametrize("grid", [(5,), (3, 4), (2, 3, 2)])
 def test_relative_index_matches_loops(grid):
-    assert torch.equal(benchmark.relative_index(grid, "cpu"), offsets_table_index(grid))
+    assert torch.equal(methods.relative_index(grid, "cpu"), offsets_table_index(grid))
 
 
 def test_dense_bias_is_softmax_with_the_gathered_bias():
@@ -48,7 +50,7 @@ def test_dense_bias_is_softmax_with_the_gathered_bias():
     index = offsets_table_index(grid)
     bias = torch.stack([table[h][index] for h in range(H)])
     expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D) + bias, dim=-1) @ v
-    got = benchmark.dense_bias_attention(q, k, v, table, benchmark.relative_index(grid, "cpu"))
+    got = methods.dense_bias_attention(q, k, v, table, methods.relative_index(grid, "cpu"))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -58,18 +60,18 @@ def test_linear_attention_is_lisa_with_unit_rpe_weights():
     q, k, v = (torch.randn(2, 3, 20, 6, generator=gen, dtype=torch.float64) for _ in range(3))
     ones = torch.ones(3, 1, 7, 9, dtype=torch.float64)
     ref = lisa_kernels.lisa_attention(q, k, v, ones, grid=grid, backend="reference")
-    torch.testing.assert_close(benchmark.linear_attention(q, k, v), ref, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(methods.linear_attention(q, k, v), ref, rtol=1e-7, atol=1e-7)
 
 
 def test_flop_formulas():
-    case = benchmark.Case(grid=(8, 8), D=32, dtype="float32", mode="fwd", method="sdpa", B=2, H=3, device="cpu",
-                          repeats=1, warmup=0, min_time=0.0, rotate=1, seed=0)
-    assert benchmark.model_flops(case, "sdpa") == 4 * 2 * 3 * 64 ** 2 * 32
-    assert benchmark.model_flops(case, "linear") == 4 * 2 * 3 * 64 * 32 * 33
-    bwd = benchmark.Case(**{**case.__dict__, "mode": "fwd+bwd"})
-    assert benchmark.model_flops(bwd, "sdpa") == 3.5 * benchmark.model_flops(case, "sdpa")
-    assert benchmark.flop_kind("fft") == benchmark.flop_kind("lisa-cuda") == "lisa-fft"
-    assert benchmark.flop_kind("direct") == benchmark.flop_kind("lisa-triton") == "lisa-direct"
+    case = methods.Case(grid=(8, 8), D=32, dtype="float32", mode="fwd", method="sdpa", B=2, H=3, device="cpu",
+                        repeats=1, warmup=0, min_time=0.0, rotate=1, seed=0)
+    assert methods.model_flops(case, "sdpa") == 4 * 2 * 3 * 64 ** 2 * 32
+    assert methods.model_flops(case, "linear") == 4 * 2 * 3 * 64 * 32 * 33
+    bwd = methods.Case(**{**case.__dict__, "mode": "fwd+bwd"})
+    assert methods.model_flops(bwd, "sdpa") == 3.5 * methods.model_flops(case, "sdpa")
+    assert methods.flop_kind("fft") == methods.flop_kind("lisa-cuda") == "lisa-fft"
+    assert methods.flop_kind("direct") == methods.flop_kind("lisa-triton") == "lisa-direct"
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +116,9 @@ def test_tiny_sweep_writes_every_output(tiny_sweep):
 
 
 def test_one_case_in_a_child_process(tmp_path):
-    case = benchmark.Case(grid=(4, 4), D=8, dtype="float32", mode="fwd+bwd", method="lisa-fft", B=1, H=2,
-                          device="cpu", repeats=2, warmup=1, min_time=0.0, rotate=2, seed=3)
-    result = benchmark.measure_in_subprocess(case, timeout=300)
+    case = methods.Case(grid=(4, 4), D=8, dtype="float32", mode="fwd+bwd", method="lisa-fft", B=1, H=2,
+                        device="cpu", repeats=2, warmup=1, min_time=0.0, rotate=2, seed=3)
+    result = harness.measure_in_subprocess(case, timeout=300)
     assert result["status"] == "ok", result
     assert result["calls"] == 2 and result["peak_mib"] >= 0
 
