@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -127,30 +128,44 @@ def parse_grid(text: str) -> Tuple[int, ...]:
     return grid
 
 
-def parse_point(text: str) -> Tuple[Tuple[int, ...], int, str]:
-    """'256x256:32:fwd' -> ((256, 256), 32, 'fwd'): one (grid, D, mode) point for --cases."""
+Point = Tuple[Tuple[int, ...], int, str, Optional[Tuple[str, ...]]]
+
+
+def parse_point(text: str) -> Point:
+    """'256x256:32:fwd' -> ((256, 256), 32, 'fwd', None): one (grid, D, mode) point for --cases; an optional
+    fourth field names the methods measured there: '256x256:32:fwd:sdpa,lisa-fft' -> (..., ('sdpa', 'lisa-fft'))."""
     parts = text.split(":")
-    if len(parts) != 3 or parts[2] not in MODES:
-        raise argparse.ArgumentTypeError(f"a case is GRID:D:MODE with MODE one of {MODES}, got {text!r}")
+    if len(parts) not in (3, 4) or parts[2] not in MODES:
+        raise argparse.ArgumentTypeError(f"a case is GRID:D:MODE[:METHOD,...] with MODE one of {MODES}, got {text!r}")
     try:
         D = int(parts[1])
     except ValueError:
         raise argparse.ArgumentTypeError(f"D must be an integer in {text!r}") from None
-    return parse_grid(parts[0]), D, parts[2]
+    methods = None
+    if len(parts) == 4:
+        methods = tuple(parts[3].split(","))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r} in {text!r}")
+    return parse_grid(parts[0]), D, parts[2], methods
 
 
 def build_cases(args) -> List[Case]:
     """All cases, smallest grid first, the baseline first within a (grid, D, dtype, mode).
 
-    The (grid, D, mode) points are the product of --grids, --dims and --modes, or exactly --cases."""
-    methods = sorted(set(args.methods), key=lambda m: (m != args.baseline, METHODS.index(m)))
+    The (grid, D, mode) points are the product of --grids, --dims and --modes, or exactly --cases. A point of
+    --cases that names its methods runs those of --methods it names (and the baseline)."""
+    def ordered(names):
+        return sorted(set(names) | {args.baseline}, key=lambda m: (m != args.baseline, METHODS.index(m)))
+
     if getattr(args, "cases", None):
         points = sorted(set(args.cases), key=lambda c: (math.prod(c[0]), c[0], c[1], MODES.index(c[2])))
     else:
         grids = sorted(set(args.grids), key=lambda g: (math.prod(g), g))
-        points = [(g, D, m) for g in grids for D in sorted(set(args.dims)) for m in MODES if m in args.modes]
+        points = [(g, D, m, None) for g in grids for D in sorted(set(args.dims)) for m in MODES if m in args.modes]
     cases = []
-    for grid, D, mode in points:
+    for grid, D, mode, only in points:
+        methods = ordered(m for m in args.methods if only is None or m in only)
         for dtype in args.dtypes:
             for method in methods:
                 cases.append(Case(grid, D, dtype, mode, method, args.batch, args.heads, args.device, args.repeats,
@@ -281,7 +296,9 @@ def problem_view(case: Case) -> Dict[str, torch.Tensor]:
     return {"q": qkv, "k": qkv, "v": qkv, "rpe": one.expand(case.H, 1, *(2 * s - 1 for s in case.grid))}
 
 
+@functools.lru_cache(maxsize=None)
 def explain_case(case: Case, backward: Optional[bool] = None):
+    """lisa_kernels.explain of the case's problem (cached: the sweep asks for the same case several times)."""
     x = problem_view(case)
     backward = case.mode != "fwd" if backward is None else backward
     return lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], grid=case.grid, backward=backward)
