@@ -7,6 +7,8 @@
   libraries (the CPU default, for a clean memory baseline);
 - ``estimate``: the time per call of a case before running it (LiSA's cost model, or a baseline's own time on a
   smaller grid), on which too slow cases are skipped;
+- ``Clock``: the wall time of a case predicted from that estimate and the cases so far, for the time left on
+  the progress line and for the time budget (``--budget-seconds``);
 - ``run_case`` / ``run_sweep``: every case in turn, a progress line each, partial results saved as they come.
 """
 
@@ -25,7 +27,7 @@ import torch
 
 from methods import (Case, cannot_run_reason, chosen_backend, explain_case, flop_kind, lisa_backend, make_call,
                      make_inputs, model_flops)
-from reports import seconds_text, write_json
+from reports import duration_text, seconds_text, write_json
 
 MIB = 2.0 ** 20
 
@@ -252,16 +254,110 @@ def previous_grid_record(case: Case, records: Sequence[Dict]) -> Optional[Dict]:
     return max(same, key=lambda r: r["N"]) if same else None
 
 
+def largest_record(case: Case, records: Sequence[Dict]) -> Optional[Dict]:
+    """The record of the same method and dtype (any D, mode or grid) on the largest grid."""
+    same = [r for r in records if (r["method"], r["dtype"]) == (case.method, case.dtype)
+            and record_seconds(r) is not None]
+    return max(same, key=lambda r: r["N"]) if same else None
+
+
+MODEL_SOURCE = "lisa_kernels cost model (dispatch.estimate_seconds)"
+BUDGET_MARGIN = 1.5     # a case must fit in the time budget at 1.5x its predicted time (a busy machine)
+
+
 def estimate(case: Case, records: Sequence[Dict]) -> Tuple[Optional[float], str]:
-    """(seconds per call, how it was estimated); None where there is nothing to estimate from."""
+    """(seconds per call, how it was estimated); None where there is nothing to estimate from.
+
+    LiSA: its cost model. A baseline: its own time on the previous, smaller grid of the same D, mode and rank,
+    times N^2 (N for linear attention); else its time at another point, times the ratio of the FLOP model."""
     if case.method.startswith("lisa-"):
-        return lisa_model_seconds(case), "lisa_kernels cost model (dispatch.estimate_seconds)"
+        return lisa_model_seconds(case), MODEL_SOURCE
     prev = previous_grid_record(case, records)
-    if prev is None:
+    if prev is not None:
+        power = 1 if case.method == "linear" else 2
+        return (record_seconds(prev) * (case.N / prev["N"]) ** power,
+                f"N^{power} extrapolation from {prev['grid_label']}")
+    other = largest_record(case, records)
+    if other is None:
         return None, "first grid: not estimated"
-    power = 1 if case.method == "linear" else 2
-    return (record_seconds(prev) * (case.N / prev["N"]) ** power,
-            f"N^{power} extrapolation from {prev['grid_label']}")
+    at_other = dataclasses.replace(case, grid=tuple(other["grid"]), D=other["D"], mode=other["mode"])
+    return (record_seconds(other) * model_flops(case, case.method) / model_flops(at_other, case.method),
+            f"FLOP-model scaling from {other['grid_label']} D={other['D']} {other['mode']}")
+
+
+def backend_name(case: Case) -> str:
+    """The LiSA backend a case runs ("direct", "fft", ...; for lisa-auto the one it picks)."""
+    name = chosen_backend(case)
+    return lisa_backend(name) if name.startswith("lisa-") else name
+
+
+class Clock:
+    """The sweep's wall time: elapsed, predicted for a case, left, against the budget (0: none).
+
+    A case takes about ``overhead + t * calls``: ``t`` its estimate per call, ``calls`` the warm-up, the timed
+    calls (at least --repeats and --min-time), the memory call on the CPU and the forwards a "bwd" case makes
+    first; ``overhead`` (the child process, the inputs) is the median over the cases measured so far, 0.5 s
+    before the first. A cost-model estimate is scaled by how that backend's measured times compared with
+    the model so far (sum of measured / sum of modelled times, so that the large cases weigh most)."""
+
+    def __init__(self, started: float, budget: float = 0.0):
+        self.started = started
+        self.budget = budget
+        self.overheads: List[float] = []
+        self.model_sums: Dict[str, List[float]] = {}      # backend: [measured s, modelled s], summed
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @staticmethod
+    def calls_seconds(case: Case, t: float) -> float:
+        untimed = case.warmup + (case.device == "cpu") + (case.rotate if case.mode == "bwd" else 0)
+        return t * untimed + max(t * case.repeats, case.min_time)
+
+    def model_factor(self, backend: str) -> float:
+        """Measured / modelled time so far, for this backend (or for all of them before its first case)."""
+        sums = self.model_sums.get(backend) or [sum(s[i] for s in self.model_sums.values()) for i in (0, 1)]
+        return sums[0] / sums[1] if sums[1] > 0 else 1.0
+
+    def case_seconds(self, case: Case, est: Optional[float], source: str) -> float:
+        t = est or 0.0
+        if source == MODEL_SOURCE:
+            t *= self.model_factor(backend_name(case))
+        overhead = statistics.median(self.overheads) if self.overheads else 0.5
+        return overhead + self.calls_seconds(case, t)
+
+    def learn(self, case: Case, rec: Dict) -> None:
+        """Take in a finished case's record (its wall time and, measured, its time per call)."""
+        if rec["status"] != "ok":
+            return
+        t = rec["median_ms"] / 1e3
+        self.overheads.append(max(0.0, rec["wall_s"] - self.calls_seconds(case, t)))
+        if rec["estimate_source"] == MODEL_SOURCE and rec["estimate_s"]:
+            sums = self.model_sums.setdefault(backend_name(case), [0.0, 0.0])
+            sums[0] += t
+            sums[1] += rec["estimate_s"]
+
+    def over_budget(self, seconds: float) -> bool:
+        """Whether a case predicted to take ``seconds`` would end past the budget (with BUDGET_MARGIN)."""
+        return bool(self.budget) and self.elapsed() + BUDGET_MARGIN * seconds > self.budget
+
+    def time_left(self, cases: Sequence[Case], records: Sequence[Dict], max_seconds: float) -> float:
+        """Predicted seconds to run ``cases`` after ``records``: each one estimated as run_case will, a case
+        that will be skipped counting nothing (capped by the budget left)."""
+        seen = list(records)
+        total = 0.0
+        for case in cases:
+            if cannot_run_reason(case) is not None:
+                continue
+            est, source = estimate(case, seen)
+            seen.append({"method": case.method, "dtype": case.dtype, "D": case.D, "mode": case.mode,
+                         "grid": list(case.grid), "grid_label": case.grid_label, "N": case.N,
+                         "status": "skipped", "estimate_s": est})    # for the next grid's extrapolation
+            if est is None or est <= max_seconds:
+                total += self.case_seconds(case, est, source)
+        if self.budget:
+            total = min(total, max(0.0, self.budget - self.elapsed()))
+        return total
 
 
 # -------------------------------------------------------------------------------------------- sweep
@@ -282,8 +378,16 @@ def baseline_record(records: Sequence[Dict], rec: Dict, baseline: str) -> Option
     return None
 
 
-def run_case(case: Case, records: Sequence[Dict], args) -> Dict:
-    """Estimate, then skip or measure one case; returns its record."""
+def run_case(case: Case, records: Sequence[Dict], args, clock: Optional[Clock] = None) -> Dict:
+    """Estimate, then skip or measure one case; returns its record (with ``wall_s``, the time it took)."""
+    t0 = time.perf_counter()
+    rec = measure_case(case, records, args, clock or Clock(t0))
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def measure_case(case: Case, records: Sequence[Dict], args, clock: Clock) -> Dict:
+    """run_case's work: skipped (cannot run, estimated too slow, over the time budget), or measured."""
     rec = base_record(case)
     reason = cannot_run_reason(case)
     if reason is not None:
@@ -293,6 +397,11 @@ def run_case(case: Case, records: Sequence[Dict], args) -> Dict:
     rec.update(estimate_s=est, estimate_source=source)
     if est is not None and est > args.max_seconds:
         rec.update(status="skipped", reason="estimated too slow")
+        return rec
+    predicted = clock.case_seconds(case, est, source)
+    if clock.over_budget(predicted):
+        rec.update(status="skipped", reason=f"over the time budget: predicted {seconds_text(predicted)}, "
+                                            f"{seconds_text(max(0.0, clock.budget - clock.elapsed()))} left")
         return rec
     if case.device == "cpu" and not args.in_process:
         timeout = 120 + 5 * (case.repeats + case.warmup) * max(args.max_seconds, est or 0)
@@ -312,8 +421,10 @@ def progress_line(i: int, n: int, case: Case, rec: Dict, baseline: str) -> str:
     head = f"[{i:>{len(str(n))}}/{n}] {case.label}"
     if rec["status"] == "skipped" and rec["estimate_s"] is None:
         return f"{head} skipped: {rec['reason']}"
-    if rec["status"] == "skipped":
+    if rec.get("reason") == "estimated too slow":
         return f"{head} skipped: estimated too slow ({seconds_text(rec['estimate_s'])} > --max-seconds)"
+    if rec["status"] == "skipped":
+        return f"{head} skipped: {rec['reason']}"
     if rec["status"] == "failed":
         return f"{head} FAILED: {rec['reason']}"
     backend = f" ({rec['backend']})" if case.method == "lisa-auto" else ""
@@ -322,12 +433,21 @@ def progress_line(i: int, n: int, case: Case, rec: Dict, baseline: str) -> str:
             f"{rec['tflops']:8.3f} TFLOP/s  peak {rec['peak_mib']:8.1f} MiB")
 
 
-def run_sweep(cases: Sequence[Case], args, meta: Dict, tmp_path: str) -> List[Dict]:
-    """Run every case in order, printing a line per case and saving partial results to ``tmp_path``."""
+def run_sweep(cases: Sequence[Case], args, meta: Dict, tmp_path: str, started: Optional[float] = None) -> List[Dict]:
+    """Run every case in order, printing a line per case (with the time it took and the time left) and saving
+    partial results to ``tmp_path``. ``started``: when the command began, for ``args.budget_seconds``."""
+    clock = Clock(time.perf_counter() if started is None else started, getattr(args, "budget_seconds", 0) or 0)
+    left = clock.time_left(cases, [], args.max_seconds)
+    budget = f" (budget {seconds_text(clock.budget)} from the start)" if clock.budget else ""
+    print(f"about {duration_text(left)} by the estimates{budget}", flush=True)
     records: List[Dict] = []
     for i, case in enumerate(cases, 1):
-        rec = run_case(case, records, args)
+        rec = run_case(case, records, args, clock)
         records.append(rec)
-        print(progress_line(i, len(cases), case, rec, args.baseline), flush=True)
+        clock.learn(case, rec)
+        left = clock.time_left(cases[i:], records, args.max_seconds)
+        left_text = f", ~{duration_text(left)} left" if i < len(cases) else ""
+        print(f"{progress_line(i, len(cases), case, rec, args.baseline)}  | {seconds_text(rec['wall_s'])}{left_text}",
+              flush=True)
         write_json(tmp_path, {"meta": meta, "records": records})
     return records

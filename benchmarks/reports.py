@@ -118,6 +118,16 @@ def seconds_text(s: float) -> str:
     return f"{s:.0f} s" if s >= 10 else f"{s:.2g} s"
 
 
+def duration_text(s: float) -> str:
+    """A wall time for people: '45 s', '3 min 05 s', '1 h 02 min'."""
+    s = round(s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -169,6 +179,8 @@ def markdown_table(records: Sequence[Dict], meta: Dict) -> str:
         if r["status"] == "ok":
             cells = (fmt(r["median_ms"], ".3f"), fmt(r.get("ratio_base"), ".2f"), fmt(r["tflops"], ".3f"),
                      fmt(r["peak_mib"], ".1f"))
+        elif r["status"] == "skipped" and r["reason"].startswith("over the time budget"):
+            cells = ("over the time budget", "-", "-", "-")
         elif r["status"] == "skipped" and r["estimate_s"] is not None:
             cells = (f"skipped (est. {seconds_text(r['estimate_s'])})", "-", "-", "-")
         elif r["status"] == "skipped":
