@@ -354,7 +354,7 @@ def metadata(args, argv: Sequence[str]) -> Dict:
         "benchmark_argv": list(argv), "baseline": args.baseline, "methods": list(args.methods),
         "dtypes": list(args.dtypes), "modes": [m for m in MODES if m in args.modes], "B": args.batch,
         "H": args.heads, "repeats": args.repeats, "warmup": args.warmup, "min_time_s": args.min_time,
-        "rotate": args.rotate,
+        "rotate": args.rotate, "sweep": args.sweep, "budget_seconds": args.budget_seconds or None,
         "max_seconds": args.max_seconds, "in_process": bool(args.in_process),
         "timing_method": TIMING_METHOD[dev],
         "memory_method": MEMORY_METHOD[dev] if not (dev == "cpu" and args.in_process) else
