@@ -24,7 +24,18 @@ def test_cases_are_exactly_the_points_given():
                    ((256, 256), 32, "fwd", "sdpa"), ((256, 256), 32, "fwd", "lisa-fft")]
 
 
-@pytest.mark.parametrize("bad", ["256x256:32", "256x256:x:fwd", "256x256:32:back"])
+def test_a_case_may_name_its_methods():
+    assert methods.parse_point("64x64:32:fwd") == ((64, 64), 32, "fwd", None)
+    assert methods.parse_point("64x64:32:fwd:lisa-fft,linear") == ((64, 64), 32, "fwd", ("lisa-fft", "linear"))
+    args = benchmark.parse_args(["--device", "cpu", "--cases", "64x64:32:fwd:lisa-fft,linear", "32x32:32:fwd",
+                                 "--methods", "sdpa", "lisa-fft", "lisa-direct"])
+    got = [(c.grid, c.method) for c in methods.build_cases(args)]
+    assert got == [((32, 32), "sdpa"), ((32, 32), "lisa-direct"), ((32, 32), "lisa-fft"),
+                   ((64, 64), "sdpa"), ((64, 64), "lisa-fft")]       # named and in --methods, plus the baseline
+
+
+@pytest.mark.parametrize("bad", ["256x256:32", "256x256:x:fwd", "256x256:32:back", "256x256:32:fwd:nope",
+                                 "256x256:32:fwd:sdpa:x"])
 def test_bad_case_is_an_argparse_error(bad):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--device", "cpu", "--cases", bad])
