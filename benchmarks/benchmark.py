@@ -31,7 +31,8 @@ same (grid, D, dtype, mode), the peak memory and the throughput (TFLOP/s, formul
   from its own time on the previous, smaller grid (N^2 for softmax attention, N for linear attention).
 - progress: a line per case with the time it took and the time left, predicted from those estimates and
   the cases so far; a case predicted to end past ``--budget-seconds`` (counted from the command's start) is
-  recorded as skipped ("over the time budget") instead of running over.
+  recorded as skipped ("over the time budget") instead of running over, and one still running when the
+  budget runs out is stopped (its child process killed) and recorded the same way.
 
 Writes ``<out>.json`` (metadata, one record per case, the issue's targets), ``<out>.csv`` (the records),
 ``<out>.md`` (tables), ``<out>.png`` (time vs tokens) and ``<out>_speedup.png`` (baseline / lisa-auto, grid

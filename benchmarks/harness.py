@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import multiprocessing
 import os
 import statistics
@@ -298,7 +299,9 @@ class Clock:
     calls (at least --repeats and --min-time), the memory call on the CPU and the forwards a "bwd" case makes
     first; ``overhead`` (the child process, the inputs) is the median over the cases measured so far, 0.5 s
     before the first. A cost-model estimate is scaled by how that backend's measured times compared with
-    the model so far (sum of measured / sum of modelled times, so that the large cases weigh most)."""
+    the model so far (sum of measured / sum of modelled times, so that the large cases weigh most).
+    With a budget, run_case skips a case predicted to end past it and stops a child process still running
+    when it runs out."""
 
     def __init__(self, started: float, budget: float = 0.0):
         self.started = started
@@ -405,7 +408,11 @@ def measure_case(case: Case, records: Sequence[Dict], args, clock: Clock) -> Dic
         return rec
     if case.device == "cpu" and not args.in_process:
         timeout = 120 + 5 * (case.repeats + case.warmup) * max(args.max_seconds, est or 0)
-        rec.update(measure_in_subprocess(case, timeout))
+        budget_left = clock.budget - clock.elapsed() if clock.budget else math.inf
+        result = measure_in_subprocess(case, min(timeout, max(1.0, budget_left)))
+        if budget_left < timeout and result.get("reason", "").startswith("worker timed out"):   # stopped at the budget
+            result = {"status": "skipped", "reason": f"over the time budget: stopped after {seconds_text(budget_left)}"}
+        rec.update(result)
     else:
         rec.update(measure(case))
     if rec["status"] == "ok":

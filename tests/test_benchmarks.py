@@ -296,6 +296,17 @@ def test_a_case_that_would_end_past_the_budget_is_skipped():
     assert harness.run_case(case, [], args, on_time)["status"] == "ok"
 
 
+def test_a_case_still_running_at_the_budget_is_stopped(monkeypatch):
+    """A case predicted to fit but running on (here 30 s of --min-time) is stopped when the budget runs out."""
+    args = benchmark.parse_args(["--device", "cpu", "--cases", "64x64:16:fwd", "--methods", "sdpa", "--min-time", "30"])
+    case = methods.build_cases(args)[0]
+    monkeypatch.setattr(harness.Clock, "case_seconds", lambda self, case, est, source: 0.0)
+    clock = harness.Clock(time.perf_counter() - 98.0, budget=100.0)             # 2 s left
+    rec = harness.run_case(case, [], args, clock)
+    assert rec["status"] == "skipped" and rec["reason"].startswith("over the time budget: stopped after"), rec
+    assert rec["wall_s"] < 15
+
+
 def test_sweep_prints_the_time_left_and_honours_the_budget(tmp_path, capsys):
     argv = ["--device", "cpu", "--cases", "3x3:4:fwd", "4x4:4:fwd", "--methods", "sdpa", "linear", "--repeats", "1",
             "--min-time", "0", "--in-process", "--no-plot", "--out", str(tmp_path / "a.json")]
