@@ -108,7 +108,7 @@ def correctness_check() -> bool:
     return ok
 
 
-def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         return 1
     if check_only:
         return 0
-    return benchmark.main(argv, started=STARTED if started is None else started)
+    return benchmark.main(argv, started=STARTED)
 
 
 if __name__ == "__main__":
