@@ -251,7 +251,7 @@ def targets(records: List[Dict], device: str) -> Dict:
 
 def machine(device: str) -> Dict:
     sys.path.insert(0, HERE)
-    from benchmark import cpu_model, git_commit, version_of
+    from reports import cpu_model, git_commit, version_of
     commit, dirty = git_commit(LIBRARY_ROOT)
     return {"device": device, "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda")
             else cpu_model(), "cpu_model": cpu_model(), "cores": os.cpu_count(),

@@ -1,10 +1,14 @@
 """The main job: check that LiSA's fast backends agree with the reference, then run the benchmark sweep.
 
-    python benchmarks/run.py              # correctness check, then the default sweep (~25 min on 2 CPU cores)
+    python benchmarks/run.py              # correctness check, then the default set (2-4 min on 2 CPU cores)
+    python benchmarks/run.py --full       # correctness check, then the full sweep (30-50 min on 2 CPU cores)
     python benchmarks/run.py --quick      # correctness check, then a tiny sweep (about a minute)
-    python benchmarks/run.py --check-only # the correctness check alone
+    python benchmarks/run.py --check-only # the correctness check alone (a few seconds)
 
-Every argument other than --check-only is passed to ``benchmarks/benchmark.py`` (see its --help).
+Every argument other than --check-only is passed to ``benchmarks/benchmark.py`` (see its --help). The default
+set (``benchmark.DEFAULT_CASES``) is ViT sizes and one large grid where the fft path wins, forward and
+forward+backward; it stops starting cases that would end more than ``--budget-seconds`` (270) after this
+command started, so that the whole job ends within 5 minutes.
 
 The check runs backends "direct", "fft" and "auto" against backend="reference" in float64 on small random
 inputs (1D, 2D and 3D grids, extra tokens with rpe_extra, M = 2 RPE groups, the circular boundary, causal),
@@ -15,9 +19,13 @@ blow it up). Exit code 1 if any error exceeds 1e-9; the sweep then does not run.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Dict, List, Optional, Sequence
+import time
+
+STARTED = time.perf_counter()     # the time budget of the default set counts from here, imports included
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (os.path.dirname(HERE), HERE) if p not in sys.path]
@@ -92,21 +100,27 @@ def correctness_check() -> bool:
     """Run every check case; True if all errors are within TOLERANCE."""
     print(f"Correctness: backends {', '.join(BACKENDS)} vs reference, float64, output and gradients "
           f"(tolerance {TOLERANCE:g})")
+    t0 = time.perf_counter()
     errors = [e for name, grid, options in CHECK_CASES for e in check_case(name, grid, options)]
     ok = max(errors) <= TOLERANCE
-    print(f"Correctness: {'passed' if ok else 'FAILED'} (largest error {max(errors):.2e})\n", flush=True)
+    print(f"Correctness: {'passed' if ok else 'FAILED'} (largest error {max(errors):.2e}; "
+          f"{time.perf_counter() - t0:.1f} s)\n", flush=True)
     return ok
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print("--check-only: the correctness check alone. The other options are benchmarks/benchmark.py's:\n")
+        return benchmark.main(["--help"])
     check_only = "--check-only" in argv
     argv = [a for a in argv if a != "--check-only"]
     if not correctness_check():
         return 1
     if check_only:
         return 0
-    return benchmark.main(argv)
+    return benchmark.main(argv, started=STARTED)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The cost model behind backend="auto" against the committed benchmark results.
 
-For each device class, the latest ``benchmarks/results/{cpu,cuda}_*.json`` of that class (meta["device_class"],
-or "cpu" for CPU runs): at every stored (grid, D, mode, B, H, dtype) point where at least two exact fast LiSA
+For each device class, the latest committed ``benchmarks/results/{cpu,cuda}_*.json`` of that class
+(meta["device_class"], or "cpu" for CPU runs; a results file git does not track, such as the one
+``python benchmarks/run.py`` has just written on a possibly busy machine, is not read): at every stored (grid, D, mode, B, H, dtype) point where at least two exact fast LiSA
 backends were measured, the one the cost model picks among them must be within 1.2x of the fastest measured.
 GPU classes are evaluated on any machine (``device_class=`` is explicit). Plus unit tests of the device
 classes and of ``dtype_factor``.
@@ -11,6 +12,7 @@ import glob
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -28,11 +30,24 @@ def _device_class(meta):
     return meta.get("device_class") or ("cpu" if meta.get("device") == "cpu" else None)
 
 
+def _committed(paths):
+    """The paths among ``paths`` that git tracks; all of them outside a git checkout (e.g. an sdist)."""
+    try:
+        git = subprocess.run(["git", "ls-files", "--", *paths], cwd=RESULTS_DIR, capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return paths
+    if git.returncode != 0:
+        return paths
+    tracked = {os.path.basename(p) for p in git.stdout.split()}
+    return [p for p in paths if os.path.basename(p) in tracked]
+
+
 def _latest_per_class():
-    """{device class: (file name, data)} of the latest results file of each class."""
+    """{device class: (file name, data)} of the latest committed results file of each class."""
     latest = {}
     paths = glob.glob(os.path.join(RESULTS_DIR, "cpu_*.json")) + glob.glob(os.path.join(RESULTS_DIR, "cuda_*.json"))
-    for path in paths:
+    for path in _committed(paths):
         with open(path) as f:
             data = json.load(f)
         cls = _device_class(data.get("meta", {}))

@@ -1,0 +1,383 @@
+"""What the benchmark runs: the cases, the methods and their inputs.
+
+- ``Case`` (one measurement: a method on one grid, head dim, dtype and mode), ``parse_grid``, ``parse_point``
+  and ``build_cases`` (the list of cases of a sweep, in the order they run);
+- the method names (``METHODS``, ``METHOD_HELP``) and the baselines' attention: SDPA and its kernels, flash-attn,
+  a Swin/BEiT-style dense relative-position bias (``dense_bias_attention``), plain linear attention;
+- the inputs of a case (``make_inputs``) and the timed call on them (``make_call``: forward, backward or both);
+- why a method cannot run a case (``cannot_run_reason``), the backend ``lisa-auto`` picks (``chosen_backend``);
+- the FLOP model of each method (``FLOP_FORMULAS``, ``model_flops``).
+
+Importing this module puts the lisa_kernels to benchmark on ``sys.path``: this checkout's, or the one named by
+the environment variable ``LISA_BENCH_LIBRARY_ROOT`` (set by ``compare.py`` to time a git ref's library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+# the lisa_kernels to benchmark: this checkout's, or another one's (benchmarks/compare.py sets this to a
+# worktree of a git ref so that the same harness times two versions of the library)
+LIBRARY_ROOT = os.environ.get("LISA_BENCH_LIBRARY_ROOT") or REPO_ROOT
+if LIBRARY_ROOT not in sys.path:
+    sys.path.insert(0, LIBRARY_ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lisa_kernels  # noqa: E402
+
+
+SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+SOFTMAX_METHODS = ("sdpa",) + tuple(SDPA_KERNELS) + ("flash-attn", "dense-bias")
+BASELINES = SOFTMAX_METHODS + ("linear",)
+LISA_METHODS = tuple(f"lisa-{b}" for b in ("direct", "fft", "auto", "triton", "triton-fft", "cuda", "reference"))
+METHODS = BASELINES + LISA_METHODS
+METHOD_HELP = {
+    "sdpa": "F.scaled_dot_product_attention, torch's own kernel choice",
+    "sdpa-flash": "SDPA restricted to its FlashAttention-2 kernel (sdpa_kernel(SDPBackend.FLASH_ATTENTION))",
+    "sdpa-efficient": "SDPA restricted to the memory-efficient kernel",
+    "sdpa-cudnn": "SDPA restricted to the cuDNN kernel",
+    "sdpa-math": "SDPA restricted to the math (unfused PyTorch) kernel",
+    "flash-attn": "the flash-attn package's flash_attn_func (FlashAttention 2.x, or 4 via flash_attn.cute)",
+    "dense-bias": "softmax(q k^T / sqrt(D) + B) v with B[h, i, j] = table[h, offset(i, j)] gathered each call "
+                  "(Swin/BEiT-style relative position bias; SDPA with a float attn_mask), table learned",
+    "linear": "plain linear attention phi(q) (phi(k)^T v) / (phi(q) sum phi(k)), phi = elu + 1",
+    **{f"lisa-{b}": f"lisa_attention(..., backend={b!r})" for b in ("direct", "fft", "triton", "triton-fft",
+                                                                     "cuda", "reference")},
+    "lisa-auto": "lisa_attention(..., backend='auto'); the record names the backend it chose",
+}
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+# model FLOPs of one call; the backward of a quadratic method counts 2.5x its forward (FlashAttention's
+# convention: 5 matmuls against 2), of a linear-time one 2x
+FLOP_FORMULAS = {
+    "softmax": "fwd 4*B*H*N^2*D (q k^T and p v; softmax, bias and masking not counted)",
+    "linear": "fwd 4*B*H*N*D*(D+1) (phi(k)^T v and phi(q) S with the normaliser)",
+    "lisa-direct": "fwd 2*B*H*N*K*(Dk+Dv+M), K = N keys per query (the direct path's tile products, with the "
+                   "RPE weight and the normaliser)",
+    "lisa-fft": "fwd B*H*Dk*(Dv+M)*(5*P*log2(P) + 3*P + 4*N), P = product of the padded FFT sizes (a real FFT and "
+                "its inverse, 2.5*P*log2(P) each, the spectral product, forming and contracting each channel)",
+    "backward": "bwd 2.5x fwd for softmax and lisa-direct kinds, 2x for linear and lisa-fft kinds; "
+                "fwd+bwd = fwd + bwd",
+}
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement: a method on one problem size, in one dtype and mode."""
+
+    grid: Tuple[int, ...]
+    D: int
+    dtype: str
+    mode: str
+    method: str
+    B: int
+    H: int
+    device: str
+    repeats: int
+    warmup: int
+    min_time: float
+    rotate: int
+    seed: int
+
+    @property
+    def N(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def grid_label(self) -> str:
+        return "x".join(map(str, self.grid))
+
+    @property
+    def label(self) -> str:
+        return f"{self.grid_label:>9} N={self.N:<6} D={self.D:<3} {self.dtype:<8} {self.mode:<7} {self.method:<14}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Case":
+        d = json.loads(text)
+        d["grid"] = tuple(d["grid"])
+        return cls(**d)
+
+
+def parse_grid(text: str) -> Tuple[int, ...]:
+    """'128x128' -> (128, 128); '1024' -> (1024,); '8x32x32' -> (8, 32, 32)."""
+    try:
+        grid = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a grid is like 64x64, 1024 or 8x32x32, got {text!r}") from None
+    if not 1 <= len(grid) <= 3 or min(grid) < 1:
+        raise argparse.ArgumentTypeError(f"a grid has 1 to 3 positive sizes, got {text!r}")
+    return grid
+
+
+Point = Tuple[Tuple[int, ...], int, str, Optional[Tuple[str, ...]]]
+
+
+def parse_point(text: str) -> Point:
+    """'256x256:32:fwd' -> ((256, 256), 32, 'fwd', None): one (grid, D, mode) point for --cases; an optional
+    fourth field names the methods measured there: '256x256:32:fwd:sdpa,lisa-fft' -> (..., ('sdpa', 'lisa-fft'))."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[2] not in MODES:
+        raise argparse.ArgumentTypeError(f"a case is GRID:D:MODE[:METHOD,...] with MODE one of {MODES}, got {text!r}")
+    try:
+        D = int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"D must be an integer in {text!r}") from None
+    methods = None
+    if len(parts) == 4:
+        methods = tuple(parts[3].split(","))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r} in {text!r}")
+    return parse_grid(parts[0]), D, parts[2], methods
+
+
+def build_cases(args) -> List[Case]:
+    """All cases, smallest grid first, the baseline first within a (grid, D, dtype, mode).
+
+    The (grid, D, mode) points are the product of --grids, --dims and --modes, or exactly --cases. A point of
+    --cases that names its methods runs those of --methods it names (and the baseline)."""
+    def ordered(names):
+        return sorted(set(names) | {args.baseline}, key=lambda m: (m != args.baseline, METHODS.index(m)))
+
+    if getattr(args, "cases", None):
+        points = sorted(set(args.cases), key=lambda c: (math.prod(c[0]), c[0], c[1], MODES.index(c[2])))
+    else:
+        grids = sorted(set(args.grids), key=lambda g: (math.prod(g), g))
+        points = [(g, D, m, None) for g in grids for D in sorted(set(args.dims)) for m in MODES if m in args.modes]
+    cases = []
+    for grid, D, mode, only in points:
+        methods = ordered(m for m in args.methods if only is None or m in only)
+        for dtype in args.dtypes:
+            for method in methods:
+                cases.append(Case(grid, D, dtype, mode, method, args.batch, args.heads, args.device, args.repeats,
+                                  args.warmup, args.min_time, args.rotate, args.seed + len(cases)))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+def lisa_backend(method: str) -> str:
+    return method[len("lisa-"):]
+
+
+def relative_index(grid: Sequence[int], device) -> torch.Tensor:
+    """(N, N) int64 index into a flattened (2*S1-1) x (2*S2-1) x ... table of offsets i - j (row-major)."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s, device=device) for s in grid], indexing="ij"),
+                         dim=-1).reshape(-1, len(grid))
+    offset = coords[:, None, :] - coords[None, :, :] + torch.tensor([s - 1 for s in grid], device=device)
+    index = torch.zeros(offset.shape[:2], dtype=torch.long, device=device)
+    for a, s in enumerate(grid):
+        index = index * (2 * s - 1) + offset[..., a]
+    return index
+
+
+def dense_bias_attention(q, k, v, table, index):
+    """softmax(q k^T / sqrt(D) + B) v with B[h, i, j] = table[h, index[i, j]], the relative position bias."""
+    bias = table[:, index]                                            # (H, N, N), gathered on every call
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+
+
+def linear_attention(q, k, v, eps: float = 1e-6):
+    """phi(q) (phi(k)^T v) / (phi(q) sum_j phi(k_j) + eps), phi = elu + 1: LiSA with every RPE weight 1."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    num = torch.einsum("bhnd,bhde->bhne", q, kv)
+    den = torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + eps
+    return num / den.unsqueeze(-1)
+
+
+def flash_attn_func():
+    """The flash-attn package's ``flash_attn_func`` (FlashAttention 4's cute interface first), or None."""
+    for module in ("flash_attn.cute", "flash_attn"):
+        try:
+            return getattr(__import__(module, fromlist=["flash_attn_func"]), "flash_attn_func")
+        except Exception:  # noqa: BLE001  (absent, or present but unusable here: not a baseline then)
+            continue
+    return None
+
+
+def sdpa_context(method: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[method]))
+
+
+def forward(case: Case, x: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The case's attention on one input set (q, k, v are (B, H, N, D))."""
+    m = case.method
+    if m == "sdpa":
+        return F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
+    if m in SDPA_KERNELS:
+        with sdpa_context(m):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
+    if m == "flash-attn":   # flash-attn's layout is (B, N, H, D)
+        out = flash_attn_func()(*(x[n].transpose(1, 2) for n in "qkv"))
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    if m == "dense-bias":
+        return dense_bias_attention(x["q"], x["k"], x["v"], x["table"], x["index"])
+    if m == "linear":
+        return linear_attention(x["q"], x["k"], x["v"])
+    return lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=case.grid,
+                                       backend=lisa_backend(m))
+
+
+def position_params(case: Case) -> List[str]:
+    """The inputs besides q, k, v that the method learns (and so differentiates)."""
+    if case.method.startswith("lisa-"):
+        return ["rpe"]
+    return ["table"] if case.method == "dense-bias" else []
+
+
+def make_inputs(case: Case, which: int = 0) -> Dict[str, torch.Tensor]:
+    """Input set ``which`` of the case: random q, k, v (B, H, N, D), the method's position parameters and,
+    when a backward is timed, the upstream gradient; leaves require grad then."""
+    gen = torch.Generator().manual_seed(case.seed * 101 + which)
+    dtype, dev = DTYPES[case.dtype], torch.device(case.device)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device=dev, dtype=dtype)
+
+    shape = (case.B, case.H, case.N, case.D)
+    x = {"q": randn(*shape), "k": randn(*shape), "v": randn(*shape)}
+    if case.method.startswith("lisa-"):
+        x["rpe"] = randn(case.H, 1, *(2 * s - 1 for s in case.grid), scale=0.1)
+    if case.method == "dense-bias":
+        x["table"] = randn(case.H, math.prod(2 * s - 1 for s in case.grid), scale=0.1)
+        x["index"] = relative_index(case.grid, dev)
+    if case.mode != "fwd":
+        x["grad_out"] = randn(*shape)
+        for name in ["q", "k", "v"] + position_params(case):
+            x[name].requires_grad_(True)
+    return x
+
+
+def make_call(case: Case, sets: Sequence[Dict[str, torch.Tensor]]) -> Callable[[int], None]:
+    """The timed unit on input set i: the forward, the backward of a prepared output, or both."""
+    def wrt(x):
+        return [x[n] for n in ["q", "k", "v"] + position_params(case)]
+
+    if case.mode == "fwd":
+        def call(i):
+            forward(case, sets[i])
+    elif case.mode == "bwd":
+        outs = [forward(case, x) for x in sets]
+
+        def call(i):
+            torch.autograd.grad(outs[i], wrt(sets[i]), sets[i]["grad_out"], retain_graph=True)
+    else:
+        def call(i):
+            x = sets[i]
+            torch.autograd.grad(forward(case, x), wrt(x), x["grad_out"])
+    return call
+
+
+def problem_view(case: Case) -> Dict[str, torch.Tensor]:
+    """Zero-memory stand-ins with the case's shapes (expanded scalars), enough for lisa_kernels.explain."""
+    one = torch.zeros((), device=torch.device(case.device), dtype=DTYPES[case.dtype])
+    qkv = one.expand(case.B, case.H, case.N, case.D)
+    return {"q": qkv, "k": qkv, "v": qkv, "rpe": one.expand(case.H, 1, *(2 * s - 1 for s in case.grid))}
+
+
+@functools.lru_cache(maxsize=None)
+def explain_case(case: Case, backward: Optional[bool] = None):
+    """lisa_kernels.explain of the case's problem (cached: the sweep asks for the same case several times)."""
+    x = problem_view(case)
+    backward = case.mode != "fwd" if backward is None else backward
+    return lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], grid=case.grid, backward=backward)
+
+
+def memory_limit_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+_PROBED: Dict[Tuple, Optional[str]] = {}
+
+
+def probe_reason(case: Case) -> Optional[str]:
+    """Run the method once on a tiny input of the case's dtype, device and mode: None, or why it failed."""
+    key = (case.method, case.D, case.dtype, case.mode, case.device)
+    if key not in _PROBED:
+        tiny = dataclasses.replace(case, grid=(8,), B=1, H=1, rotate=1)
+        try:
+            x = make_inputs(tiny)
+            make_call(tiny, [x])(0)
+            _PROBED[key] = None
+        except Exception as exc:  # noqa: BLE001  (the failure is the answer)
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            _PROBED[key] = f"{case.method} fails on a tiny {case.dtype} input on {case.device}: {text[:200]}"
+    return _PROBED[key]
+
+
+def cannot_run_reason(case: Case) -> Optional[str]:
+    """Why the case's method cannot run it (lisa_kernels' reason, a missing package, memory); None if it can."""
+    m = case.method
+    if m.startswith("lisa-") and m != "lisa-auto":
+        e = explain_case(case).estimates.get(lisa_backend(m))
+        if e is not None and e.reason is not None:
+            return e.reason
+    if m == "flash-attn":
+        if not case.device.startswith("cuda"):
+            return "flash-attn runs on CUDA devices only"
+        if flash_attn_func() is None:
+            return "the flash-attn package is not installed (pip install flash-attn)"
+    if m == "dense-bias":   # the (H, N, N) bias, its index and (backward) the bias gradient and probabilities
+        need = case.N ** 2 * (8 + case.H * case.B * torch.finfo(DTYPES[case.dtype]).bits // 8
+                              * (1 if case.mode == "fwd" else 4))
+        limit = 0.6 * memory_limit_bytes(case.device)
+        if need > limit:
+            return f"the dense (H, N, N) bias needs about {need / 2**30:.0f} GiB, over 60% of the device's memory"
+    if m in SDPA_KERNELS or m in ("flash-attn", "dense-bias", "linear"):
+        return probe_reason(case)
+    return None
+
+
+def chosen_backend(case: Case) -> str:
+    """The backend that actually runs: the method itself, or for lisa-auto the backend it picks."""
+    return explain_case(case).chosen if case.method == "lisa-auto" else case.method
+
+
+def flop_kind(backend: str) -> str:
+    """Which FLOP_FORMULAS entry a method (or the backend lisa-auto chose) follows."""
+    if backend == "linear":
+        return "linear"
+    if backend in SOFTMAX_METHODS:
+        return "softmax"
+    name = backend[len("lisa-"):] if backend.startswith("lisa-") else backend
+    return "lisa-fft" if name in ("fft", "triton-fft", "cuda") else "lisa-direct"
+
+
+def model_flops(case: Case, backend: str) -> float:
+    """FLOPs of one call by FLOP_FORMULAS (B, H, N, D from the case; M = 1)."""
+    from lisa_kernels.fft import fft_sizes
+    B, H, N, D = case.B, case.H, case.N, case.D
+    kind = flop_kind(backend)
+    if kind == "softmax":
+        fwd, bwd = 4.0 * B * H * N * N * D, 2.5
+    elif kind == "linear":
+        fwd, bwd = 4.0 * B * H * N * D * (D + 1), 2.0
+    elif kind == "lisa-direct":
+        fwd, bwd = 2.0 * B * H * N * N * (2 * D + 1), 2.5
+    else:
+        P = math.prod(fft_sizes(case.grid, False))
+        fwd, bwd = B * H * D * (D + 1) * (5.0 * P * math.log2(P) + 3.0 * P + 4.0 * N), 2.0
+    return {"fwd": fwd, "bwd": bwd * fwd, "fwd+bwd": (1 + bwd) * fwd}[case.mode]
