@@ -50,6 +50,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -272,79 +273,7 @@ std::vector<int64_t> table_sources(const PairIndex& ix, bool circular, bool caus
 // running past the run's end (into the next run's place, which that run overwrites, or into padding).
 constexpr int64_t kLanes = 16;
 
-// The reversed weight tables X (H * M, TXP) = exp(log-table - mx), each padded with kLanes zeros (TXP = TX +
-// kLanes), and their shifts mx (H * M), in T.
-template <typename T>
-struct WeightTables {
-  std::vector<T> X;
-  std::vector<double> mx;
-  int64_t TXP = 0;
-};
-
-template <typename T>
-WeightTables<T> weight_tables(const Tensor& rpe_c, const Tensor& extra_c, const PairIndex& ix,
-                              const std::vector<int64_t>& src, int64_t HM) {
-  WeightTables<T> wt;
-  wt.TXP = ix.TX + kLanes;
-  wt.X.assign(static_cast<size_t>(HM * wt.TXP), T(0));
-  wt.mx.assign(HM, 0.0);
-  const int64_t Tr = rpe_c.numel() / HM;
-  const T* r = rpe_c.data_ptr<T>();
-  const T* x = extra_c.defined() ? extra_c.data_ptr<T>() : nullptr;
-  at::parallel_for(0, HM, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> logt(ix.TX);
-    for (int64_t hm = begin; hm < end; ++hm) {
-      const T ninf = -std::numeric_limits<T>::infinity();
-      T mx = ninf;
-      for (int64_t f = 0; f < ix.TX; ++f) {
-        const int64_t s = src[f];
-        T l;
-        if (s >= 0) l = r[hm * Tr + s];
-        else if (s == kMasked) l = ninf;
-        else l = x != nullptr ? x[hm * 3 + (kKind0 - s)] : T(0);
-        logt[f] = l;
-        mx = l > mx ? l : mx;
-      }
-      if (!std::isfinite(static_cast<double>(mx))) mx = T(0);
-      wt.mx[hm] = static_cast<double>(mx);
-      T* X = wt.X.data() + hm * wt.TXP;
-      for (int64_t f = 0; f < ix.TX; ++f) X[ix.TX - 1 - f] = std::exp(logt[f] - mx);
-    }
-  });
-  return wt;
-}
-
-// ---------------------------------------------------------------- the problem
-
-struct Sizes {
-  int64_t B, H, N, Dk, Dv, M, G, BQ, BK, LT;   // LT: the row stride of the (BQ, BK) tiles, >= BK + kLanes - 1
-};
-
-constexpr int64_t kDefaultBlockQ = 64;
-constexpr int64_t kDefaultBlockK = 256;
-constexpr int64_t kMinBackwardTasks = 16;               // key chunks split (batch, head) pairs below this many
-constexpr int64_t kTableGradBudget = int64_t(64) << 20;  // bytes of the per-task table gradients, at most
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Runs fn(task, worker) for task in [0, ntasks), tasks taken from a shared counter by the threads of
-// at::parallel_for (dynamic: tasks of unequal cost balance); worker indexes the thread's workspace.
-template <typename F>
-void run_tasks(int64_t ntasks, int64_t workers, F&& fn) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w)
-      for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) fn(t, w);
-  });
-}
-
-int64_t num_workers(int64_t ntasks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks)); }
-
-// An uninitialised buffer of n T (every element is written before it is read).
-template <typename T>
-std::unique_ptr<T[]> buffer(int64_t n) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
-}
+// ---------------------------------------------------------------- elementwise loops
 
 // o[0, n) = phi(o[0, n)) in place; branch-free, so that it vectorizes (with -fno-trapping-math: setup.py).
 template <typename T>
@@ -362,43 +291,16 @@ LISA_SIMD_CLONES void phi_inplace(T* __restrict o, int64_t n, bool elu1) {
   }
 }
 
-// phi(scale x) of (B, H, N, D) x of any strides and dtype, into a contiguous (B, H, N, D) buffer of T.
-template <typename I, typename T>
-void features(const Tensor& x, T scale, bool elu1, T* out) {
-  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
-  const auto s = x.strides();
-  const I* xp = x.data_ptr<I>();
-  at::parallel_for(0, B * H * N, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
-      const I* __restrict row = xp + b * s[0] + h * s[1] + n * s[2];
-      T* __restrict o = out + r * D;
-      if (s[3] == 1) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d]) * scale;
-      } else {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d * s[3]]) * scale;
-      }
-      phi_inplace<T>(o, D, elu1);
-    }
-  });
+// o[0, n) = exp(o[0, n)) in place for entries <= 0 (-inf gives 0).
+template <typename T>
+LISA_SIMD_CLONES void exp_inplace(T* __restrict o, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    const T x = o[d];
+    const T e = exp_nonpositive(x);
+    o[d] = x > -std::numeric_limits<T>::infinity() ? e : T(0);
+  }
 }
-
-// x as a (B, H, N, D) array of T whose rows have unit stride: x itself where it is one, else a contiguous copy.
-// The rows of (b, h) start at data + b * sb + h * sh, ld apart.
-struct RowView {
-  Tensor t;
-  int64_t sb, sh, ld;
-};
-
-RowView row_view(const Tensor& x, at::ScalarType ct) {
-  if (x.scalar_type() == ct && x.stride(3) == 1 && x.stride(2) >= x.size(3) && x.stride(0) >= 0 &&
-      x.stride(1) >= 0)
-    return {x, x.stride(0), x.stride(1), x.stride(2)};
-  Tensor c = x.to(ct).contiguous();
-  return {c, c.stride(0), c.stride(1), c.stride(2)};
-}
-
-// ---------------------------------------------------------------- tile passes
 
 // R[i, j] = X[qb_i + ko_j] over a tile (rows i, the block's keys j): each run copied in kLanes-wide chunks, the
 // last one running past the run's end (the next run overwrites it; tiles have kLanes - 1 columns of padding,
@@ -493,11 +395,151 @@ LISA_SIMD_CLONES void weight_grad_rows(T* dW, const T* W, const T* R, T* dA, boo
   }
 }
 
+// o[d] = s[d] * phi'(f[d]) * scale, converted to I (phi' from f = phi(x): see dphi).
+template <typename I, typename T>
+LISA_SIMD_CLONES void chain_feature(I* __restrict o, const T* __restrict s, const T* __restrict f, int64_t n, bool elu1,
+                                    T scale) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) o[d] = static_cast<I>(s[d] * dphi<T>(f[d], elu1) * scale);
+}
+
+// ---------------------------------------------------------------- the extended tables
+
+// The reversed weight tables X (H * M, TXP) = exp(log-table - mx), each padded with kLanes zeros (TXP = TX +
+// kLanes), and their shifts mx (H * M), in T. Small: built on the calling thread.
+template <typename T>
+struct WeightTables {
+  std::vector<T> X;
+  std::vector<double> mx;
+  int64_t TXP = 0;
+};
+
+template <typename T>
+WeightTables<T> weight_tables(const Tensor& rpe_c, const Tensor& extra_c, const PairIndex& ix,
+                              const std::vector<int64_t>& src, int64_t HM) {
+  WeightTables<T> wt;
+  wt.TXP = ix.TX + kLanes;
+  wt.X.assign(static_cast<size_t>(HM * wt.TXP), T(0));
+  wt.mx.assign(HM, 0.0);
+  const int64_t Tr = rpe_c.numel() / HM;
+  const T* r = rpe_c.data_ptr<T>();
+  const T* x = extra_c.defined() ? extra_c.data_ptr<T>() : nullptr;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t hm = 0; hm < HM; ++hm) {
+    T* X = wt.X.data() + hm * wt.TXP;
+    T mx = ninf;
+    for (int64_t f = 0; f < ix.TX; ++f) {              // the log-table, reversed
+      const int64_t s = src[f];
+      T l;
+      if (s >= 0) l = r[hm * Tr + s];
+      else if (s == kMasked) l = ninf;
+      else l = x != nullptr ? x[hm * 3 + (kKind0 - s)] : T(0);
+      X[ix.TX - 1 - f] = l;
+      mx = l > mx ? l : mx;
+    }
+    if (!std::isfinite(static_cast<double>(mx))) mx = T(0);
+    wt.mx[hm] = static_cast<double>(mx);
+    for (int64_t u = 0; u < ix.TX; ++u) X[u] -= mx;    // <= 0 (or -inf)
+    exp_inplace<T>(X, ix.TX);
+  }
+  return wt;
+}
+
+// ---------------------------------------------------------------- the problem and its tasks
+
+struct Sizes {
+  int64_t B, H, N, Dk, Dv, M, G, BQ, BK, LT;   // LT: the row stride of the (BQ, BK) tiles, >= BK + kLanes - 1
+};
+
+constexpr int64_t kDefaultBlockQ = 128;
+constexpr int64_t kDefaultBlockK = 512;
+constexpr int64_t kMinBackwardTasks = 16;               // key chunks split (batch, head) pairs below this many
+constexpr int64_t kTableGradBudget = int64_t(64) << 20;  // bytes of the per-task table gradients, at most
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t num_workers(int64_t ntasks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks)); }
+
+// Runs fn(task, worker) for task in [0, ntasks) in one at::parallel_for region, tasks taken from a shared counter
+// (dynamic: tasks of unequal cost balance); worker in [0, workers) indexes the thread's workspace.
+template <typename F>
+void run_tasks(int64_t ntasks, int64_t workers, F&& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) fn(t, w);
+  });
+}
+
+// Work done once per item by the first task that needs it, while the others that need it wait: the features of
+// a (batch, head), computed inside the one parallel region instead of in a pass of their own.
+class OnceFlags {
+ public:
+  explicit OnceFlags(int64_t n) : state_(new std::atomic<int>[static_cast<size_t>(std::max<int64_t>(n, 1))]) {
+    for (int64_t i = 0; i < n; ++i) state_[i].store(0, std::memory_order_relaxed);
+  }
+  template <typename F>
+  void run(int64_t i, F&& fn) {
+    if (state_[i].load(std::memory_order_acquire) == 2) return;
+    int expected = 0;
+    if (state_[i].compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      fn();
+      state_[i].store(2, std::memory_order_release);
+      return;
+    }
+    while (state_[i].load(std::memory_order_acquire) != 2) std::this_thread::yield();
+  }
+
+ private:
+  std::unique_ptr<std::atomic<int>[]> state_;
+};
+
+// An uninitialised buffer of n T (every element is written before it is read).
+template <typename T>
+std::unique_ptr<T[]> buffer(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+// out rows [n0, n1) of (b, h) = phi(scale x[b, h, n0:n1]) for x (B, H, N, D) of any strides and dtype; out is
+// the contiguous (N, D) block of (b, h).
+template <typename I, typename T>
+void feature_rows(const Tensor& x, int64_t b, int64_t h, int64_t n0, int64_t n1, T scale, bool elu1, T* out) {
+  const int64_t D = x.size(3);
+  const auto s = x.strides();
+  const I* xp = x.data_ptr<I>() + b * s[0] + h * s[1];
+  for (int64_t n = n0; n < n1; ++n) {
+    const I* __restrict row = xp + n * s[2];
+    T* __restrict o = out + n * D;
+    if (s[3] == 1) {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d]) * scale;
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d * s[3]]) * scale;
+    }
+  }
+  phi_inplace<T>(out + n0 * D, (n1 - n0) * D, elu1);
+}
+
+// x as a (B, H, N, D) array of T whose rows have unit stride: x itself where it is one, else a contiguous copy.
+// The rows of (b, h) start at data + b * sb + h * sh, ld apart.
+struct RowView {
+  Tensor t;
+  int64_t sb, sh, ld;
+};
+
+RowView row_view(const Tensor& x, at::ScalarType ct) {
+  if (x.scalar_type() == ct && x.stride(3) == 1 && x.stride(2) >= x.size(3) && x.stride(0) >= 0 &&
+      x.stride(1) >= 0)
+    return {x, x.stride(0), x.stride(1), x.stride(2)};
+  Tensor c = x.to(ct).contiguous();
+  return {c, c.stride(0), c.stride(1), c.stride(2)};
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename I, typename T>
-void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt, const T* fq, const T* fk,
-                  const RowView& vv, bool normalize, double eps, bool causal, I* out, T* out_c, T* inv) {
+void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt, const Tensor& q, const Tensor& k,
+                  T scale, bool elu1, const RowView& vv, bool normalize, double eps, bool causal, I* out, T* out_c,
+                  T* inv) {
   const int64_t nqb = ceil_div(z.N, z.BQ);
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
@@ -506,9 +548,11 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
     eps_s[hm] = static_cast<T>(eps * std::exp(-wt.mx[hm]));
     post[hm] = static_cast<T>(std::exp(wt.mx[hm]));
   }
+  auto fk = buffer<T>(z.B * z.H * z.N * z.Dk);       // phi(k) of a (batch, head), by its first task
+  OnceFlags fk_done(z.B * z.H);
   const int64_t ntasks = z.B * z.H * nqb, workers = num_workers(ntasks);
   const int64_t tile = z.BQ * z.LT;
-  const int64_t per_worker = (z.M > 1 ? 3 : 2) * tile + z.BQ * (z.Dv + z.M);
+  const int64_t per_worker = (z.M > 1 ? 3 : 2) * tile + z.BQ * (z.Dk + z.Dv + z.M);
   auto work = buffer<T>(workers * per_worker);
   run_tasks(ntasks, workers, [&](int64_t task, int64_t w) {
     T* A = work.get() + w * per_worker;
@@ -516,13 +560,15 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
     T* R = A + (z.M > 1 ? 2 : 1) * tile;                 // one group's weight tile
     T* acc = R + tile;
     T* den = acc + z.BQ * z.Dv;
+    T* fqb = den + z.BQ * z.M;
     std::vector<Run> runs;
     runs.reserve(z.BK);
     const int64_t bh = task / nqb, h = bh % z.H, b = bh / z.H;
     const int64_t q0 = (task % nqb) * z.BQ, q1 = std::min(z.N, q0 + z.BQ), bq = q1 - q0;
     const int32_t* qb = ix.qb.data() + q0;
-    const T* fqb = fq + (bh * z.N + q0) * z.Dk;
-    const T* fkb = fk + bh * z.N * z.Dk;
+    T* fkb = fk.get() + bh * z.N * z.Dk;
+    fk_done.run(bh, [&] { feature_rows<I, T>(k, b, h, 0, z.N, T(1), elu1, fkb); });
+    feature_rows<I, T>(q, b, h, q0, q1, scale, elu1, fqb - q0 * z.Dk);
     const T* vb = vbase + b * vv.sb + h * vv.sh;
     std::fill(acc, acc + bq * z.Dv, T(0));
     std::fill(den, den + bq * z.M, T(0));
@@ -579,10 +625,59 @@ BackwardPlan backward_plan(const Sizes& z, int64_t TXP, int64_t itemsize) {
   return p;
 }
 
+// What the backward reads per (batch, head), computed by the first task that needs it: phi(q), phi(k), and the
+// incoming gradient as gnum = s g (normalize; e^mx g otherwise) and gden = -s sum_c g out per group.
+template <typename I, typename T>
+struct BackwardInputs {
+  const Sizes& z;
+  const Tensor &q, &k, &grad_out, &out_c, &inv_c;
+  T scale;
+  bool elu1, normalize;
+  const std::vector<double>& mx;
+  T *fq, *fk, *gnum, *gden;
+
+  void prepare(int64_t bh) {
+    const int64_t b = bh / z.H, h = bh % z.H;
+    feature_rows<I, T>(q, b, h, 0, z.N, scale, elu1, fq + bh * z.N * z.Dk);
+    feature_rows<I, T>(k, b, h, 0, z.N, T(1), elu1, fk + bh * z.N * z.Dk);
+    const auto os = out_c.strides(), gs = grad_out.strides();
+    const T* op = out_c.data_ptr<T>() + b * os[0] + h * os[1];
+    const I* gp = grad_out.data_ptr<I>() + b * gs[0] + h * gs[1];
+    const T* ip = normalize ? inv_c.data_ptr<T>() + bh * z.N * z.M : nullptr;
+    for (int64_t n = 0; n < z.N; ++n) {
+      const I* g = gp + n * gs[2];
+      const T* o = op + n * os[2];
+      T* gn = gnum + (bh * z.N + n) * z.Dv;
+      for (int64_t m = 0; m < z.M; ++m) {
+        const T s = normalize ? ip[n * z.M + m] : static_cast<T>(std::exp(mx[h * z.M + m]));
+        T dot = 0;
+        if (gs[3] == 1 && os[3] == 1) {
+          const I* __restrict gm = g + m * z.G;
+          const T* __restrict om = o + m * z.G;
+          T* __restrict gnm = gn + m * z.G;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < z.G; ++c) {
+            const T gv = static_cast<T>(gm[c]);
+            gnm[c] = gv * s;
+            dot += gv * om[c];
+          }
+        } else {
+          for (int64_t c = m * z.G; c < (m + 1) * z.G; ++c) {
+            const T gv = static_cast<T>(g[c * gs[3]]);
+            gn[c] = gv * s;
+            dot += gv * o[c * os[3]];
+          }
+        }
+        gden[(bh * z.N + n) * z.M + m] = normalize ? -s * dot : T(0);
+      }
+    }
+  }
+};
+
 template <typename I, typename T>
 void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, const WeightTables<T>& wt,
-                   const T* fq, const T* fk, const RowView& vv, const T* gnum, const T* gden, bool causal, T* dfq,
-                   int64_t dfq_chunk_stride, T* gtab, I* dk, I* dv, bool elu1) {
+                   BackwardInputs<I, T>& in, const RowView& vv, bool causal, T* dfq, int64_t dfq_chunk_stride, T* gtab,
+                   I* dq, I* dk, I* dv, bool elu1) {
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
   const int64_t nqb = ceil_div(z.N, z.BQ);
@@ -591,6 +686,7 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
   const int64_t ntile = z.M > 1 ? 5 : 4;
   const int64_t per_worker = ntile * tile + z.BK * (z.Dk + z.Dv);
   auto work = buffer<T>(workers * per_worker);
+  OnceFlags prepared(z.B * z.H);
   run_tasks(p.ntasks, workers, [&](int64_t task, int64_t w) {
     T* A = work.get() + w * per_worker;      // A, then W in place (one group)
     T* dW = A + tile;                        // dW, then the table gradient terms dd * W
@@ -606,12 +702,14 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
     const int64_t kb0 = kc * p.kb_per_chunk, kb1 = std::min(p.nkb, kb0 + p.kb_per_chunk);
     for (int64_t b = bg * p.b_per_group; b < std::min(z.B, (bg + 1) * p.b_per_group); ++b) {
       const int64_t bh = b * z.H + h;
-      const T* fqb = fq + bh * z.N * z.Dk;
-      const T* fkb = fk + bh * z.N * z.Dk;
-      const T* gnb = gnum + bh * z.N * z.Dv;
-      const T* gdb = gden + bh * z.N * z.M;
+      prepared.run(bh, [&] { in.prepare(bh); });
+      const T* fqb = in.fq + bh * z.N * z.Dk;
+      const T* fkb = in.fk + bh * z.N * z.Dk;
+      const T* gnb = in.gnum + bh * z.N * z.Dv;
+      const T* gdb = in.gden + bh * z.N * z.M;
       const T* vb = vbase + b * vv.sb + h * vv.sh;
       T* dqb = dfq + kc * dfq_chunk_stride + bh * z.N * z.Dk;
+      std::fill(dqb, dqb + z.N * z.Dk, T(0));       // this task owns this chunk's sum for (b, h)
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * z.BK, k1 = std::min(z.N, k0 + z.BK), bk = k1 - k0;
         const int nr = block_runs(ix, k0, k1, runs);
@@ -634,17 +732,13 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
           gemm<T>(false, false, bq, z.Dk, bk, T(1), dA, z.LT, fkb + k0 * z.Dk, z.Dk, T(1), dqb + q0 * z.Dk, z.Dk);
           gemm<T>(true, false, bk, z.Dk, bq, T(1), dA, z.LT, fqb + q0 * z.Dk, z.Dk, T(1), dKb, z.Dk);
         }
-        for (int64_t j = 0; j < bk; ++j) {                        // this task owns these keys' dk and dv
-          const T* f = fkb + (k0 + j) * z.Dk;
-          const T* dkr = dKb + j * z.Dk;
-          I* o = dk + (bh * z.N + k0 + j) * z.Dk;
-#pragma omp simd
-          for (int64_t d = 0; d < z.Dk; ++d) o[d] = static_cast<I>(dkr[d] * dphi<T>(f[d], elu1));
-          const T* dvr = dVb + j * z.Dv;
-          I* ov = dv + (bh * z.N + k0 + j) * z.Dv;
-          for (int64_t c = 0; c < z.Dv; ++c) ov[c] = static_cast<I>(dvr[c]);
-        }
+        // this task owns these keys' dk and dv
+        chain_feature<I, T>(dk + (bh * z.N + k0) * z.Dk, dKb, fkb + k0 * z.Dk, bk * z.Dk, elu1, T(1));
+        I* ov = dv + (bh * z.N + k0) * z.Dv;
+        for (int64_t c = 0; c < bk * z.Dv; ++c) ov[c] = static_cast<I>(dVb[c]);
       }
+      // one chunk holds every key: dq of this (batch, head) is complete
+      if (p.nkc == 1) chain_feature<I, T>(dq + bh * z.N * z.Dk, dqb, fqb, z.N * z.Dk, elu1, in.scale);
     }
   });
 }
@@ -737,93 +831,50 @@ LogTables log_tables(const Tensor& rpe, const c10::optional<Tensor>& rpe_extra, 
   return {r, x};
 }
 
-// The backward of direct_cpu_backward for inputs of dtype I (computing in T), after the argument checks.
+// The backward for inputs of dtype I (computing in T), after the argument checks.
 template <typename I, typename T>
 void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const Tensor& q, const Tensor& k,
                     const Tensor& v, const Tensor& rpe, const Tensor& rpe_c, const Tensor& extra_c, const Tensor& out,
                     const Tensor& inv, const Tensor& grad_out, bool elu1, bool normalize, bool circular, bool causal,
                     double scale, bool has_extra, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& drpe, Tensor& dextra) {
-  using scalar_t = I;
   const std::vector<int64_t> src = table_sources(ix, circular, causal);
   const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, src, c.H * c.M);
   const int64_t rows = c.B * c.H * c.N;
   auto fq = buffer<T>(rows * c.Dk), fk = buffer<T>(rows * c.Dk);
-  features<scalar_t, T>(q, static_cast<T>(scale), elu1, fq.get());
-  features<scalar_t, T>(k, T(1), elu1, fk.get());
-  const RowView vv = row_view(v, c.ct);
-  // gnum = s g and gden = -s sum_c g out per group (normalize), or gnum = e^mx g and gden = 0
   auto gnum = buffer<T>(rows * c.Dv), gden = buffer<T>(rows * c.M);
-  {
-    TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "lisa_kernels.direct_cpu_backward: grad_out must ",
-                     "have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type());
-    const Tensor oc = out.to(c.ct);
-    const Tensor ic = normalize ? inv.to(c.ct).contiguous() : inv;
-    const auto os = oc.strides(), gs = grad_out.strides();
-    const T* op = oc.data_ptr<T>();
-    const T* ip = normalize ? ic.data_ptr<T>() : nullptr;
-    const scalar_t* gp = grad_out.data_ptr<scalar_t>();
-    const int64_t G = z.G;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / c.Dv), [&](int64_t begin, int64_t end) {
+  const Tensor out_c = out.to(c.ct);
+  const Tensor inv_c = normalize ? inv.to(c.ct).contiguous() : inv;
+  BackwardInputs<I, T> in{z, q, k, grad_out, out_c, inv_c, static_cast<T>(scale), elu1, normalize, wt.mx,
+                          fq.get(), fk.get(), gnum.get(), gden.get()};
+  const RowView vv = row_view(v, c.ct);
+  const BackwardPlan p = backward_plan(z, wt.TXP, sizeof(T));
+  // dfq: straight into place with one key chunk, else one buffer per chunk (each zeroed by the task that owns it)
+  const int64_t chunk_stride = p.nkc > 1 ? rows * c.Dk : 0;
+  auto dfq = buffer<T>(p.nkc * rows * c.Dk);
+  std::vector<T> gtab(static_cast<size_t>(p.ntasks * c.M * wt.TXP), T(0));
+  I* dqp = dq.data_ptr<I>();
+  backward_impl<I, T>(z, p, ix, wt, in, vv, causal, dfq.get(), chunk_stride, gtab.data(), dqp, dk.data_ptr<I>(),
+                      dv.data_ptr<I>(), elu1);
+  if (p.nkc > 1) {    // dq = (sum over key chunks of dfq, in chunk order) * phi'(scale q) * scale
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / c.Dk), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / (c.H * c.N), h = (r / c.N) % c.H, n = r % c.N;
-        const scalar_t* g = gp + b * gs[0] + h * gs[1] + n * gs[2];
-        const T* o = op + b * os[0] + h * os[1] + n * os[2];
-        T* gn = gnum.get() + r * c.Dv;
-        for (int64_t m = 0; m < c.M; ++m) {
-          const T s = normalize ? ip[r * c.M + m] : static_cast<T>(std::exp(wt.mx[h * c.M + m]));
-          T dot = 0;
-          if (gs[3] == 1 && os[3] == 1) {
-            const scalar_t* __restrict gm = g + m * G;
-            const T* __restrict om = o + m * G;
-            T* __restrict gnm = gn + m * G;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t cc = 0; cc < G; ++cc) {
-              const T gv = static_cast<T>(gm[cc]);
-              gnm[cc] = gv * s;
-              dot += gv * om[cc];
-            }
-          } else {
-            for (int64_t cc = m * G; cc < (m + 1) * G; ++cc) {
-              const T gv = static_cast<T>(g[cc * gs[3]]);
-              gn[cc] = gv * s;
-              dot += gv * o[cc * os[3]];
-            }
-          }
-          gden[r * c.M + m] = normalize ? -s * dot : T(0);
+        T* acc = dfq.get() + r * c.Dk;
+        for (int64_t kc = 1; kc < p.nkc; ++kc) {
+          const T* part = dfq.get() + kc * chunk_stride + r * c.Dk;
+          for (int64_t d = 0; d < c.Dk; ++d) acc[d] += part[d];
         }
+        chain_feature<I, T>(dqp + r * c.Dk, acc, fq.get() + r * c.Dk, c.Dk, elu1, static_cast<T>(scale));
       }
     });
   }
-  const BackwardPlan p = backward_plan(z, wt.TXP, sizeof(T));
-  const int64_t chunk_stride = p.nkc > 1 ? rows * c.Dk : 0;
-  std::vector<T> dfq(static_cast<size_t>(p.nkc * rows * c.Dk), T(0));
-  std::vector<T> gtab(static_cast<size_t>(p.ntasks * c.M * wt.TXP), T(0));
-  backward_impl<scalar_t, T>(z, p, ix, wt, fq.get(), fk.get(), vv, gnum.get(), gden.get(), causal, dfq.data(),
-                             chunk_stride, gtab.data(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), elu1);
-  // dq = (sum over key chunks of dfq, in chunk order) * phi'(scale q) * scale
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  const T sc = static_cast<T>(scale);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / c.Dk), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      T* __restrict acc = dfq.data() + r * c.Dk;
-      for (int64_t kc = 1; kc < p.nkc; ++kc) {
-        const T* __restrict part = dfq.data() + kc * chunk_stride + r * c.Dk;
-#pragma omp simd
-        for (int64_t d = 0; d < c.Dk; ++d) acc[d] += part[d];
-      }
-      const T* __restrict f = fq.get() + r * c.Dk;
-      scalar_t* __restrict o = dqp + r * c.Dk;
-#pragma omp simd
-      for (int64_t d = 0; d < c.Dk; ++d) o[d] = static_cast<scalar_t>(acc[d] * dphi<T>(f[d], elu1) * sc);
-    }
-  });
-  // the table gradient (dlog = sum of dW W, already): per (head, group) the tasks' sums in task order, folded
+  // the table gradient (dlog = sum of dd W, already): per (head, group) the tasks' sums in task order, folded
   // onto rpe and rpe_extra
   Tensor drpe_c = at::zeros({c.H * c.M, rpe_c.size(1)}, rpe_c.options());
   std::vector<T> dextra_c(static_cast<size_t>(c.H * c.M * 3), T(0));
   T* dr = drpe_c.data_ptr<T>();
   const int64_t tasks_per_head = p.nbg * p.nkc, Tr = rpe_c.size(1), TXP = wt.TXP;
-  at::parallel_for(0, c.H * c.M, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, tasks_per_head * ix.TX));
+  at::parallel_for(0, c.H * c.M, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(ix.TX);
     for (int64_t hm = begin; hm < end; ++hm) {
       const int64_t h = hm / c.M, m = hm % c.M;
@@ -864,12 +915,9 @@ std::vector<Tensor> direct_cpu_forward(const Tensor& q, const Tensor& k, const T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lisa_direct_cpu_forward", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, table_sources(ix, circular, causal), c.H * c.M);
-    const int64_t rows = c.B * c.H * c.N;
-    auto fq = buffer<T>(rows * c.Dk), fk = buffer<T>(rows * c.Dk);
-    features<scalar_t, T>(q, static_cast<T>(scale), elu1, fq.get());
-    features<scalar_t, T>(k, T(1), elu1, fk.get());
     const RowView vv = row_view(v, c.ct);
-    forward_impl<scalar_t, T>(z, ix, wt, fq.get(), fk.get(), vv, normalize, eps, causal, out.data_ptr<scalar_t>(),
+    forward_impl<scalar_t, T>(z, ix, wt, q, k, static_cast<T>(scale), elu1, vv, normalize, eps, causal,
+                              out.data_ptr<scalar_t>(),
                               out_c.numel() ? out_c.data_ptr<T>() : nullptr, inv.numel() ? inv.data_ptr<T>() : nullptr);
   });
   return {out, out_c, inv};

@@ -28,8 +28,8 @@ from ._compose import compose
 from ._validate import Problem
 from .cuda_fft import extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
-from .ops import (cuda_fft_core, direct_core, direct_dense_attention, direct_dense_fits, fft_core,
-                  triton_direct_attention, triton_fft_core)
+from .ops import (cuda_fft_core, direct_core, direct_cpu_attention, direct_cpu_reason, direct_dense_attention,
+                  direct_dense_fits, fft_core, triton_direct_attention, triton_fft_core)
 from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
@@ -286,7 +286,10 @@ def _fft_path(core):
 
 
 def _direct_path(q, k, v, rpe, rpe_extra, p: Problem):
-    """The direct path: one dense op when the problem fits one block, else the blocked core inside compose."""
+    """The direct path: on the CPU with the extension built, its fused kernel; else one dense op when the problem
+    fits one block, else the blocked core inside compose."""
+    if direct_cpu_reason(p) is None:
+        return direct_cpu_attention(q, k, v, rpe, rpe_extra, p)
     if direct_dense_fits(p):
         return direct_dense_attention(q, k, v, rpe, rpe_extra, p)
     return compose(direct_core, q, k, v, rpe, rpe_extra, p)
