@@ -50,6 +50,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -162,6 +165,7 @@ struct PairIndex {
   int64_t d = 0, E = 0, ng = 1, N = 0, T = 1, C = 0, K0 = 0, Q0 = 0, TX = 0;
   std::vector<int64_t> S;
   std::vector<int32_t> qb, ko, run_end;
+  std::vector<int64_t> src;        // where each entry of the extended table comes from: table_sources below
 };
 
 PairIndex make_index(at::IntArrayRef grid, int64_t E) {
@@ -405,6 +409,31 @@ LISA_SIMD_CLONES void chain_feature(I* __restrict o, const T* __restrict s, cons
 
 // ---------------------------------------------------------------- the extended tables
 
+// The pair index of a (grid, num_extra, boundary, causal), with its table sources: built once and kept (a model
+// calls with the same few grids; the most recent 16 are kept).
+std::shared_ptr<const PairIndex> pair_index(at::IntArrayRef grid, int64_t E, bool circular, bool causal) {
+  using Key = std::tuple<std::vector<int64_t>, int64_t, bool, bool>;
+  static std::mutex mutex;
+  static std::vector<std::pair<Key, std::shared_ptr<const PairIndex>>> cache;     // most recent last
+  Key key{grid.vec(), E, circular, causal};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (size_t i = 0; i < cache.size(); ++i)
+      if (cache[i].first == key) {
+        auto hit = cache[i];
+        cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
+        cache.push_back(hit);
+        return hit.second;
+      }
+  }
+  auto ix = std::make_shared<PairIndex>(make_index(grid, E));
+  ix->src = table_sources(*ix, circular, causal);
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace_back(std::move(key), ix);
+  if (cache.size() > 16) cache.erase(cache.begin());
+  return ix;
+}
+
 // The reversed weight tables X (H * M, TXP) = exp(log-table - mx), each padded with kLanes zeros (TXP = TX +
 // kLanes), and their shifts mx (H * M), in T. Small: built on the calling thread.
 template <typename T>
@@ -415,8 +444,8 @@ struct WeightTables {
 };
 
 template <typename T>
-WeightTables<T> weight_tables(const Tensor& rpe_c, const Tensor& extra_c, const PairIndex& ix,
-                              const std::vector<int64_t>& src, int64_t HM) {
+WeightTables<T> weight_tables(const Tensor& rpe_c, const Tensor& extra_c, const PairIndex& ix, int64_t HM) {
+  const std::vector<int64_t>& src = ix.src;
   WeightTables<T> wt;
   wt.TXP = ix.TX + kLanes;
   wt.X.assign(static_cast<size_t>(HM * wt.TXP), T(0));
@@ -818,14 +847,15 @@ Sizes make_sizes(const Checked& c, int64_t block_q, int64_t block_k) {
   return z;
 }
 
-// rpe as a contiguous (H * M, table) tensor of the compute dtype; rpe_extra as (H * M, 3) or undefined.
+// rpe as a contiguous tensor of the compute dtype (H * M tables, one after the other); rpe_extra as a contiguous
+// (H, M, 3), or undefined.
 struct LogTables {
   Tensor rpe, extra;
 };
 
 LogTables log_tables(const Tensor& rpe, const c10::optional<Tensor>& rpe_extra, int64_t num_extra,
                                      at::ScalarType ct) {
-  Tensor r = rpe.to(ct).contiguous().view({rpe.size(0) * rpe.size(1), -1});
+  Tensor r = rpe.to(ct).contiguous();
   Tensor x;
   if (num_extra > 0 && rpe_extra.has_value() && rpe_extra->defined()) x = rpe_extra->to(ct).contiguous();
   return {r, x};
@@ -837,8 +867,8 @@ void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const
                     const Tensor& v, const Tensor& rpe, const Tensor& rpe_c, const Tensor& extra_c, const Tensor& out,
                     const Tensor& inv, const Tensor& grad_out, bool elu1, bool normalize, bool circular, bool causal,
                     double scale, bool has_extra, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& drpe, Tensor& dextra) {
-  const std::vector<int64_t> src = table_sources(ix, circular, causal);
-  const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, src, c.H * c.M);
+  const std::vector<int64_t>& src = ix.src;
+  const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, c.H * c.M);
   const int64_t rows = c.B * c.H * c.N;
   auto fq = buffer<T>(rows * c.Dk), fk = buffer<T>(rows * c.Dk);
   auto gnum = buffer<T>(rows * c.Dv), gden = buffer<T>(rows * c.M);
@@ -869,10 +899,10 @@ void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const
   }
   // the table gradient (dlog = sum of dd W, already): per (head, group) the tasks' sums in task order, folded
   // onto rpe and rpe_extra
-  Tensor drpe_c = at::zeros({c.H * c.M, rpe_c.size(1)}, rpe_c.options());
+  Tensor drpe_c = at::zeros(rpe.sizes(), rpe_c.options());
   std::vector<T> dextra_c(static_cast<size_t>(c.H * c.M * 3), T(0));
   T* dr = drpe_c.data_ptr<T>();
-  const int64_t tasks_per_head = p.nbg * p.nkc, Tr = rpe_c.size(1), TXP = wt.TXP;
+  const int64_t tasks_per_head = p.nbg * p.nkc, Tr = rpe_c.numel() / (c.H * c.M), TXP = wt.TXP;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, tasks_per_head * ix.TX));
   at::parallel_for(0, c.H * c.M, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(ix.TX);
@@ -891,7 +921,7 @@ void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const
       }
     }
   });
-  drpe.copy_(drpe_c.view(rpe.sizes()));
+  drpe.copy_(drpe_c);
   if (has_extra) dextra.copy_(at::from_blob(dextra_c.data(), {c.H, c.M, 3}, rpe_c.options()));
 }
 
@@ -904,22 +934,28 @@ std::vector<Tensor> direct_cpu_forward(const Tensor& q, const Tensor& k, const T
   const Checked c = check_args("direct_cpu_forward", q, k, v, rpe, rpe_extra, grid, num_extra, eps, circular, causal,
                                scale);
   const Sizes z = make_sizes(c, block_q, block_k);
-  const PairIndex ix = make_index(grid, num_extra);
+  const std::shared_ptr<const PairIndex> index = pair_index(grid, num_extra, circular, causal);
+  const PairIndex& ix = *index;
   const LogTables lt = log_tables(rpe, rpe_extra, num_extra, c.ct);
   const Tensor& rpe_c = lt.rpe;
   const Tensor& extra_c = lt.extra;
   const at::TensorOptions copt = q.options().dtype(c.ct);
   Tensor out = at::empty({c.B, c.H, c.N, c.Dv}, q.options());
-  Tensor out_c = need_aux && q.scalar_type() != c.ct ? at::empty({c.B, c.H, c.N, c.Dv}, copt) : at::empty({0}, copt);
-  Tensor inv = need_aux && normalize ? at::empty({c.B, c.H, c.N, c.M}, copt) : at::empty({0}, copt);
+  Tensor out_c, inv;
+  if (need_aux) {
+    out_c = q.scalar_type() != c.ct ? at::empty({c.B, c.H, c.N, c.Dv}, copt) : at::empty({0}, copt);
+    inv = normalize ? at::empty({c.B, c.H, c.N, c.M}, copt) : at::empty({0}, copt);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lisa_direct_cpu_forward", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, table_sources(ix, circular, causal), c.H * c.M);
+    const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, c.H * c.M);
     const RowView vv = row_view(v, c.ct);
     forward_impl<scalar_t, T>(z, ix, wt, q, k, static_cast<T>(scale), elu1, vv, normalize, eps, causal,
                               out.data_ptr<scalar_t>(),
-                              out_c.numel() ? out_c.data_ptr<T>() : nullptr, inv.numel() ? inv.data_ptr<T>() : nullptr);
+                              out_c.defined() && out_c.numel() ? out_c.data_ptr<T>() : nullptr,
+                              inv.defined() && inv.numel() ? inv.data_ptr<T>() : nullptr);
   });
+  if (!need_aux) return {out};
   return {out, out_c, inv};
 }
 
@@ -933,6 +969,8 @@ std::vector<Tensor> direct_cpu_backward(const Tensor& q, const Tensor& k, const 
   const Sizes z = make_sizes(c, block_q, block_k);
   TORCH_CHECK_VALUE(grad_out.defined() && grad_out.sizes() == v.sizes() && grad_out.device().is_cpu(),
                     "lisa_kernels.direct_cpu_backward: grad_out must be a CPU tensor of v's shape ", v.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "lisa_kernels.direct_cpu_backward: grad_out must ",
+                   "have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type());
   TORCH_CHECK_VALUE(out.defined() && out.sizes() == v.sizes() && out.device().is_cpu() &&
                         (out.scalar_type() == c.ct || out.scalar_type() == q.scalar_type()),
                     "lisa_kernels.direct_cpu_backward: out must be the forward's output (", v.sizes(), ")");
@@ -940,7 +978,8 @@ std::vector<Tensor> direct_cpu_backward(const Tensor& q, const Tensor& k, const 
     TORCH_CHECK_VALUE(inv.defined() && inv.sizes() == at::IntArrayRef({c.B, c.H, c.N, c.M}) && inv.device().is_cpu(),
                       "lisa_kernels.direct_cpu_backward: inv must be the forward's (B, H, N, M) = (", c.B, ", ", c.H,
                       ", ", c.N, ", ", c.M, ") normalisers, got ", inv.defined() ? inv.sizes() : at::IntArrayRef{});
-  const PairIndex ix = make_index(grid, num_extra);
+  const std::shared_ptr<const PairIndex> index = pair_index(grid, num_extra, circular, causal);
+  const PairIndex& ix = *index;
   const LogTables lt = log_tables(rpe, rpe_extra, num_extra, c.ct);
   const Tensor& rpe_c = lt.rpe;
   const Tensor& extra_c = lt.extra;

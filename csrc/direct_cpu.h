@@ -8,7 +8,7 @@ namespace lisa {
 
 // The whole LiSA attention (extra tokens, causal mask, normalisation) of q, k (B, H, N, Dk), v (B, H, N, Dv),
 // rpe (H, M, table...) and rpe_extra (H, M, 3) or None, as lisa_kernels.lisa_attention defines it.
-// Returns {out (B, H, N, Dv) in q's dtype, out_c, inv}: with need_aux, what the backward takes besides out:
+// Returns {out (B, H, N, Dv) in q's dtype} or, with need_aux, {out, out_c, inv}: what the backward takes besides out:
 //   out_c  the output in the compute dtype (float32) when q's dtype is float16/bfloat16, else empty;
 //   inv    (B, H, N, M) in the compute dtype: 1 / (den' + eps') per query and group when normalize, else empty
 //          (den' and eps' are the denominator and eps scaled by the weight table's shift, see direct_cpu.cpp).

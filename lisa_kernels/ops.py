@@ -35,7 +35,8 @@ from .triton_direct import _layout_of as _triton_layout
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
-__all__ = ["direct_core", "direct_dense_fits", "direct_dense_attention", "direct_cpu_reason", "direct_cpu_attention",
+__all__ = ["direct_core", "direct_dense_fits", "direct_dense_first", "direct_dense_attention", "direct_cpu_reason",
+           "direct_cpu_attention",
            "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
 
 
@@ -154,6 +155,20 @@ def direct_dense_fits(p: Problem) -> bool:
     return 4 * p.B * p.H * p.M * p.N * p.N * itemsize <= get_config().direct_block_bytes
 
 
+def direct_dense_first(p: Problem) -> bool:
+    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form (:func:`direct_dense_attention`): it
+    fits (:func:`direct_dense_fits`) and either the fused CPU kernel cannot run it (a GPU, or no extension) or it is
+    tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
+    forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
+    itemsize = 8 if p.dtype == torch.float64 else 4
+    pairs = p.B * p.H * p.N * p.N
+    if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
+        return False
+    if _C_DIRECT is None or p.device != _CPU:
+        return True
+    return pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK
+
+
 def _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype):
     """d rpe (rpe's shape and dtype) and d rpe_extra (None if there is none) from the dense table's gradient."""
     T = math.prod(rpe_shape[2:])
@@ -207,14 +222,24 @@ def _compiled_dense_forward():
     return getattr(_C, "dense_forward", None)
 
 
+def _dense_loop_max_work() -> int:
+    """Multiply-adds B H N^2 (Dk + Dv) up to which the extension's dense forward runs its loop nest (0: none)."""
+    if not HAS_EXTENSION:
+        return 0
+    from . import _C
+    return int(getattr(_C, "dense_loop_max_work", 0))
+
+
 _C_DENSE_FORWARD = _compiled_dense_forward()
+_DENSE_LOOP_MAX_WORK = _dense_loop_max_work()
 
 
 def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     """``backend="direct"`` on a small problem: the ``direct_dense`` op, forward and backward (:mod:`.direct`).
 
     In plain eager mode the op's two functions are called through a ``torch.autograd.Function`` instead (the
-    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs), and
+    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs; on the
+    CPU with the extension built, the fused kernel's, :class:`_DirectCPUFunction`), and
     a forward that autograd does not record runs as one call of the compiled extension where it is built
     (``_C.dense_forward``: a loop nest for little work on a CPU, else the same ATen ops in the same order, issued
     from C++); under torch.compile, export, dispatch modes or functorch the custom op itself runs."""
@@ -222,6 +247,9 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     if plain_eager(q, k, v, rpe, rx):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
                                         or (rx is not None and rx.requires_grad)):
+            if _C_DIRECT is not None and p.device == _CPU:       # fused forward and backward: 2x sooner
+                return _DirectCPUFunction.apply(q, k, v, rpe, rx, _direct_cpu_args(
+                    p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale))
             options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
             return _DenseFunction.apply(q, k, v, rpe, rx, options)
         if _C_DENSE_FORWARD is not None:
@@ -245,11 +273,12 @@ def _compiled_direct_cpu():
 
 
 _C_DIRECT = _compiled_direct_cpu()
+_CPU = torch.device("cpu")            # (comparing devices costs a tenth of reading device.type)
 
 
 def direct_cpu_reason(p: Problem) -> Optional[str]:
     """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
-    if p.device.type != "cpu":
+    if p.device != _CPU:
         return f"inputs are on {p.device}, not the CPU"
     if _C_DIRECT is None:
         from .cuda_fft import extension_reason
