@@ -399,6 +399,13 @@ LISA_SIMD_CLONES void weight_grad_rows(T* dW, const T* W, const T* R, T* dA, boo
   }
 }
 
+// o[c] = a[c] * s, converted to I.
+template <typename I, typename T>
+LISA_SIMD_CLONES void scale_to(I* __restrict o, const T* __restrict a, T s, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) o[c] = static_cast<I>(a[c] * s);
+}
+
 // o[d] = s[d] * phi'(f[d]) * scale, converted to I (phi' from f = phi(x): see dphi).
 template <typename I, typename T>
 LISA_SIMD_CLONES void chain_feature(I* __restrict o, const T* __restrict s, const T* __restrict f, int64_t n, bool elu1,
@@ -476,16 +483,34 @@ WeightTables<T> weight_tables(const Tensor& rpe_c, const Tensor& extra_c, const 
 
 // ---------------------------------------------------------------- the problem and its tasks
 
-struct Sizes {
-  int64_t B, H, N, Dk, Dv, M, G, BQ, BK, LT;   // LT: the row stride of the (BQ, BK) tiles, >= BK + kLanes - 1
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of `size` tokens over [0, n); a remainder of at most size / 4 joins the last block (a block of a few
+// tokens would cost whole BLAS calls for little work), so a block holds at most size + size / 4 tokens.
+struct Blocks {
+  int64_t n = 0, size = 1, count = 0;
+  Blocks() = default;
+  Blocks(int64_t n_, int64_t size_) : n(n_), size(std::max<int64_t>(1, std::min(n_, size_))) {
+    const int64_t r = n % size;
+    count = r != 0 && r <= size / 4 ? n / size : ceil_div(n, size);
+  }
+  int64_t begin(int64_t i) const { return i * size; }
+  int64_t end(int64_t i) const { return i + 1 == count ? n : (i + 1) * size; }
+  int64_t max_size() const { return std::max(size, end(count - 1) - begin(count - 1)); }
+  int64_t of(int64_t token) const { return std::min(token / size, count - 1); }   // the block holding a token
 };
 
-constexpr int64_t kDefaultBlockQ = 128;
+struct Sizes {
+  int64_t B, H, N, Dk, Dv, M, G;
+  Blocks qb, kb;         // query and key blocks
+  int64_t BQ, BK, LT;    // the largest query and key blocks; LT: the row stride of the (BQ, BK) tiles
+};
+
+constexpr int64_t kDefaultBlockQ = 256;
 constexpr int64_t kDefaultBlockK = 512;
+constexpr int64_t kRowChunk = 32;             // weight tiles are gathered this many rows at a time (in L1 / L2)
 constexpr int64_t kMinBackwardTasks = 16;               // key chunks split (batch, head) pairs below this many
 constexpr int64_t kTableGradBudget = int64_t(64) << 20;  // bytes of the per-task table gradients, at most
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t num_workers(int64_t ntasks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks)); }
 
@@ -569,7 +594,6 @@ template <typename I, typename T>
 void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt, const Tensor& q, const Tensor& k,
                   T scale, bool elu1, const RowView& vv, bool normalize, double eps, bool causal, I* out, T* out_c,
                   T* inv) {
-  const int64_t nqb = ceil_div(z.N, z.BQ);
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
   std::vector<T> eps_s(z.H * z.M), post(z.H * z.M);
@@ -579,21 +603,24 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
   }
   auto fk = buffer<T>(z.B * z.H * z.N * z.Dk);       // phi(k) of a (batch, head), by its first task
   OnceFlags fk_done(z.B * z.H);
-  const int64_t ntasks = z.B * z.H * nqb, workers = num_workers(ntasks);
-  const int64_t tile = z.BQ * z.LT;
-  const int64_t per_worker = (z.M > 1 ? 3 : 2) * tile + z.BQ * (z.Dk + z.Dv + z.M);
+  const int64_t ntasks = z.B * z.H * z.qb.count, workers = num_workers(ntasks);
+  const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
+  const int64_t rtile = kRowChunk * z.LT + kLanes;
+  const int64_t per_worker = (z.M > 1 ? 2 : 1) * tile + rtile + z.BQ * (z.Dk + z.Dv + z.M);
   auto work = buffer<T>(workers * per_worker);
   run_tasks(ntasks, workers, [&](int64_t task, int64_t w) {
     T* A = work.get() + w * per_worker;
     T* Wt = z.M > 1 ? A + tile : A;                      // the weighted tile (in place of A for one group)
-    T* R = A + (z.M > 1 ? 2 : 1) * tile;                 // one group's weight tile
-    T* acc = R + tile;
+    T* R = A + (z.M > 1 ? 2 : 1) * tile;                 // a chunk of rows of one group's weights
+    T* acc = R + rtile;
     T* den = acc + z.BQ * z.Dv;
     T* fqb = den + z.BQ * z.M;
     std::vector<Run> runs;
     runs.reserve(z.BK);
-    const int64_t bh = task / nqb, h = bh % z.H, b = bh / z.H;
-    const int64_t q0 = (task % nqb) * z.BQ, q1 = std::min(z.N, q0 + z.BQ), bq = q1 - q0;
+    // query block slowest: the first tasks are distinct (batch, head)s, so that no worker waits for the features
+    // another one is computing
+    const int64_t bh = task % (z.B * z.H), h = bh % z.H, b = bh / z.H;
+    const int64_t qbi = task / (z.B * z.H), q0 = z.qb.begin(qbi), q1 = z.qb.end(qbi), bq = q1 - q0;
     const int32_t* qb = ix.qb.data() + q0;
     T* fkb = fk.get() + bh * z.N * z.Dk;
     fk_done.run(bh, [&] { feature_rows<I, T>(k, b, h, 0, z.N, T(1), elu1, fkb); });
@@ -602,13 +629,17 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
     std::fill(acc, acc + bq * z.Dv, T(0));
     std::fill(den, den + bq * z.M, T(0));
     const int64_t kend = causal ? q1 : z.N;        // causal: keys j <= i < q1 (the table masks the rest)
-    for (int64_t k0 = 0; k0 < kend; k0 += z.BK) {
-      const int64_t k1 = std::min(kend, k0 + z.BK), bk = k1 - k0;
+    for (int64_t kbi = 0; kbi < z.kb.count && z.kb.begin(kbi) < kend; ++kbi) {
+      const int64_t k0 = z.kb.begin(kbi), k1 = std::min(kend, z.kb.end(kbi)), bk = k1 - k0;
       const int nr = block_runs(ix, k0, k1, runs);
       gemm<T>(false, true, bq, bk, z.Dk, T(1), fqb, z.Dk, fkb + k0 * z.Dk, z.Dk, T(0), A, z.LT);
       for (int64_t m = 0; m < z.M; ++m) {
-        gather_weights<T>(R, bq, z.LT, qb, wt.X.data() + (h * z.M + m) * wt.TXP, runs.data(), nr);
-        weigh_rows<T>(A, R, Wt, bq, bk, z.LT, den + m, z.M);
+        const T* X = wt.X.data() + (h * z.M + m) * wt.TXP;
+        for (int64_t i0 = 0; i0 < bq; i0 += kRowChunk) {
+          const int64_t rows = std::min(kRowChunk, bq - i0);
+          gather_weights<T>(R, rows, z.LT, qb + i0, X, runs.data(), nr);
+          weigh_rows<T>(A + i0 * z.LT, R, Wt + i0 * z.LT, rows, bk, z.LT, den + i0 * z.M + m, z.M);
+        }
         gemm<T>(false, false, bq, z.G, bk, T(1), Wt, z.LT, vb + k0 * ldv + m * z.G, ldv, T(1), acc + m * z.G,
                 z.Dv);
       }
@@ -619,12 +650,8 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
         const T s = normalize ? T(1) / (den[i * z.M + m] + eps_s[h * z.M + m]) : post[h * z.M + m];
         if (inv != nullptr) inv[row * z.M + m] = s;
         const T* a = acc + i * z.Dv + m * z.G;
-        I* o = out + row * z.Dv + m * z.G;
-        for (int64_t c = 0; c < z.G; ++c) o[c] = static_cast<I>(a[c] * s);
-        if (out_c != nullptr) {
-          T* oc = out_c + row * z.Dv + m * z.G;
-          for (int64_t c = 0; c < z.G; ++c) oc[c] = a[c] * s;
-        }
+        scale_to<I, T>(out + row * z.Dv + m * z.G, a, s, z.G);
+        if (out_c != nullptr) scale_to<T, T>(out_c + row * z.Dv + m * z.G, a, s, z.G);
       }
     }
   });
@@ -640,7 +667,7 @@ struct BackwardPlan {
 // of the table gradient follow the tasks, so the result is the same on any number of threads).
 BackwardPlan backward_plan(const Sizes& z, int64_t TXP, int64_t itemsize) {
   BackwardPlan p{};
-  p.nkb = ceil_div(z.N, z.BK);
+  p.nkb = z.kb.count;
   p.nkc = std::min(p.nkb, std::max<int64_t>(1, ceil_div(kMinBackwardTasks, z.B * z.H)));
   p.kb_per_chunk = ceil_div(p.nkb, p.nkc);
   p.nkc = ceil_div(p.nkb, p.kb_per_chunk);
@@ -709,25 +736,27 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
                    I* dq, I* dk, I* dv, bool elu1) {
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
-  const int64_t nqb = ceil_div(z.N, z.BQ);
   const int64_t workers = num_workers(p.ntasks);
-  const int64_t tile = z.BQ * z.LT;
-  const int64_t ntile = z.M > 1 ? 5 : 4;
-  const int64_t per_worker = ntile * tile + z.BK * (z.Dk + z.Dv);
+  const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
+  const int64_t rtile = kRowChunk * z.LT + kLanes;
+  const int64_t ntile = z.M > 1 ? 4 : 3;
+  const int64_t per_worker = ntile * tile + rtile + z.BK * (z.Dk + z.Dv);
   auto work = buffer<T>(workers * per_worker);
   OnceFlags prepared(z.B * z.H);
   run_tasks(p.ntasks, workers, [&](int64_t task, int64_t w) {
     T* A = work.get() + w * per_worker;      // A, then W in place (one group)
     T* dW = A + tile;                        // dW, then the table gradient terms dd * W
     T* dA = A + 2 * tile;
-    T* R = A + 3 * tile;                     // one group's weight tile
-    T* Wm = z.M > 1 ? A + 4 * tile : A;
-    T* dKb = A + ntile * tile;
+    T* Wm = z.M > 1 ? A + 3 * tile : A;
+    T* R = A + ntile * tile;                 // a chunk of rows of one group's weights
+    T* dKb = R + rtile;
     T* dVb = dKb + z.BK * z.Dk;
     std::vector<Run> runs;
     runs.reserve(z.BK);
-    const int64_t kc = task % p.nkc, bg = (task / p.nkc) % p.nbg, h = task / (p.nkc * p.nbg);
-    T* G = gtab + task * z.M * wt.TXP;
+    // key chunk slowest (the first tasks prepare distinct (batch, head)s); the table gradient of the task's head
+    // goes to slot (h, bg + nbg kc), summed per head in slot order afterwards
+    const int64_t h = task % z.H, bg = (task / z.H) % p.nbg, kc = task / (z.H * p.nbg);
+    T* G = gtab + (h * p.nbg * p.nkc + kc * p.nbg + bg) * z.M * wt.TXP;
     const int64_t kb0 = kc * p.kb_per_chunk, kb1 = std::min(p.nkb, kb0 + p.kb_per_chunk);
     for (int64_t b = bg * p.b_per_group; b < std::min(z.B, (bg + 1) * p.b_per_group); ++b) {
       const int64_t bh = b * z.H + h;
@@ -740,23 +769,31 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
       T* dqb = dfq + kc * dfq_chunk_stride + bh * z.N * z.Dk;
       std::fill(dqb, dqb + z.N * z.Dk, T(0));       // this task owns this chunk's sum for (b, h)
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t k0 = kb * z.BK, k1 = std::min(z.N, k0 + z.BK), bk = k1 - k0;
+        const int64_t k0 = z.kb.begin(kb), k1 = z.kb.end(kb), bk = k1 - k0;
         const int nr = block_runs(ix, k0, k1, runs);
         std::fill(dKb, dKb + bk * z.Dk, T(0));
         std::fill(dVb, dVb + bk * z.Dv, T(0));
-        for (int64_t qbi = causal ? k0 / z.BQ : 0; qbi < nqb; ++qbi) {   // causal: queries i >= j >= k0
-          const int64_t q0 = qbi * z.BQ, q1 = std::min(z.N, q0 + z.BQ), bq = q1 - q0;
+        for (int64_t qbi = causal ? z.qb.of(k0) : 0; qbi < z.qb.count; ++qbi) {   // causal: queries i >= j >= k0
+          const int64_t q0 = z.qb.begin(qbi), q1 = z.qb.end(qbi), bq = q1 - q0;
           const int32_t* qb = ix.qb.data() + q0;
           gemm<T>(false, true, bq, bk, z.Dk, T(1), fqb + q0 * z.Dk, z.Dk, fkb + k0 * z.Dk, z.Dk, T(0), A, z.LT);
           for (int64_t m = 0; m < z.M; ++m) {
             const T* X = wt.X.data() + (h * z.M + m) * wt.TXP;
-            gather_weights<T>(R, bq, z.LT, qb, X, runs.data(), nr);
-            weigh_rows<T>(A, R, Wm, bq, bk, z.LT, nullptr, 0);
+            for (int64_t i0 = 0; i0 < bq; i0 += kRowChunk) {
+              const int64_t rows = std::min(kRowChunk, bq - i0);
+              gather_weights<T>(R, rows, z.LT, qb + i0, X, runs.data(), nr);
+              weigh_rows<T>(A + i0 * z.LT, R, Wm + i0 * z.LT, rows, bk, z.LT, nullptr, 0);
+            }
             const T* gnm = gnb + q0 * z.Dv + m * z.G;
             gemm<T>(true, false, bk, z.G, bq, T(1), Wm, z.LT, gnm, z.Dv, T(1), dVb + m * z.G, z.Dv);
             gemm<T>(false, true, bq, bk, z.G, T(1), gnm, z.Dv, vb + k0 * ldv + m * z.G, ldv, T(0), dW, z.LT);
-            weight_grad_rows<T>(dW, Wm, R, dA, m > 0, bq, bk, z.LT, gdb + q0 * z.M + m, z.M);
-            scatter_weights<T>(dW, bq, z.LT, qb, G + m * wt.TXP, runs.data(), nr);
+            for (int64_t i0 = 0; i0 < bq; i0 += kRowChunk) {
+              const int64_t rows = std::min(kRowChunk, bq - i0);
+              gather_weights<T>(R, rows, z.LT, qb + i0, X, runs.data(), nr);
+              weight_grad_rows<T>(dW + i0 * z.LT, Wm + i0 * z.LT, R, dA + i0 * z.LT, m > 0, rows, bk, z.LT,
+                                  gdb + (q0 + i0) * z.M + m, z.M);
+              scatter_weights<T>(dW + i0 * z.LT, rows, z.LT, qb + i0, G + m * wt.TXP, runs.data(), nr);
+            }
           }
           gemm<T>(false, false, bq, z.Dk, bk, T(1), dA, z.LT, fkb + k0 * z.Dk, z.Dk, T(1), dqb + q0 * z.Dk, z.Dk);
           gemm<T>(true, false, bk, z.Dk, bq, T(1), dA, z.LT, fqb + q0 * z.Dk, z.Dk, T(1), dKb, z.Dk);
@@ -837,11 +874,11 @@ Sizes make_sizes(const Checked& c, int64_t block_q, int64_t block_k) {
   TORCH_CHECK_VALUE(block_q >= 0 && block_k >= 0, "lisa_kernels.direct_cpu: block sizes must be >= 0 (0: default)");
   Sizes z{};
   z.B = c.B; z.H = c.H; z.N = c.N; z.Dk = c.Dk; z.Dv = c.Dv; z.M = c.M; z.G = c.Dv / c.M;
-  // the default blocks split N evenly (no last block of a few tokens); given sizes are taken as they are
-  auto even = [&](int64_t blk) { return ceil_div(c.N, ceil_div(c.N, blk)); };
-  z.BQ = block_q > 0 ? std::min(c.N, block_q) : even(kDefaultBlockQ);
-  z.BK = block_k > 0 ? std::min(c.N, block_k) : even(kDefaultBlockK);
-  z.LT = ceil_div(z.BK + kLanes - 1, 16) * 16;          // a run's last chunk may pass the block's end
+  z.qb = Blocks(c.N, block_q > 0 ? block_q : kDefaultBlockQ);
+  z.kb = Blocks(c.N, block_k > 0 ? block_k : kDefaultBlockK);
+  z.BQ = z.qb.max_size();
+  z.BK = z.kb.max_size();
+  z.LT = ceil_div(z.BK, 16) * 16;
   TORCH_CHECK_VALUE(z.LT < (int64_t(1) << 31) && c.Dk < (int64_t(1) << 31) && c.Dv < (int64_t(1) << 31),
                     "lisa_kernels.direct_cpu: sizes too large");
   return z;

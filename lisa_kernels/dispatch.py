@@ -26,7 +26,7 @@ import torch
 from . import fft as _fft_module
 from ._compose import compose
 from ._validate import Problem
-from .cuda_fft import extension_reason
+from .cuda_fft import cuda_extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
 from .ops import (cuda_fft_core, direct_core, direct_cpu_attention, direct_cpu_reason, direct_dense_attention,
                   direct_dense_first, fft_core, triton_direct_attention, triton_fft_core)
@@ -72,7 +72,7 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     if name == "cuda":
         if p.device.type != "cuda":
             return f"inputs are on {p.device}, not a CUDA device"
-        return extension_reason()
+        return cuda_extension_reason()
     raise ValueError(f"unknown backend {name!r}")
 
 

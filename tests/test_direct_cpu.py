@@ -400,3 +400,19 @@ def test_torch_compile_fullgraph_runs_the_fused_op(monkeypatch):
     g = torch.randn_like(out_e)
     for a, b in zip(torch.autograd.grad(out_c, inputs, g), torch.autograd.grad(out_e, inputs, g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_cuda_says_when_the_build_has_no_cuda_kernels(monkeypatch):
+    """A CPU-only build of the extension (no CUDA toolkit or a CPU-only torch at install) runs the CPU loops; for
+    CUDA inputs backend="cuda" says that its kernels are missing instead of failing at the launch."""
+    import dataclasses
+
+    from lisa_kernels import cuda_fft, dispatch
+    x, kw = _vit_like(False)
+    p = dataclasses.replace(lisa_kernels.check_inputs(x["q"], x["k"], x["v"], x["rpe"], **kw),
+                            device=torch.device("cuda", 0))
+    assert cuda_fft.HAS_CUDA_KERNELS is bool(C.with_cuda)
+    monkeypatch.setattr(cuda_fft, "HAS_CUDA_KERNELS", False)
+    assert "built without its CUDA kernels" in dispatch.backend_reason("cuda", p)
+    monkeypatch.setattr(cuda_fft, "HAS_CUDA_KERNELS", True)
+    assert dispatch.backend_reason("cuda", p) is None
