@@ -5,8 +5,10 @@ Which build you get (``pip install --no-build-isolation .``, so that the build s
     (csrc/*.cu and csrc/*.cpp; backend="cuda" and the compiled CPU loops);
   - a CPU-only torch (e.g. torch==2.13.0+cpu), or no CUDA toolkit, and a C++ compiler: the CPU extension
     (csrc/*.cpp only: the fused direct kernel, the fft loop, the dense forward);
-  - no C++ compiler, torch not importable at build time (pip's build isolation), or a failed compile: the
-    pure-Python package, with the reason printed; every backend but "cuda" works, more slowly.
+  - no C++ compiler, no torch installed, or a failed compile: the pure-Python package, with the reason printed;
+    every backend but "cuda" works, more slowly.
+A plain `pip install .` builds in an isolated environment without torch; there the build uses the torch installed
+in this interpreter's own site-packages (the one the package will run with), and says so.
 
 Environment variables:
   LISA_BUILD_EXT    "auto" (default): build the extension where possible, else fall back to the pure-Python
@@ -75,6 +77,31 @@ def _cxx_compiler():
     return shutil.which(cxx)
 
 
+def _import_torch():
+    """torch as the build sees it; where pip's build isolation hides it, the torch of this interpreter's own
+    site-packages (the one the installed package will run with). None if there is none."""
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    import sysconfig
+    found = [path for path in dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+             if os.path.isdir(os.path.join(path, "torch")) and path not in sys.path]
+    if not found:
+        return None
+    sys.path.extend(found)
+    try:
+        import torch
+    except ImportError as exc:
+        log(f"torch in {found} does not import in the build environment ({exc})")
+        return None
+    log(f"torch is not installed in the build environment (pip's build isolation): building against torch "
+        f"{torch.__version__} of {os.path.dirname(os.path.dirname(torch.__file__))}, the one the package will run "
+        f"with ('pip install --no-build-isolation .' avoids this)")
+    return torch
+
+
 def _cuda_reason(torch, cuda_home):
     """None if the CUDA extension can be built, else why not."""
     if torch.version.cuda is None:
@@ -110,12 +137,11 @@ def extension():
         return skip(f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH; set CXX)")
     if want_cuda != "0":
         _guess_cuda_home()
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        return skip("torch is not importable in the build environment (pip's build isolation hides it; "
-                    "use 'pip install --no-build-isolation .')")
+    torch = _import_torch()
+    if torch is None:
+        return skip("torch is not installed (neither in the build environment nor in this interpreter's "
+                    "site-packages; install torch first, then 'pip install --no-build-isolation .')")
+    from torch.utils import cpp_extension
 
     cuda_reason = "LISA_BUILD_CUDA=0" if want_cuda == "0" else _cuda_reason(torch, cpp_extension.CUDA_HOME)
     if cuda_reason is None and not cu_sources:

@@ -16,10 +16,13 @@
 // X = exp(log-table - mx), mx its largest entry per (head, group): every weight is <= 1 and eps' = eps e^-mx,
 // so that num / (den + eps) is unchanged exactly and nothing overflows.
 //
-// Forward: one task per (batch * head, block of BQ queries), taken from a shared counter by the threads of an
-// at::parallel_for. For each block of BK keys (1D causal: only those up to the last query): the A tile (BLAS),
-// the weights and row sums in place while the tile is in cache, and acc += W V_block (BLAS). Features phi(q),
-// phi(k) are computed once beforehand (phi(x) = elu(x) + 1 = x + 1 or e^x; or relu).
+// Forward: one task per ((batch, head), block of 256 queries), taken from a shared counter by the threads of one
+// at::parallel_for (dynamic, so that unequal tasks balance; the query block varies slowest, so that concurrent
+// tasks work on different (batch, head)s). The first task of a (batch, head) computes phi(k) of its keys, each
+// task phi(scale q) of its queries (phi(x) = elu(x) + 1, i.e. x + 1 or e^x; or relu). For each block of 512 keys
+// (1D causal: only those up to the last query): the A tile (BLAS); then, 32 rows at a time while they are in
+// cache, the rows of the weights gathered from the table and W = A * R with its row sums; and acc += W V_block
+// (BLAS). Then out = acc * s per query and group.
 //
 // Backward (g = d out; with normalize s = 1 / (den' + eps'), gnum = s g, gden = -s sum_c g out, per group):
 //
@@ -27,12 +30,15 @@
 //     dA    = sum_m dW^m * X^m                dlogtab[qb_i + ko_j] += dW^m_ij W^m_ij
 //     dfq  += dA fk,   dfk += dA^T fq,        dq = dfq * phi'(scale q) * scale,   dk = dfk * phi'(k)
 //
-// one task per (batch * head, chunk of key blocks): the task owns the keys' dk, dv and visits every query
-// block (FlashAttention-2's order); dfq is summed straight into place when one chunk spans all keys, else
-// into one buffer per chunk, added up afterwards in chunk order. The table gradient is summed per task into
-// its own buffer and those are added up per head in task order: the result does not depend on the number of
-// threads or on which thread ran which task (bitwise deterministic). The table gradient then folds back onto
-// rpe (circular tables: every unrolled entry onto its source) and rpe_extra (the sum over each region).
+// one task per (head, group of batches, chunk of key blocks) (a group is one batch and a chunk all keys, unless
+// there are few (batch, head)s or the table gradients would take too much memory): the task owns its keys' dk,
+// dv and visits every query block (FlashAttention-2's order); its first visit of a (batch, head) computes
+// phi(q), phi(k), gnum and gden there. dfq is summed straight into place when one chunk spans all keys, else into
+// one buffer per chunk, added up afterwards in chunk order. The table gradient is summed per task into its own
+// buffer and those are added up per head in a fixed order: the tasks depend on the sizes alone, so the result
+// does not depend on the number of threads or on which thread ran which task (bitwise deterministic). The table
+// gradient then folds back onto rpe (circular tables: every unrolled entry onto its source) and rpe_extra (the
+// sum over each region).
 //
 // Matrix products: the BLAS sgemm_/dgemm_ that torch's CPU library exports (MKL on x86 wheels, as torch's own
 // CPU flash attention uses through at::native::cpublas), called single-threaded inside the parallel loop;
@@ -512,7 +518,14 @@ constexpr int64_t kRowChunk = 32;             // weight tiles are gathered this 
 constexpr int64_t kMinBackwardTasks = 16;               // key chunks split (batch, head) pairs below this many
 constexpr int64_t kTableGradBudget = int64_t(64) << 20;  // bytes of the per-task table gradients, at most
 
-int64_t num_workers(int64_t ntasks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks)); }
+// Threads for ntasks tasks of `madds` multiply-adds in all: one below kParallelMinWork (about 20 microseconds of
+// work, the cost of starting and joining the threads of a parallel region).
+constexpr double kParallelMinWork = 2e6;
+
+int64_t num_workers(int64_t ntasks, double madds) {
+  if (madds < kParallelMinWork) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+}
 
 // Runs fn(task, worker) for task in [0, ntasks) in one at::parallel_for region, tasks taken from a shared counter
 // (dynamic: tasks of unequal cost balance); worker in [0, workers) indexes the thread's workspace.
@@ -603,7 +616,8 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
   }
   auto fk = buffer<T>(z.B * z.H * z.N * z.Dk);       // phi(k) of a (batch, head), by its first task
   OnceFlags fk_done(z.B * z.H);
-  const int64_t ntasks = z.B * z.H * z.qb.count, workers = num_workers(ntasks);
+  const double madds = double(z.B * z.H) * double(z.N) * double(z.N) * double(z.Dk + z.Dv);
+  const int64_t ntasks = z.B * z.H * z.qb.count, workers = num_workers(ntasks, madds);
   const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
   const int64_t rtile = kRowChunk * z.LT + kLanes;
   const int64_t per_worker = (z.M > 1 ? 2 : 1) * tile + rtile + z.BQ * (z.Dk + z.Dv + z.M);
@@ -736,7 +750,8 @@ void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, c
                    I* dq, I* dk, I* dv, bool elu1) {
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
-  const int64_t workers = num_workers(p.ntasks);
+  const int64_t workers = num_workers(p.ntasks, 2.5 * double(z.B * z.H) * double(z.N) * double(z.N) *
+                                                    double(z.Dk + z.Dv));
   const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
   const int64_t rtile = kRowChunk * z.LT + kLanes;
   const int64_t ntile = z.M > 1 ? 4 : 3;

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import fft as _fft_module
+from . import ops as _ops
 from ._compose import compose
 from ._validate import Problem
 from .cuda_fft import cuda_extension_reason
@@ -149,7 +150,7 @@ def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Option
         return None
     if name == "fft" and cls == "cpu" and not _fft_cpu_loop_used(p, backward):
         t *= FFT_TORCH_CHUNKS_FACTOR
-    if name == "direct" and cls == "cpu" and direct_cpu_reason(p) is not None:
+    if name == "direct" and cls == "cpu" and not _ops.direct_cpu_built():
         t *= DIRECT_TORCH_OPS_FACTOR
     extra = 4.0 * p.B * p.H * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
     return t + extra

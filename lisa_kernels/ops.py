@@ -276,6 +276,11 @@ _C_DIRECT = _compiled_direct_cpu()
 _CPU = torch.device("cpu")            # (comparing devices costs a tenth of reading device.type)
 
 
+def direct_cpu_built() -> bool:
+    """Whether the extension with the fused direct CPU kernel is built (the CPU cost model's "direct" entry)."""
+    return _C_DIRECT is not None
+
+
 def direct_cpu_reason(p: Problem) -> Optional[str]:
     """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
     if p.device != _CPU:
