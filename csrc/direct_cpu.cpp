@@ -53,7 +53,9 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -561,11 +563,69 @@ class OnceFlags {
   std::unique_ptr<std::atomic<int>[]> state_;
 };
 
-// An uninitialised buffer of n T (every element is written before it is read).
-template <typename T>
-std::unique_ptr<T[]> buffer(int64_t n) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
-}
+// A call's scratch memory (features, tiles, partial sums): one block, carved into 64-byte aligned arrays of the
+// given sizes in bytes, uninitialised. The block is kept from call to call up to kScratchKeepBytes (freshly mapped
+// memory costs a page fault per 4 KiB on its first touch: 5 to 10 % of a ViT-sized call); a call made while
+// another one holds it, or that needs more, gets a block of its own.
+constexpr size_t kScratchKeepBytes = size_t(64) << 20;
+
+class Scratch {
+ public:
+  explicit Scratch(std::initializer_list<int64_t> bytes) {
+    size_t total = 0;
+    for (int64_t b : bytes) {
+      offsets_.push_back(total);
+      total += (static_cast<size_t>(std::max<int64_t>(b, 1)) + 63) / 64 * 64;
+    }
+    Pool& pool = shared();
+    const std::lock_guard<std::mutex> lock(pool.mutex);
+    if (!pool.busy && total <= kScratchKeepBytes) {
+      if (pool.size < total) {
+        std::free(pool.data);
+        pool.data = static_cast<char*>(std::aligned_alloc(64, total));
+        pool.size = pool.data != nullptr ? total : 0;
+      }
+      if (pool.data != nullptr) {
+        pool.busy = true;
+        base_ = pool.data;
+        return;
+      }
+    }
+    own_.reset(static_cast<char*>(std::aligned_alloc(64, total)));
+    TORCH_CHECK(own_ != nullptr, "lisa_kernels.direct_cpu: out of memory (", total, " bytes of scratch)");
+    base_ = own_.get();
+  }
+  ~Scratch() {
+    if (own_ == nullptr) {
+      Pool& pool = shared();
+      const std::lock_guard<std::mutex> lock(pool.mutex);
+      pool.busy = false;
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  template <typename T>
+  T* get(size_t i) const { return reinterpret_cast<T*>(base_ + offsets_[i]); }
+
+ private:
+  struct Pool {
+    std::mutex mutex;
+    char* data = nullptr;
+    size_t size = 0;
+    bool busy = false;
+  };
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  static Pool& shared() {
+    static Pool pool;
+    return pool;
+  }
+  std::vector<size_t> offsets_;
+  char* base_ = nullptr;
+  std::unique_ptr<char, Free> own_;
+};
 
 // out rows [n0, n1) of (b, h) = phi(scale x[b, h, n0:n1]) for x (B, H, N, D) of any strides and dtype; out is
 // the contiguous (N, D) block of (b, h).
@@ -614,16 +674,17 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
     eps_s[hm] = static_cast<T>(eps * std::exp(-wt.mx[hm]));
     post[hm] = static_cast<T>(std::exp(wt.mx[hm]));
   }
-  auto fk = buffer<T>(z.B * z.H * z.N * z.Dk);       // phi(k) of a (batch, head), by its first task
   OnceFlags fk_done(z.B * z.H);
   const double madds = double(z.B * z.H) * double(z.N) * double(z.N) * double(z.Dk + z.Dv);
   const int64_t ntasks = z.B * z.H * z.qb.count, workers = num_workers(ntasks, madds);
   const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
   const int64_t rtile = kRowChunk * z.LT + kLanes;
   const int64_t per_worker = (z.M > 1 ? 2 : 1) * tile + rtile + z.BQ * (z.Dk + z.Dv + z.M);
-  auto work = buffer<T>(workers * per_worker);
+  const Scratch scratch({z.B * z.H * z.N * z.Dk * int64_t(sizeof(T)), workers * per_worker * int64_t(sizeof(T))});
+  T* fk = scratch.get<T>(0);                         // phi(k) of a (batch, head), by its first task
+  T* work = scratch.get<T>(1);
   run_tasks(ntasks, workers, [&](int64_t task, int64_t w) {
-    T* A = work.get() + w * per_worker;
+    T* A = work + w * per_worker;
     T* Wt = z.M > 1 ? A + tile : A;                      // the weighted tile (in place of A for one group)
     T* R = A + (z.M > 1 ? 2 : 1) * tile;                 // a chunk of rows of one group's weights
     T* acc = R + rtile;
@@ -636,7 +697,7 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
     const int64_t bh = task % (z.B * z.H), h = bh % z.H, b = bh / z.H;
     const int64_t qbi = task / (z.B * z.H), q0 = z.qb.begin(qbi), q1 = z.qb.end(qbi), bq = q1 - q0;
     const int32_t* qb = ix.qb.data() + q0;
-    T* fkb = fk.get() + bh * z.N * z.Dk;
+    T* fkb = fk + bh * z.N * z.Dk;
     fk_done.run(bh, [&] { feature_rows<I, T>(k, b, h, 0, z.N, T(1), elu1, fkb); });
     feature_rows<I, T>(q, b, h, q0, q1, scale, elu1, fqb - q0 * z.Dk);
     const T* vb = vbase + b * vv.sb + h * vv.sh;
@@ -744,22 +805,30 @@ struct BackwardInputs {
   }
 };
 
+// Elements of T one worker of the backward uses: its tiles (A / W, dW, dA, W of a group when M > 1), a chunk of
+// weight rows, and its keys' dk and dv sums.
+int64_t backward_worker_elems(const Sizes& z) {
+  return (z.M > 1 ? 4 : 3) * (z.BQ * z.LT + kLanes) + kRowChunk * z.LT + kLanes + z.BK * (z.Dk + z.Dv);
+}
+
+int64_t backward_workers(const Sizes& z, const BackwardPlan& p) {
+  return num_workers(p.ntasks, 2.5 * double(z.B * z.H) * double(z.N) * double(z.N) * double(z.Dk + z.Dv));
+}
+
 template <typename I, typename T>
 void backward_impl(const Sizes& z, const BackwardPlan& p, const PairIndex& ix, const WeightTables<T>& wt,
                    BackwardInputs<I, T>& in, const RowView& vv, bool causal, T* dfq, int64_t dfq_chunk_stride, T* gtab,
-                   I* dq, I* dk, I* dv, bool elu1) {
+                   T* work, I* dq, I* dk, I* dv, bool elu1) {
+  const int64_t workers = backward_workers(z, p);
   const T* vbase = vv.t.data_ptr<T>();
   const int64_t ldv = vv.ld;
-  const int64_t workers = num_workers(p.ntasks, 2.5 * double(z.B * z.H) * double(z.N) * double(z.N) *
-                                                    double(z.Dk + z.Dv));
   const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
   const int64_t rtile = kRowChunk * z.LT + kLanes;
   const int64_t ntile = z.M > 1 ? 4 : 3;
-  const int64_t per_worker = ntile * tile + rtile + z.BK * (z.Dk + z.Dv);
-  auto work = buffer<T>(workers * per_worker);
+  const int64_t per_worker = backward_worker_elems(z);
   OnceFlags prepared(z.B * z.H);
   run_tasks(p.ntasks, workers, [&](int64_t task, int64_t w) {
-    T* A = work.get() + w * per_worker;      // A, then W in place (one group)
+    T* A = work + w * per_worker;            // A, then W in place (one group)
     T* dW = A + tile;                        // dW, then the table gradient terms dd * W
     T* dA = A + 2 * tile;
     T* Wm = z.M > 1 ? A + 3 * tile : A;
@@ -922,30 +991,37 @@ void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const
   const std::vector<int64_t>& src = ix.src;
   const WeightTables<T> wt = weight_tables<T>(rpe_c, extra_c, ix, c.H * c.M);
   const int64_t rows = c.B * c.H * c.N;
-  auto fq = buffer<T>(rows * c.Dk), fk = buffer<T>(rows * c.Dk);
-  auto gnum = buffer<T>(rows * c.Dv), gden = buffer<T>(rows * c.M);
-  const Tensor out_c = out.to(c.ct);
-  const Tensor inv_c = normalize ? inv.to(c.ct).contiguous() : inv;
-  BackwardInputs<I, T> in{z, q, k, grad_out, out_c, inv_c, static_cast<T>(scale), elu1, normalize, wt.mx,
-                          fq.get(), fk.get(), gnum.get(), gden.get()};
-  const RowView vv = row_view(v, c.ct);
   const BackwardPlan p = backward_plan(z, wt.TXP, sizeof(T));
   // dfq: straight into place with one key chunk, else one buffer per chunk (each zeroed by the task that owns it)
   const int64_t chunk_stride = p.nkc > 1 ? rows * c.Dk : 0;
-  auto dfq = buffer<T>(p.nkc * rows * c.Dk);
-  std::vector<T> gtab(static_cast<size_t>(p.ntasks * c.M * wt.TXP), T(0));
+  const int64_t gtab_elems = p.ntasks * c.M * wt.TXP, item = sizeof(T);
+  const Scratch scratch({rows * c.Dk * item, rows * c.Dk * item, rows * c.Dv * item, rows * c.M * item,
+                         p.nkc * rows * c.Dk * item, gtab_elems * item,
+                         backward_workers(z, p) * backward_worker_elems(z) * item});
+  T* fq = scratch.get<T>(0);
+  T* fk = scratch.get<T>(1);
+  T* gnum = scratch.get<T>(2);
+  T* gden = scratch.get<T>(3);
+  T* dfq = scratch.get<T>(4);
+  T* gtab = scratch.get<T>(5);
+  std::fill(gtab, gtab + gtab_elems, T(0));
+  const Tensor out_c = out.to(c.ct);
+  const Tensor inv_c = normalize ? inv.to(c.ct).contiguous() : inv;
+  BackwardInputs<I, T> in{z, q, k, grad_out, out_c, inv_c, static_cast<T>(scale), elu1, normalize, wt.mx,
+                          fq, fk, gnum, gden};
+  const RowView vv = row_view(v, c.ct);
   I* dqp = dq.data_ptr<I>();
-  backward_impl<I, T>(z, p, ix, wt, in, vv, causal, dfq.get(), chunk_stride, gtab.data(), dqp, dk.data_ptr<I>(),
+  backward_impl<I, T>(z, p, ix, wt, in, vv, causal, dfq, chunk_stride, gtab, scratch.get<T>(6), dqp, dk.data_ptr<I>(),
                       dv.data_ptr<I>(), elu1);
   if (p.nkc > 1) {    // dq = (sum over key chunks of dfq, in chunk order) * phi'(scale q) * scale
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / c.Dk), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        T* acc = dfq.get() + r * c.Dk;
+        T* acc = dfq + r * c.Dk;
         for (int64_t kc = 1; kc < p.nkc; ++kc) {
-          const T* part = dfq.get() + kc * chunk_stride + r * c.Dk;
+          const T* part = dfq + kc * chunk_stride + r * c.Dk;
           for (int64_t d = 0; d < c.Dk; ++d) acc[d] += part[d];
         }
-        chain_feature<I, T>(dqp + r * c.Dk, acc, fq.get() + r * c.Dk, c.Dk, elu1, static_cast<T>(scale));
+        chain_feature<I, T>(dqp + r * c.Dk, acc, fq + r * c.Dk, c.Dk, elu1, static_cast<T>(scale));
       }
     });
   }
@@ -962,7 +1038,7 @@ void backward_typed(const Checked& c, const Sizes& z, const PairIndex& ix, const
       const int64_t h = hm / c.M, m = hm % c.M;
       std::fill(sum.begin(), sum.end(), T(0));
       for (int64_t t = 0; t < tasks_per_head; ++t) {
-        const T* g = gtab.data() + ((h * tasks_per_head + t) * c.M + m) * TXP;
+        const T* g = gtab + ((h * tasks_per_head + t) * c.M + m) * TXP;
         for (int64_t u = 0; u < ix.TX; ++u) sum[u] += g[u];
       }
       for (int64_t f = 0; f < ix.TX; ++f) {
