@@ -27,7 +27,7 @@ python3 -m venv "$venv"
 index=()
 if [ -n "${LISA_CPU_TORCH_INDEX:-}" ]; then index=(--index-url "$LISA_CPU_TORCH_INDEX"); fi
 "$venv/bin/python" -m pip install --quiet "${index[@]}" "$torch_req"
-"$venv/bin/python" -m pip install --quiet numpy pytest setuptools wheel
+"$venv/bin/python" -m pip install --quiet numpy pytest setuptools wheel ninja   # ninja: MAX_JOBS parallel compiles
 "$venv/bin/python" - <<'EOF'
 import torch
 assert torch.version.cuda is None, f"expected a CPU-only torch, got {torch.__version__} (CUDA {torch.version.cuda})"
