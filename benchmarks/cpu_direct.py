@@ -20,7 +20,7 @@ Method:
 - environment: torch threads (``--threads``, default 2), torch version, CPU model, load average, whether
   lisa_kernels._C is built and which backend ``auto`` chose (``lisa_kernels.explain``).
 
-Output: ``benchmarks/results/cpu_direct_<date>.json`` and ``.md`` (``--out STEM`` to choose), and a table.
+Output: ``benchmarks/results/direct_vs_sdpa_cpu_<date>.json`` and ``.md`` (``--out STEM`` to choose), and a table.
 """
 
 from __future__ import annotations
@@ -208,8 +208,9 @@ def markdown(data: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_stem(tag: str = "") -> str:
-    stem = os.path.join(RESULTS_DIR, f"cpu_direct{tag}_{datetime.date.today().isoformat()}")
+def default_stem() -> str:
+    # (not cpu_*: tests/test_cost_model.py reads the sweep files of that name)
+    stem = os.path.join(RESULTS_DIR, f"direct_vs_sdpa_cpu_{datetime.date.today().isoformat()}")
     path, n = stem, 2
     while os.path.exists(path + ".json"):
         path, n = f"{stem}_{n}", n + 1
@@ -233,7 +234,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds (at least 5) [9]")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each method first [2]")
     ap.add_argument("--quick", action="store_true", help="14x14 and 24x24 only, 5 rounds")
-    ap.add_argument("--out", help="output stem (STEM.json, STEM.md) [benchmarks/results/cpu_direct_<date>]")
+    ap.add_argument("--out", help="output stem (STEM.json, STEM.md) [benchmarks/results/direct_vs_sdpa_cpu_<date>]")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
     args.cases = args.cases or list(CASES)
