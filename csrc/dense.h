@@ -1,6 +1,6 @@
 // The direct path's dense form (small problems) as one C++ call: see dense.cpp.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 namespace lisa {
 

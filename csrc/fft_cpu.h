@@ -1,6 +1,6 @@
 // The FFT path's chunk loop on the CPU, one channel at a time in cache: see fft_cpu.cpp.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 

@@ -14,6 +14,7 @@
 #endif
 
 #include "dense.h"
+#include "direct_cpu.h"
 #include "fft_cpu.h"
 #include "fft_passes.h"
 
@@ -237,6 +238,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rpe_extra"), pybind11::arg("index"), pybind11::arg("num_extra"), pybind11::arg("elu1"),
         pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("causal"), pybind11::arg("scale"));
   m.attr("dense_loop_max_work") = lisa::kDenseLoopMaxWork;
+  m.def("direct_cpu_forward", &lisa::direct_cpu_forward,
+        "The direct path's fused CPU kernel, forward (csrc/direct_cpu.cpp): {out, out_c, inv}", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("rpe"), pybind11::arg("rpe_extra"),
+        pybind11::arg("grid"), pybind11::arg("num_extra"), pybind11::arg("elu1"), pybind11::arg("normalize"),
+        pybind11::arg("eps"), pybind11::arg("circular"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("need_aux"), pybind11::arg("block_q") = 0, pybind11::arg("block_k") = 0,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("direct_cpu_backward", &lisa::direct_cpu_backward,
+        "The direct path's fused CPU kernel, backward (csrc/direct_cpu.cpp): {dq, dk, dv, drpe, drpe_extra}",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("rpe"), pybind11::arg("rpe_extra"),
+        pybind11::arg("out"), pybind11::arg("inv"), pybind11::arg("grad_out"), pybind11::arg("grid"),
+        pybind11::arg("num_extra"), pybind11::arg("elu1"), pybind11::arg("normalize"), pybind11::arg("eps"),
+        pybind11::arg("circular"), pybind11::arg("causal"), pybind11::arg("scale"), pybind11::arg("block_q") = 0,
+        pybind11::arg("block_k") = 0, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("direct_cpu_gemm", &lisa::direct_cpu_gemm_name,
+        "The matrix-product routine of the fused direct kernel: 'blas' (torch's exported sgemm_/dgemm_) or 'aten'");
+  m.def("_direct_cpu_force_aten_gemm", &lisa::direct_cpu_force_aten_gemm,
+        "Tests: make the fused direct kernel use ATen's addmm (True) or BLAS where exported (False)",
+        pybind11::arg("force"));
   m.def("fft_cpu_forward", &lisa::fft_cpu_forward,
         "The FFT path's forward loop on the CPU, one channel at a time (csrc/fft_cpu.cpp)", pybind11::arg("fk"),
         pybind11::arg("ve"), pybind11::arg("fq"), pybind11::arg("khat"), pybind11::arg("grid"),

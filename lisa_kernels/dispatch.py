@@ -24,12 +24,13 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import fft as _fft_module
+from . import ops as _ops
 from ._compose import compose
 from ._validate import Problem
-from .cuda_fft import extension_reason
+from .cuda_fft import cuda_extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
-from .ops import (cuda_fft_core, direct_core, direct_dense_attention, direct_dense_fits, fft_core,
-                  triton_direct_attention, triton_fft_core)
+from .ops import (cuda_fft_core, direct_core, direct_cpu_attention, direct_cpu_reason, direct_dense_attention,
+                  direct_dense_first, fft_core, triton_direct_attention, triton_fft_core)
 from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
@@ -72,7 +73,7 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     if name == "cuda":
         if p.device.type != "cuda":
             return f"inputs are on {p.device}, not a CUDA device"
-        return extension_reason()
+        return cuda_extension_reason()
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -120,6 +121,11 @@ def model_backends(consts: dict) -> Dict[str, dict]:
 FFT_TORCH_CHUNKS_FACTOR = 2.5
 
 
+# The CPU "direct" constants are fitted to the fused kernel (csrc/direct_cpu.cpp). Where it does not run (extension
+# not built) the direct path's PyTorch ops (the dense form, the blocked loop) take about this much more time.
+DIRECT_TORCH_OPS_FACTOR = 2.0
+
+
 def _fft_cpu_loop_used(p: Problem, backward: bool) -> bool:
     if _fft_module._C_FFT_CPU is None:
         return False
@@ -144,6 +150,8 @@ def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Option
         return None
     if name == "fft" and cls == "cpu" and not _fft_cpu_loop_used(p, backward):
         t *= FFT_TORCH_CHUNKS_FACTOR
+    if name == "direct" and cls == "cpu" and not _ops.direct_cpu_built():
+        t *= DIRECT_TORCH_OPS_FACTOR
     extra = 4.0 * p.B * p.H * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
     return t + extra
 
@@ -166,6 +174,7 @@ class Estimate:
     backend: str
     seconds: Optional[float]      # cost-model estimate, None where there is no model
     reason: Optional[str]         # why it cannot run, None if it can
+    how: str = ""                 # which implementation runs it, where there is a choice (the direct path on a CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +195,8 @@ class Explanation:
         for e in self.estimates.values():
             est = "   n/a   " if e.seconds is None else f"{e.seconds * 1e3:9.2f} ms"
             mark = "*" if e.backend == self.chosen else " "
-            lines.append(f" {mark} {e.backend:<10} {est}  {('cannot run: ' + e.reason) if e.reason else 'can run'}")
+            status = ('cannot run: ' + e.reason) if e.reason else 'can run' + (f" ({e.how})" if e.how else "")
+            lines.append(f" {mark} {e.backend:<10} {est}  {status}")
         if self.crossover:
             lines.append(f"   {self.crossover}")
         if self.precision:
@@ -213,12 +223,30 @@ def fft_precision_text(rpe: torch.Tensor, p: Problem) -> str:
             f"{FLOAT32_MAX_ROW_RANGE:g}): float32 FFTs keep every row's error under 1e-4 of its magnitude")
 
 
+def direct_how(p: Problem) -> str:
+    """Which implementation ``backend="direct"`` runs ``p`` with, on a CPU: the extension's fused kernel, or PyTorch
+    ops and why (one line); "" on other devices."""
+    if p.device.type != "cpu":
+        return ""
+    reason = direct_cpu_reason(p)
+    if reason is None:
+        if direct_dense_first(p):
+            return "fused CPU kernel of lisa_kernels._C; a forward without gradients this small: its dense loop nest"
+        return "fused CPU kernel of lisa_kernels._C"
+    return f"PyTorch ops, {_direct_cpu_model_note()}: {reason}"
+
+
+def _direct_cpu_model_note() -> str:
+    return f"about {DIRECT_TORCH_OPS_FACTOR:g}x the fused kernel's estimate"
+
+
 def explain_problem(p: Problem, backward: bool) -> Explanation:
     """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones."""
     cls = _device_class(p.device)
     estimates = {}
     for name in ("reference",) + AUTO_CANDIDATES:
-        estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p))
+        estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p),
+                                   direct_how(p) if name == "direct" else "")
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
     chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
@@ -286,9 +314,13 @@ def _fft_path(core):
 
 
 def _direct_path(q, k, v, rpe, rpe_extra, p: Problem):
-    """The direct path: one dense op when the problem fits one block, else the blocked core inside compose."""
-    if direct_dense_fits(p):
+    """The direct path: the dense form where :func:`~lisa_kernels.ops.direct_dense_first` says so (small problems
+    without the fused kernel, tiny ones with it); else on the CPU with the extension built its fused kernel
+    (csrc/direct_cpu.cpp); else the blocked core inside compose."""
+    if direct_dense_first(p):
         return direct_dense_attention(q, k, v, rpe, rpe_extra, p)
+    if direct_cpu_reason(p) is None:
+        return direct_cpu_attention(q, k, v, rpe, rpe_extra, p)
     return compose(direct_core, q, k, v, rpe, rpe_extra, p)
 
 

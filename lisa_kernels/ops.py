@@ -8,6 +8,7 @@ backward, joined by ``register_autograd``:
 | --- | --- |
 | ``direct_core`` / ``direct_core_backward`` | the direct path's grid-to-grid (num, den), :mod:`.direct` |
 | ``direct_dense`` / ``direct_dense_backward`` | the direct path's whole output on small problems (one block), :mod:`.direct` |
+| ``direct_cpu`` / ``direct_cpu_backward`` | the direct path's whole output on the CPU, the extension's fused kernel (csrc/direct_cpu.cpp) |
 | ``fft_core`` / ``fft_core_backward`` | the FFT path's (num, den, below) with ``passes`` = "torch" (:mod:`.fft`), "cuda" (the extension, :mod:`.cuda_fft`) or "triton" (:mod:`.triton_fft`) |
 | ``triton_direct`` / ``triton_direct_backward`` | the fused Triton kernels' (out, res, den', r', mx), :mod:`.triton_direct` |
 
@@ -34,7 +35,9 @@ from .triton_direct import _layout_of as _triton_layout
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
-__all__ = ["direct_core", "direct_dense_fits", "direct_dense_attention", "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
+__all__ = ["direct_core", "direct_dense_fits", "direct_dense_first", "direct_dense_attention", "direct_cpu_reason",
+           "direct_cpu_attention",
+           "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
 
 
 def _core_problem(fq: Tensor, v: Tensor, M: int, grid, causal: bool) -> Problem:
@@ -152,6 +155,20 @@ def direct_dense_fits(p: Problem) -> bool:
     return 4 * p.B * p.H * p.M * p.N * p.N * itemsize <= get_config().direct_block_bytes
 
 
+def direct_dense_first(p: Problem) -> bool:
+    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form (:func:`direct_dense_attention`): it
+    fits (:func:`direct_dense_fits`) and either the fused CPU kernel cannot run it (a GPU, or no extension) or it is
+    tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
+    forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
+    itemsize = 8 if p.dtype == torch.float64 else 4
+    pairs = p.B * p.H * p.N * p.N
+    if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
+        return False
+    if _C_DIRECT is None or p.device != _CPU:
+        return True
+    return pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK
+
+
 def _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype):
     """d rpe (rpe's shape and dtype) and d rpe_extra (None if there is none) from the dense table's gradient."""
     T = math.prod(rpe_shape[2:])
@@ -205,14 +222,24 @@ def _compiled_dense_forward():
     return getattr(_C, "dense_forward", None)
 
 
+def _dense_loop_max_work() -> int:
+    """Multiply-adds B H N^2 (Dk + Dv) up to which the extension's dense forward runs its loop nest (0: none)."""
+    if not HAS_EXTENSION:
+        return 0
+    from . import _C
+    return int(getattr(_C, "dense_loop_max_work", 0))
+
+
 _C_DENSE_FORWARD = _compiled_dense_forward()
+_DENSE_LOOP_MAX_WORK = _dense_loop_max_work()
 
 
 def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     """``backend="direct"`` on a small problem: the ``direct_dense`` op, forward and backward (:mod:`.direct`).
 
     In plain eager mode the op's two functions are called through a ``torch.autograd.Function`` instead (the
-    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs), and
+    dispatcher and the custom op's autograd wrapper cost more than the whole computation on small inputs; on the
+    CPU with the extension built, the fused kernel's, :class:`_DirectCPUFunction`), and
     a forward that autograd does not record runs as one call of the compiled extension where it is built
     (``_C.dense_forward``: a loop nest for little work on a CPU, else the same ATen ops in the same order, issued
     from C++); under torch.compile, export, dispatch modes or functorch the custom op itself runs."""
@@ -220,6 +247,9 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     if plain_eager(q, k, v, rpe, rx):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
                                         or (rx is not None and rx.requires_grad)):
+            if _C_DIRECT is not None and p.device == _CPU:       # fused forward and backward: 2x sooner
+                return _DirectCPUFunction.apply(q, k, v, rpe, rx, _direct_cpu_args(
+                    p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale))
             options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
             return _DenseFunction.apply(q, k, v, rpe, rx, options)
         if _C_DENSE_FORWARD is not None:
@@ -230,6 +260,128 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
                              p.causal, p.scale)
     return _direct_dense(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
                          p.boundary, p.causal, p.scale)
+
+
+# ---------------------------------------------------------------- direct path, the fused CPU kernel
+
+def _compiled_direct_cpu():
+    """The extension module where it has the fused direct CPU kernel (csrc/direct_cpu.cpp), else None."""
+    if not HAS_EXTENSION:
+        return None
+    from . import _C
+    return _C if hasattr(_C, "direct_cpu_forward") else None
+
+
+_C_DIRECT = _compiled_direct_cpu()
+_CPU = torch.device("cpu")            # (comparing devices costs a tenth of reading device.type)
+
+
+def direct_cpu_built() -> bool:
+    """Whether the extension with the fused direct CPU kernel is built (the CPU cost model's "direct" entry)."""
+    return _C_DIRECT is not None
+
+
+def direct_cpu_reason(p: Problem) -> Optional[str]:
+    """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
+    if p.device != _CPU:
+        return f"inputs are on {p.device}, not the CPU"
+    if _C_DIRECT is None:
+        from .cuda_fft import extension_reason
+        return extension_reason() or "this build of lisa_kernels._C has no fused direct CPU kernel"
+    return None
+
+
+def _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale):
+    return (list(grid), num_extra, feature_map == "elu1", normalize, eps, boundary == "circular", causal, scale)
+
+
+@torch.library.custom_op("lisa_kernels::direct_cpu", mutates_args=(), device_types="cpu")
+def _direct_cpu(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], grid: List[int],
+                num_extra: int, feature_map: str, normalize: bool, eps: float, boundary: str, causal: bool,
+                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, out_c, inv): the output, its float32 copy for float16/bfloat16 inputs (else empty) and the
+    normalisers 1 / (den' + eps') (empty if not normalize); see csrc/direct_cpu.h."""
+    args = _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale)
+    out, out_c, inv = _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
+    return out, out_c, inv
+
+
+@_direct_cpu.register_fake
+def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, boundary, causal, scale):
+    B, H, N, _ = q.shape
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_c = q.new_empty(B, H, N, v.shape[-1], dtype=ct) if q.dtype != ct else q.new_empty(0, dtype=ct)
+    inv = q.new_empty(B, H, N, rpe.shape[1], dtype=ct) if normalize else q.new_empty(0, dtype=ct)
+    return q.new_empty(B, H, N, v.shape[-1]), out_c, inv
+
+
+@torch.library.custom_op("lisa_kernels::direct_cpu_backward", mutates_args=(), device_types="cpu")
+def _direct_cpu_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], out: Tensor,
+                         out_c: Tensor, inv: Tensor, grad_out: Tensor, grid: List[int], num_extra: int,
+                         feature_map: str, normalize: bool, eps: float, boundary: str, causal: bool, scale: float
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
+    args = _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale)
+    grads = _C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv, grad_out,
+                                          *args)
+    return tuple(grads)
+
+
+@_direct_cpu_backward.register_fake
+def _(q, k, v, rpe, rpe_extra, out, out_c, inv, grad_out, grid, num_extra, feature_map, normalize, eps, boundary,
+      causal, scale):
+    return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)
+
+
+def _direct_cpu_setup(ctx, inputs, output):
+    q, k, v, rpe, rpe_extra = inputs[:5]
+    ctx.save_for_backward(q, k, v, rpe, rpe_extra, *output)
+    ctx.options = inputs[5:]
+
+
+def _direct_cpu_backward_rule(ctx, grad_out, _gout_c, _ginv):
+    q, k, v, rpe, rpe_extra, out, out_c, inv = ctx.saved_tensors
+    dq, dk, dv, drpe, drex = _direct_cpu_backward(q, k, v, rpe, rpe_extra, out, out_c, inv, grad_out, *ctx.options)
+    return (dq, dk, dv, drpe, drex if rpe_extra is not None else None) + (None,) * len(ctx.options)
+
+
+_direct_cpu.register_autograd(_direct_cpu_backward_rule, setup_context=_direct_cpu_setup)
+
+
+class _DirectCPUFunction(torch.autograd.Function):
+    """The eager form of the ``direct_cpu`` op: the extension's two calls without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpe, rpe_extra, args):
+        out, out_c, inv = _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
+        ctx.save_for_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, rpe, rpe_extra, out, inv = ctx.saved_tensors
+        dq, dk, dv, drpe, drex = _C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out, inv, grad_out, *ctx.args)
+        return dq, dk, dv, drpe, drex if rpe_extra is not None else None, None
+
+
+def direct_cpu_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
+    """``backend="direct"`` on the CPU where the extension is built: the fused kernel, forward and backward.
+
+    In plain eager mode the extension is called directly (through :class:`_DirectCPUFunction` when autograd
+    records the call, once without saving anything otherwise); under torch.compile, export, dispatch modes or
+    functorch the ``direct_cpu`` custom op runs."""
+    rx = rpe_extra if p.num_extra else None
+    if plain_eager(q, k, v, rpe, rx):
+        args = _direct_cpu_args(p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal,
+                                p.scale)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
+                                        or (rx is not None and rx.requires_grad)):
+            return _DirectCPUFunction.apply(q, k, v, rpe, rx, args)
+        return _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rx, *args, False)[0]
+    return _direct_cpu(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary,
+                       p.causal, p.scale)[0]
 
 
 # ---------------------------------------------------------------- FFT path (torch, extension or Triton passes)

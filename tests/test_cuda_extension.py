@@ -56,7 +56,8 @@ def _built_archs():
 @needs_ext
 def test_module_holds_the_archs_it_was_built_for():
     import lisa_kernels._C as C
-    assert C.with_cuda is True
+    if not C.with_cuda:
+        pytest.skip("a CPU-only build of the extension (no CUDA toolkit or a CPU-only torch at install)")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")

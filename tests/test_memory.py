@@ -77,8 +77,12 @@ def test_fft_workspace_stays_within_budget():
     assert_within_bound(cfg, f"the unchunked field is {field / MiB:.0f} MiB")
 
 
-def test_direct_workspace_stays_within_budget():
-    cfg = dict(backend="direct", grid=[12000], B=1, H=1, Dk=16, Dv=16, M=1, budget=4 * MiB)
+@pytest.mark.parametrize("python_direct", [True, False], ids=["torch-ops", "fused-kernel"])
+def test_direct_workspace_stays_within_budget(python_direct):
+    """The blocked loop of PyTorch ops within its budget; and the extension's fused CPU kernel (where built),
+    whose tiles are a few hundred KiB whatever the budget, within the same bound."""
+    cfg = dict(backend="direct", grid=[12000], B=1, H=1, Dk=16, Dv=16, M=1, budget=4 * MiB,
+               python_direct=python_direct)
     N = math.prod(cfg["grid"])
     weights = cfg["B"] * cfg["H"] * cfg["M"] * N * N * 4
     assert weights >= 4 * bound(cfg), "the problem is too small for this test to tell blocked from unblocked"
@@ -88,7 +92,7 @@ def test_direct_workspace_stays_within_budget():
 def test_probe_sees_an_unbounded_workspace():
     """The same measurement with the budget raised to 4 GiB (one block holds all N x N weights) is far over the
     bound computed for the small budget: the probe is not blind to a workspace that ignores the budget."""
-    small = dict(backend="direct", grid=[8000], B=1, H=1, Dk=16, Dv=16, M=1, budget=4 * MiB)
+    small = dict(backend="direct", grid=[8000], B=1, H=1, Dk=16, Dv=16, M=1, budget=4 * MiB, python_direct=True)
     report = probe(dict(small, budget=4 * 2**30 - 1, modes=["forward"]))
     weights = 8000 * 8000 * 4
     assert report["forward"]["growth"] >= 0.9 * weights > 2 * bound(small), fmt(report)

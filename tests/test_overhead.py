@@ -181,15 +181,23 @@ def test_dense_form_matches_reference_and_blocked_form(grid, E, M, opts):
     assert max(errors(blocked, dense).values()) <= 1e-9
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["dense-function", "fused-kernel"])
 @pytest.mark.parametrize("grid, E, M, opts", DENSE_CASES[:4], ids=str)
-def test_custom_op_and_eager_function_agree(grid, E, M, opts):
+def test_custom_op_and_eager_function_agree(grid, E, M, opts, fused, monkeypatch):
+    """The eager autograd.Function of a recorded tiny call (the dense form's, or the extension's fused kernel's
+    where it is built) against the direct_dense custom op."""
+    if fused and ops._C_DIRECT is None:
+        pytest.skip("the extension's fused direct CPU kernel is not built")
+    if not fused:
+        monkeypatch.setattr(ops, "_C_DIRECT", None)
     inputs = make_inputs(grid, E=E, M=M, Dk=3, Dv=4 * M, B=2, H=2, boundary=opts.get("boundary", "zero"), seed=5)
     names = [n for n in ("q", "k", "v", "rpe", "rpe_extra") if inputs[n] is not None]
     p = lisa_kernels.check_inputs(inputs["q"], inputs["k"], inputs["v"], inputs["rpe"], grid=grid, num_extra=E,
                                   rpe_extra=inputs["rpe_extra"], **opts)
     g = torch.randn(p.B, p.H, p.N, p.Dv, dtype=torch.float64)
     eager = ops.direct_dense_attention(*[inputs[n] for n in ("q", "k", "v", "rpe", "rpe_extra")], p)
-    assert eager.grad_fn is not None and "DenseFunction" in type(eager.grad_fn).__name__
+    wanted_fn = "DirectCPUFunction" if fused else "DenseFunction"
+    assert eager.grad_fn is not None and wanted_fn in type(eager.grad_fn).__name__
     via_op = OPS.direct_dense(inputs["q"], inputs["k"], inputs["v"], inputs["rpe"],
                               inputs["rpe_extra"] if E else None, list(grid), E, p.feature_map, p.normalize, p.eps,
                               p.boundary, p.causal, p.scale)

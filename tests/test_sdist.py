@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # must be in the sdist: every tracked file under these, and these files
 TRACKED_DIRS = ("csrc", "docs", "lisa_kernels", "tests")
 FILES = ("CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "benchmarks/run.py")
-PURE_PYTHON = {"LISA_BUILD_CUDA": "0"}
+PURE_PYTHON = {"LISA_BUILD_EXT": "0"}
 
 
 def _git_files(*paths):
