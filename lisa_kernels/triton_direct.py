@@ -405,10 +405,11 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
                H=H, N=N, DK=Dk, FEATURE=feature, **c)
-    dqa = dict(FQ=fq, FK=fk, V=v, GO=g, Q=q, RD=rd, AIX=aix, NBX=nbx, SC=sc, GD=gd, DQ=dq, **strides_vg,
+    dqa = dict(FQ=fq, FK=fk, V=v, GO=g, Q=q, RD=rd, AIX=aix, NBX=nbx, SC=sc, GD=gd, MX=mx, DQ=dq, **strides_vg,
                sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
                sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
-               H=H, N=N, DK=Dk, scale=p.scale, FEATURE=feature, TABLE_GRAD=not deterministic, **c)
+               H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, TABLE_GRAD=not deterministic,
+               NORMALIZE=p.normalize, **c)
     launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + n_zero,)),
                 Launch("bwd_dkv", _bwd_dkv_kernel, dkv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, chunks),
                        tuned="dkv"),
@@ -435,6 +436,15 @@ def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: 
         dq, dk = dq.sum(0), dk.sum(0)
     if deterministic:
         drpe, drex = _table_grad_deterministic(q, k, v, rpe, rpe_extra, mx, sc, gd, grad_out, p)
+    if drex is not None and p.normalize and not p.causal:
+        # The pairs of an extra query carry kind 0 (grid keys) and kind 2 (extra keys); with normalize their
+        # sum over a query is exactly -gd eps e^-max (see _bwd_dq_kernel), so kind 0 = that - kind 2, without
+        # the cancellation of O(1) terms that a direct sum has where the row is all kind 0.
+        E = p.num_extra
+        row = -(gd.reshape(q.shape[0], p.H, -1, p.M)[:, :, :E].sum(dim=(0, 2))
+                * (p.eps * torch.exp(-mx.reshape(p.H, p.M))))
+        drex = drex.clone()
+        drex[..., 0] = (row - drex[..., 2].float()).to(drex.dtype)
     dq, dk, dv, drpe = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drpe.to(rpe.dtype)   # (no-ops on a GPU)
     return dq, dk, dv, drpe, None if drex is None else drex.to(rpe_extra.dtype)
 

@@ -307,14 +307,25 @@ def _load_g(GO, b, h, sgb, sgh, sgn, sgd, gm, offs_m, offs_g, N, G: tl.constexpr
                    mask=(offs_m < N)[:, None] & (offs_g < G)[None, :], other=0.0)
 
 @triton.jit
-def _bwd_dq_kernel(FQ, FK, V, GO, Q, RD, AIX, NBX, SC, GD, DQ,
+def _parallel_exact(dfq, f, par):
+    """dfq with its component along f (per row) replaced by par / |f|: f . result = par."""
+    n2 = tl.sum(f * f, 1)
+    coef = (par - tl.sum(f * dfq, 1)) / tl.where(n2 > 0, n2, 1.0)
+    return dfq + coef[:, None] * f
+
+@triton.jit
+def _bwd_dq_kernel(FQ, FK, V, GO, Q, RD, AIX, NBX, SC, GD, MX, DQ,
                    svb, svh, svn, svd, sgb, sgh, sgn, sgd, sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn,
-                   H, N, DK, scale,
+                   H, N, DK, scale, eps,
                    FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                   CAUSAL: tl.constexpr, TABLE_GRAD: tl.constexpr, MODE: tl.constexpr,
+                   CAUSAL: tl.constexpr, TABLE_GRAD: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query tile (all groups of a chunk) and the table gradient dlog r[idx] += dA_m A."""
+    """dQ of one query tile (all groups of a chunk) and the table gradient dlog r[idx] += dA_m A.
+
+    With ``normalize`` the output of a query does not change when its features are scaled, so the component
+    of dfq along fq is exactly fq . dfq = -sum_m gd_m eps e^-max_m (tiny); summed pair by pair it is a
+    cancellation of O(1) terms. It is set to its exact value (for Dk = 1 it is all of dfq)."""
     pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -362,6 +373,15 @@ def _bwd_dq_kernel(FQ, FK, V, GO, Q, RD, AIX, NBX, SC, GD, DQ,
             dA += _dq_step(A, g3, s3, gd3, rrow0 + 6 * TXP, drow0 + 6 * TXP, nb, vb0 + 3 * G * svd, offs_n,
                            offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
         dfq = _dot(dA, fk, dfq, MODE)
+    if NORMALIZE:
+        par = -gd0 * (eps * tl.exp(-tl.load(MX + h * M + m0)))
+        if MC > 1:
+            par -= gd1 * (eps * tl.exp(-tl.load(MX + h * M + m0 + 1)))
+        if MC > 2:
+            par -= gd2 * (eps * tl.exp(-tl.load(MX + h * M + m0 + 2)))
+        if MC > 3:
+            par -= gd3 * (eps * tl.exp(-tl.load(MX + h * M + m0 + 3)))
+        dfq = _parallel_exact(dfq, fq.to(tl.float32), par)
     mask = (offs_m < N)[:, None] & (offs_d < DK)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask,
                 other=0.0).to(tl.float32)
