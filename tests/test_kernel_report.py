@@ -46,6 +46,27 @@ def test_hot_loop_is_the_longest_backward_branch():
     assert mix == {"mma": 1, "mufu": 1, "load": 1, "atomic": 1, "integer": 1, "float": 1, "other": 1}
 
 
+def test_loop_metrics_from_sass_widths():
+    """Per pair, from one 64x64 tile per iteration with 4 warps (128 lanes): the HGMMA is one warpgroup's
+    m64n64k16 (65536 multiply-adds at 2048 per SM-cycle on sm_90), the LDGSTS.128 loads 16 bytes per lane and the
+    REDG is one atomic of 4 bytes per lane."""
+    import kernel_report as kr
+    ops = kr.hot_loop(SASS)
+    m = kr.loop_metrics(ops, num_warps=4, tile_pairs=64 * 64, arch_cc=90, atomics_per_sm_clock=1.0)
+    assert m["atomics_per_pair"] == 128 / 4096
+    assert m["load_bytes_per_pair"] == 16 * 128 / 4096
+    assert m["store_bytes_per_pair"] == 4 * 128 / 4096
+    assert m["mma_macs_per_pair"] == 64 * 64 * 16 / 4096
+    assert m["tensor_cycles_per_1k_pairs"] == 1000 * 64 * 64 * 16 / 2048 / 4096
+    assert m["atomic_cycles_per_1k_pairs"] == 1000 * 128 / 4096
+    m8 = kr.loop_metrics(["HMMA.16816.F32.BF16", "LDG.E.64", "STG.E.U16", "RED.E.ADD.F32.FTZ.RN"], num_warps=8,
+                         tile_pairs=128 * 64, arch_cc=80, atomics_per_sm_clock=0.5)
+    lanes = 8 * 32 / (128 * 64)
+    assert m8["mma_macs_per_pair"] == 16 * 8 * 16 * 8 / (128 * 64)
+    assert m8["load_bytes_per_pair"] == 8 * lanes and m8["store_bytes_per_pair"] == (2 + 4) * lanes
+    assert m8["atomic_cycles_per_1k_pairs"] == 1000 * lanes / 0.5
+
+
 def test_opcodes_are_classified():
     import kernel_report as kr
     assert kr.opclass("HMMA.16816.F32.BF16") == "mma"

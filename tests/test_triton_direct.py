@@ -166,8 +166,9 @@ def test_triton_deterministic_mode(grid, E, causal):
 
 
 def test_triton_launch_count(monkeypatch):
-    """Two Triton launches per forward (prep, fwd) and four per backward (prep, dkv, dq, table fold); the table
-    is built by the prep kernel, not by PyTorch ops (benchmarks/overhead.py counts all launches on a GPU)."""
+    """Two Triton launches per forward (prep, fwd) and six per backward (prep, dkv, dq, the table gradient's
+    walkers and its two folds), seven with extra tokens and rpe_extra; the table is built by the prep kernel, not
+    by PyTorch ops (benchmarks/overhead.py counts all launches on a GPU)."""
     import lisa_kernels.triton_direct as TD
     launched = []
     real = TD._run
@@ -176,4 +177,5 @@ def test_triton_launch_count(monkeypatch):
     out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(4, 5), num_extra=1, backend="triton")
     assert launched == ["prep", "fwd"]
     torch.autograd.grad(out, low, torch.ones_like(out))
-    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"]
+    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold",
+                        "table_grad"]
