@@ -170,16 +170,42 @@ def layout(p: Problem) -> Layout:
     return _layout_of(tuple(p.grid), p.num_extra, p.boundary == "circular", p.causal)
 
 
-_INDEX_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+@dataclasses.dataclass(frozen=True)
+class TokenIndex:
+    """Per-token indices of a layout (int32 tensors on the device).
+
+    AIX, NBX (NPAD,): the query and (negated) key indices of the extended table. WIX (TW * 64,): the walker
+    layout's token rows. The gathers read the weights of two neighbouring tokens with one load from a pair table
+    (copy c holds (r'[t], r'[t + d_c]) at entry t): NB2 (NPAD / 2,) is NBX of key 2p plus c TXP, where d_c is the
+    step NBX[2p + 1] - NBX[2p] (DK lists the steps); AI2 and DQ likewise for query pairs (AIX)."""
+
+    AIX: torch.Tensor
+    NBX: torch.Tensor
+    WIX: torch.Tensor
+    NB2: torch.Tensor
+    DK: torch.Tensor
+    AI2: torch.Tensor
+    DQ: torch.Tensor
 
 
-def token_index(lay: Layout, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(AIX, NBX, WIX): int32 (NPAD,) per-token query and (negated) key indices of the extended table, and the
-    walker layout's token rows (TW * 64,); cached."""
-    key = (lay, str(device))
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None:
-        return hit
+_INDEX_CACHE: Dict[tuple, TokenIndex] = {}
+
+
+def _pair_index(idx: torch.Tensor, TXP: int):
+    """(pair index, steps): idx[2p] + c TXP with c the position of the step idx[2p + 1] - idx[2p] in the steps."""
+    steps = idx[1::2] - idx[0::2]
+    deltas, which = torch.unique(steps, sorted=True, return_inverse=True)
+    return idx[0::2] + which * TXP, deltas
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_steps(lay: Layout) -> Tuple[int, int]:
+    """(number of key-pair steps, number of query-pair steps): the copies of the two pair tables."""
+    ti = _token_index_cpu(lay)
+    return len(ti[4]), len(ti[6])
+
+
+def _token_index_cpu(lay: Layout):
     S, W, E = lay.S, lay.W, lay.E
     ng = math.prod(S)
     g = torch.arange(ng, dtype=torch.int64)
@@ -196,7 +222,18 @@ def token_index(lay: Layout, device) -> Tuple[torch.Tensor, torch.Tensor, torch.
         wix[y2 * lay.P3 + y3] = E + g
     else:
         wix[(y1 * lay.P2 + y2) * lay.P3 + y3] = E + g
-    hit = tuple(t.to(torch.int32).to(device) for t in (aix, nbx, wix))
+    nb2, dk = _pair_index(nbx, lay.TXP)
+    ai2, dq = _pair_index(aix, lay.TXP)
+    return aix, nbx, wix, nb2, dk, ai2, dq
+
+
+def token_index(lay: Layout, device) -> TokenIndex:
+    """The layout's :class:`TokenIndex` on ``device``; cached."""
+    key = (lay, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    hit = TokenIndex(*(t.to(torch.int32).to(device) for t in _token_index_cpu(lay)))
     if len(_INDEX_CACHE) > 64:
         _INDEX_CACHE.clear()
     _INDEX_CACHE[key] = hit
@@ -358,26 +395,36 @@ def _common(p: Problem, lay: Layout) -> dict:
                 DKP=DKP, NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
 
 
+def _gather_transposed() -> bool:
+    """Triton 3.6 lays a gather with unknown contiguity out column-major, 3.8 row-major; the kernels build the
+    pointers so that each thread's per-iteration index is a single value either way (see _gather)."""
+    forced = os.environ.get("LISA_GATHER_T")
+    if forced is not None:
+        return forced == "1"
+    return _triton_version() < (3, 7)
+
+
 def saved_table_shape(grid, num_extra: int, boundary: str, causal: bool, H: int, M: int, Dk: int) -> Tuple[int, int]:
-    """The shape of the extended table r' that the forward returns for the backward: (H * chunks, TXP * MCP)."""
+    """The shape of the pair table of key pairs that the forward returns for the backward:
+    (H * chunks, copies * TXP * 2 * MCP)."""
     lay = _layout_of(tuple(grid), num_extra, boundary == "circular", causal)
     MC = _group_chunk(M, max(16, triton.next_power_of_2(Dk)))
-    return H * (M // MC), lay.TXP * triton.next_power_of_2(MC)
+    return H * (M // MC), _pair_steps(lay)[0] * lay.TXP * 2 * triton.next_power_of_2(MC)
 
 
 def _strides(name: str, t: torch.Tensor) -> dict:
     return {f"s{name}{x}": t.stride(i) for i, x in enumerate("bhnd")}
 
 
-def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p: Problem, lay: Layout, c: dict) -> Launch:
+def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p: Problem, lay: Layout, c: dict, ti) -> Launch:
     B, H, N, Dk = q.shape
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
     tab = _table_constexprs(lay)
     args = dict(Q=q, K=k, V=v, FQ=fq, FK=fk, VP=vp, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, R=r,
-                MX=mx, **_strides("q", q), **_strides("k", k), **_strides("v", v),
+                MX=mx, DELTAS=ti.DK, **_strides("q", q), **_strides("k", k), **_strides("v", v),
                 H=H, N=N, DK=Dk, scale=p.scale, n_feat=n_feat,
                 FEATURE=0 if p.feature_map == "elu1" else 1, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"],
-                MCP=c["MCP"], G=c["G"], BLOCK_G=c["BLOCK_G"], **tab,
+                MCP=c["MCP"], ND=len(ti.DK), G=c["G"], BLOCK_G=c["BLOCK_G"], **tab,
                 DKP=fq.shape[-1], NPAD=lay.NPAD, BLOCK_T=PREP_BLOCK_T, TBLOCK=min(1024, lay.TXP))
     return Launch("prep", _prep_kernel, args, (n_feat + H * (p.M // c["MC"]),))
 
@@ -403,12 +450,12 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
-    aix, nbx, _ = token_index(lay, q.device)
-    fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, AIX=aix, NBX=nbx, MX=mx, Out=out, Res=res if residual else out, Den=den,
+    ti = token_index(lay, q.device)
+    fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out, Den=den,
                sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
-               NORMALIZE=p.normalize, RESIDUAL=residual, **c)
+               NORMALIZE=p.normalize, RESIDUAL=residual, GATHER_T=_gather_transposed(), NDK=len(ti.DK), **c)
     chunks = p.M // c["MC"]
-    launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p, lay, c),
+    launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p, lay, c, ti),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="fwd")]
     return launches, out, res, den, r, mx
@@ -461,25 +508,32 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=sdt)
     drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
     drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
-    aix, nbx, wix = token_index(lay, q.device)
+    ti = token_index(lay, q.device)
+    aix, nbx, wix = ti.AIX, ti.NBX, ti.WIX
+    ndk, ndq = len(ti.DK), len(ti.DQ)
+    rq = torch.empty(H * chunks, ndq * lay.TXP * 2 * c["MCP"], device=q.device, dtype=torch.float32)
     feature = 0 if p.feature_map == "elu1" else 1
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
     zblock = 1024
+    n_zero = triton.cdiv(dr.numel(), zblock)
+    tab = _table_constexprs(lay)
     g = grad_out
     residual = res.numel() > 0
     prep = dict(Q=q, K=k, V=v, GO=g, O=out, RES=res if residual else out, DEN=den, MX=mx, FQ=fq, FK=fk, VP=vp, GP=gp,
-                GDX=gdx, GD=gd, DR=dr, **_strides("q", q), **_strides("k", k), **_strides("v", v),
-                **_strides("g", g), **_strides("o", out),
-                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, r_size=dr.numel(),
-                FEATURE=feature, M=p.M, G=c["G"], BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual,
-                DKP=c["DKP"], NPAD=lay.NPAD, BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
-    dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, R=r, AIX=aix, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
+                GDX=gdx, GD=gd, DR=dr, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, RQ=rq, DELTAS=ti.DQ,
+                **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("g", g), **_strides("o", out),
+                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, n_zero=n_zero, r_size=dr.numel(),
+                FEATURE=feature, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"], MCP=c["MCP"], ND=ndq, G=c["G"],
+                BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual, DKP=c["DKP"], NPAD=lay.NPAD, **tab,
+                TBLOCK=min(1024, lay.TXP), BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
+    dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, **c)
-    dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NBX=nbx, DQ=dq,
+               H=H, N=N, DK=Dk, FEATURE=feature, GATHER_T=_gather_transposed(), NDQ=ndq, **c)
+    dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
                **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
-               H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize, **c)
+               H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
+               GATHER_T=_gather_transposed(), NDK=ndk, **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
@@ -492,10 +546,11 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     sx = torch.empty(B * H, chunks, nt, 3, c["MCP"], device=q.device, dtype=torch.float32) if extra else dr
     n_fold = H * p.M * 2 * lay.TW
     fold = dict(SCR=scr, SX=sx, R=r, GD=gd, MX=mx, DR=dr, B=B, H=H, eps=p.eps, n_walk=n_walk, n_fold=n_fold,
-                M=p.M, MC=c["MC"], MCP=c["MCP"], TXP=lay.TXP, S1=lay.S[0], S2=lay.S[1], S3=lay.S[2], NDIM=lay.NDIM,
+                M=p.M, MC=c["MC"], MCP=c["MCP"], TXP=lay.TXP, NDK=ndk, S1=lay.S[0], S2=lay.S[1], S3=lay.S[2],
+                NDIM=lay.NDIM,
                 P2=lay.P2, P3=lay.P3, TW=lay.TW, LW=lay.LW, E=lay.E, NPAD=lay.NPAD, NT=nt, R0LO=lay.R0[0],
                 R1LO=lay.R1[0], R2LO=lay.R2[0], EXTRA=extra, IDENTITY0=identity0, BLOCK=WALK_TILE)
-    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + triton.cdiv(dr.numel(), zblock),)),
+    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + n_zero + H * chunks,)),
                 Launch("bwd_dkv", _bwd_dkv_kernel, dkv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, chunks),
                        tuned="dkv"),
                 Launch("bwd_dq", _bwd_dq_kernel, dqa, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
@@ -503,7 +558,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
                 Launch("bwd_walk", _bwd_walk_kernel, walk, (n_walk, H * chunks), tuned="walk")]
     if extra:
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
-                  MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, E=lay.E,
+                  MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
                   EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
     launches += [Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),)),

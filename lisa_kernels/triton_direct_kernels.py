@@ -75,12 +75,26 @@ def _split_groups(x, MCP: tl.constexpr):
         return x0, x1, x2, x3
 
 @triton.jit
-def _gather(rows, cols, MCP: tl.constexpr):
-    """The chunk's weights of pairs (row, col): rows are per-row pointers into R (entry AIX or NBX of the row
-    token, times MCP), cols the other token's index; one MCP-wide load per pair."""
-    if MCP == 1:
-        return tl.load(rows[:, None] + cols[None, :])[:, :, None]
-    return tl.load(rows[:, None, None] + (cols * MCP)[None, :, None] + tl.arange(0, MCP)[None, None, :])
+def _gather(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
+    """The chunk's weights of pairs (row r, column c) from a pair table (see _prep_kernel): cidx indexes pairs
+    of columns, the load at entry ridx_r + cidx_c brings the 2 MCP weights of columns 2c and 2c + 1; returns
+    (R, 2 C, MCP). TRANS builds the pointers with the columns first, then transposes: Triton 3.6 and 3.8 lay a
+    gather out in opposite orders, and the launcher picks the one whose per-iteration index is the cheap one."""
+    R: tl.constexpr = ridx.shape[0]
+    C: tl.constexpr = cidx.shape[0]
+    W: tl.constexpr = 2 * MCP
+    if TRANS:
+        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.permute(tl.load(ptr), (1, 0, 2))
+    else:
+        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.load(ptr)
+    return tl.reshape(x, (R, 2 * C, MCP))
+
+@triton.jit
+def _lookup(tab, idx, MCP: tl.constexpr):
+    """r' of the chunk's MCP groups at entries idx (R, C): (R, C, MCP), from slot 0 of a pair table."""
+    return tl.load((tab + idx * (2 * MCP))[:, :, None] + tl.arange(0, MCP)[None, None, :])
 
 @triton.jit
 def _tile(base, rows, W: tl.constexpr):
@@ -164,11 +178,11 @@ def _table_values(RPE_hm, REX_hm, t, HAS_REX: tl.constexpr,
     return tl.where(t < TX, val, neg_inf)
 
 @triton.jit
-def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX,
+def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX, DELTAS,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  H, N, DK, scale, n_feat,
                  FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
-                 MCP: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                 MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                  S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
                  L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
                  R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
@@ -176,39 +190,63 @@ def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX,
                  CIRC: tl.constexpr, CAUSAL: tl.constexpr,
                  DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr, TBLOCK: tl.constexpr):
     """Programs [0, n_feat): fq, fk and the padded values of BLOCK_T tokens of one (b, h). Then one program per
-    (h, chunk): for each group of the chunk, max_m = max_t log r_m[t] and R[h, chunk, t, m] = exp(log r_m - max_m)
-    (the padding slots of MCP > MC hold 0)."""
+    (h, chunk): max_m = max_t log r_m[t] and the chunk's pair table for pairs of neighbouring keys (_pair_table;
+    the padding slots of MCP > MC hold 0)."""
     pid = tl.program_id(0)
     if pid < n_feat:
         _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
                     scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T)
     else:
-        hc = pid - n_feat
-        NCH: tl.constexpr = M // MC
-        h = hc // NCH
-        for j in tl.static_range(MCP):
-            out = R + hc * (TXP * MCP) + j
-            if j < MC:
-                hm = h * M + (hc % NCH) * MC + j
-                rpe_hm = RPE + hm * (L1 * L2 * L3)
-                rex_hm = REX + hm * 3
+        _pair_table(pid - n_feat, RPE, REX, R, MX, DELTAS, True, HAS_REX, M, MC, MCP, ND, S1, S2, S3, L1, L2, L3, E,
+                    T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
+
+@triton.jit
+def _pair_table(hc, RPE, REX, R, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr,
+                MC: tl.constexpr, MCP: tl.constexpr, ND: tl.constexpr,
+                S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
+                L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
+                R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
+                R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
+                CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr):
+    """The pair table of (head, chunk) hc: for each delta d_c of DELTAS (the steps between the table entries of
+    neighbouring tokens that the kernels read in pairs) and entry t, R[hc, c, t, s, m] = r'_m[t + s d_c], s = 0, 1,
+    with r'_m = exp(log r_m - max_m) (0 off the table). One load at entry t of copy c then brings the weights of
+    two neighbouring tokens for every group of the chunk. With WRITE_MAX it computes max_m (MX) first."""
+    NCH: tl.constexpr = M // MC
+    h = hc // NCH
+    W: tl.constexpr = 2 * MCP
+    for j in tl.static_range(MCP):
+        out = R + hc * (ND * TXP * W) + j
+        if j < MC:
+            hm = h * M + (hc % NCH) * MC + j
+            rpe_hm = RPE + hm * (L1 * L2 * L3)
+            rex_hm = REX + hm * 3
+            if WRITE_MAX:
                 mx = tl.full((TBLOCK,), float("-inf"), tl.float32)
                 for t0 in range(0, TXP, TBLOCK):
                     t = t0 + tl.arange(0, TBLOCK)
-                    val = _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
-                                        R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
-                    mx = tl.maximum(mx, val)
+                    mx = tl.maximum(mx, _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
+                                                      R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL))
                 m = tl.max(mx, 0)
-                for t0 in range(0, TXP, TBLOCK):
-                    t = t0 + tl.arange(0, TBLOCK)
-                    val = _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
-                                        R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
-                    tl.store(out + t * MCP, tl.exp(val - m))
                 tl.store(MX + hm, m)
             else:
+                m = tl.load(MX + hm)
+            for c in range(ND):
+                d = tl.load(DELTAS + c)
                 for t0 in range(0, TXP, TBLOCK):
                     t = t0 + tl.arange(0, TBLOCK)
-                    tl.store(out + t * MCP, tl.zeros((TBLOCK,), tl.float32))
+                    for s in tl.static_range(2):
+                        ts = t + s * d
+                        ts = tl.where((ts >= 0) & (ts < TXP), ts, TX)       # (entry TX: weight 0, no load)
+                        val = _table_values(rpe_hm, rex_hm, ts, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
+                                            R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
+                        tl.store(out + (c * TXP + t) * W + s * MCP, tl.exp(val - m))
+        else:
+            for c in range(ND):
+                for t0 in range(0, TXP, TBLOCK):
+                    t = t0 + tl.arange(0, TBLOCK)
+                    for s in tl.static_range(2):
+                        tl.store(out + (c * TXP + t) * W + s * MCP, tl.zeros((TBLOCK,), tl.float32))
 
 # ------------------------------------------------------------ forward
 
@@ -237,16 +275,16 @@ def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, N, M: tl.constexpr, so
     tl.store(Den + (bh * N + offs_m) * M + gm, d, mask=row)
 
 @triton.jit
-def _fwd_kernel(FQ, FK, VP, R, AIX, NBX, MX, Out, Res, Den,
+def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
                 sob, soh, son, sod, H, N, eps,
                 M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
+                DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
                 CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                GATHER_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch * head, group chunk); for every key tile
 
         A = fq fk^T                      one tensor-core dot for all groups of the chunk
-        r = R[AIX_i + NBX_j, 0:MCP]      one vector gather per pair for all groups
+        r = R[AIX_i + NB2_j]             one vector load for 2 keys and all groups (pair table)
         W_m = A r_m,  acc_m += W_m v_m,  den_m += W_m 1       (the row sums ride on a 16-column ones-dot)
         out_m = acc_m / (den_m + eps e^-max_m)                (acc_m e^max_m if not normalize)"""
     pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -254,7 +292,8 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NBX, MX, Out, Res, Den,
     NCH: tl.constexpr = M // MC
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
-    rows = R + ((h * NCH + mc) * TXP + tl.load(AIX + offs_m)) * MCP
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    ai = tl.load(AIX + offs_m)
     vbase = VP + (bh * NPAD * M + mc * MC) * BLOCK_G
     ones = tl.full((BLOCK_N, 16), 1.0, FQ.dtype.element_ty)
     acc0 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
@@ -272,7 +311,8 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NBX, MX, Out, Res, Den,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
         A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
-        r0, r1, r2, r3 = _split_groups(_gather(rows, tl.load(NBX + offs_n), MCP), MCP)
+        nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
         acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE)
         if MC > 1:
             acc1, den1 = _fwd_group(acc1, den1, A, r1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
@@ -296,16 +336,22 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NBX, MX, Out, Res, Den,
 # ------------------------------------------------------------ backward
 
 @triton.jit
-def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR,
+def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR, RPE, REX, RQ, DELTAS,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
-                     sob, soh, son, sod, H, N, DK, scale, eps, n_feat, r_size,
-                     FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                     sob, soh, son, sod, H, N, DK, scale, eps, n_feat, n_zero, r_size,
+                     FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
+                     MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                      NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr,
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
+                     L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
+                     R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
+                     R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
+                     CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr,
                      BLOCK_T: tl.constexpr, ZBLOCK: tl.constexpr):
     """Programs [0, n_feat): for BLOCK_T tokens of one (b, h), fq, fk, the padded values and per group
     s = 1/(den' + eps e^-max) (e^max if not normalize), gd = -s g . out (0), g' = s g (GP), gd (GD, fp32) and
     gd in column 0 of a 16-wide block (GDX: the operand that adds gd to a dot through a ones row). Then zero the
-    extended-table gradient DR."""
+    extended-table gradient DR, and build the pair table of query pairs (RQ, for the dK/dV kernel)."""
     pid = tl.program_id(0)
     if pid < n_feat:
         b, h, bh, offs = _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
@@ -335,9 +381,12 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR,
             tl.store(GDX + slot[:, None] * 16 + c16[None, :],
                      tl.where(c16[None, :] == 0, gd[:, None], 0.0).to(GDX.dtype.element_ty))
             tl.store(GD + slot, gd)
-    else:
+    elif pid < n_feat + n_zero:
         z = (pid - n_feat) * ZBLOCK + tl.arange(0, ZBLOCK)
         tl.store(DR + z, tl.zeros((ZBLOCK,), tl.float32), mask=z < r_size)
+    else:
+        _pair_table(pid - n_feat - n_zero, RPE, REX, RQ, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
+                    L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
 def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr):
@@ -357,14 +406,16 @@ def _store_dv(dv, DV, b, h, gm, sdvb, sdvh, sdvn, sdvd, offs_n, N, G: tl.constex
              dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_g < G)[None, :])
 
 @triton.jit
-def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, R, AIX, NBX, DKB, DV,
+def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
                     skb, skh, skn, skd, sdc, sdb, sdh, sdn, sdvb, sdvh, sdvn, sdvd, H, N, DK,
                     FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                     BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                    CAUSAL: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    NDQ: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GATHER_T: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """dK and dV of one key tile (all groups of a chunk), looping over query tiles:
 
-        A^T = fk fq^T,  r^T = R[AIX + NBX] (one vector gather per pair)
+        A^T = fk fq^T,  r^T = RQ[NBX + AI2] (one load for 2 queries, all groups: a pair table of query pairs)
         per group:  W'^T = A^T r_m^T,  dV_m += W'^T g'_m,  dW'^T = v_m g'_m^T + 1 gd_m^T,  dA^T += dW'^T r_m^T
         dfk += dA^T fq;   dK = dfk phi'(k)"""
     pid_n, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -372,7 +423,8 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, R, AIX, NBX, DKB, DV,
     NCH: tl.constexpr = M // MC
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
-    cols = R + ((h * NCH + mc) * TXP + tl.load(NBX + offs_n)) * MCP
+    tab = RQ + (h * NCH + mc) * (NDQ * TXP * 2 * MCP)
+    nb = tl.load(NBX + offs_n)
     slot0 = bh * NPAD * M + mc * MC
     vbase = VP + slot0 * BLOCK_G
     gbase = GP + slot0 * BLOCK_G
@@ -398,7 +450,8 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, R, AIX, NBX, DKB, DV,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
         At = _dot(fk, tl.trans(fq), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), MODE // 2 * 2)
-        r0, r1, r2, r3 = _split_groups(_gather(cols, tl.load(AIX + offs_m), MCP), MCP)
+        ai2 = tl.load(AI2 + start_m // 2 + tl.arange(0, BLOCK_M // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, nb, ai2, MCP, GATHER_T), MCP)
         dv0, dAt = _dkv_group(dv0, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), At, r0,
                               _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE)
         if MC > 1:
@@ -438,15 +491,16 @@ def _eps_gd(GD, MX, row, gm, h, M: tl.constexpr, eps):
     return tl.load(GD + row + gm) * (eps * tl.exp(-tl.load(MX + h * M + gm)))
 
 @triton.jit
-def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NBX, DQ,
+def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
                    sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn, H, N, DK, scale, eps,
                    FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                   CAUSAL: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+                   NDK: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+                   GATHER_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile (all groups of a chunk), looping over key tiles; A itself is not needed:
 
-        per group:  dW' = g'_m v_m^T + gd_m 1^T,   dA += dW' r_m        (r: one vector gather per pair)
+        per group:  dW' = g'_m v_m^T + gd_m 1^T,   dA += dW' r_m      (r: one load for 2 keys, all groups)
         dfq += dA fk;   dQ = dfq phi'(scale q) scale
 
     With normalize a query's output does not change when its features are scaled, so the component of dfq along
@@ -456,7 +510,8 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NBX, DQ,
     b, h = bh // H, bh % H
     NCH: tl.constexpr = M // MC
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = R + ((h * NCH + mc) * TXP + tl.load(AIX + offs_m)) * MCP
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    ai = tl.load(AIX + offs_m)
     slot0 = bh * NPAD * M + mc * MC
     vbase = VP + slot0 * BLOCK_G
     gbase = GP + slot0 * BLOCK_G
@@ -481,7 +536,8 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NBX, DQ,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
-        r0, r1, r2, r3 = _split_groups(_gather(rows, tl.load(NBX + offs_n), MCP), MCP)
+        nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
         dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE) * r0
         if MC > 1:
             dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE) * r1
@@ -512,11 +568,12 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NBX, DQ,
 
 @triton.jit
 def _shifted(base, start, off, shift, IDENT: tl.constexpr):
-    """The tile of the next group of a chunk: ``shift`` elements further in every row."""
+    """The tile of the next group of a chunk: ``shift`` elements further in every row (start: the rows' first
+    elements, a scalar with IDENT, else one per row)."""
     if IDENT:
         return tl.load(base + start + shift + off)
-    W: tl.constexpr = off.shape[1]
-    return tl.load(base + (start + shift)[:, None] + tl.arange(0, W)[None, :])
+    else:
+        return tl.load(base + (start + shift)[:, None] + (off % off.shape[1]))
 
 @triton.jit
 def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
@@ -557,9 +614,14 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
     rk = tl.arange(0, BLOCK_N)
     off_fq = rq[:, None] * DKP + tl.arange(0, DKP)[None, :]             # loop-invariant tile offsets
     off_fk = rk[:, None] * DKP + tl.arange(0, DKP)[None, :]
-    off_g = rq[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
-    off_v = rk[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
-    off_x = rq[:, None] * (M * 16) + c16[None, :]
+    if IDENT:
+        off_g = rq[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
+        off_v = rk[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
+        off_x = rq[:, None] * (M * 16) + c16[None, :]
+    else:                                           # (rows come from WIX: per-row starts)
+        off_g = tl.arange(0, BLOCK_G)[None, :] + 0 * rq[:, None]
+        off_v = tl.arange(0, BLOCK_G)[None, :] + 0 * rk[:, None]
+        off_x = c16[None, :] + 0 * rq[:, None]
     b = 0
     it = 0
     for step in range(B * n_it):                    # (one loop over batch elements and tiles)
@@ -615,7 +677,8 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
 @triton.jit
 def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
                       H, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, BLOCK_G: tl.constexpr,
-                      DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                      DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr, E: tl.constexpr,
+                      EP: tl.constexpr,
                       KIND0: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
     """The rpe_extra gradient's sums over the pairs with an extra token: one program per (batch * head, chunk,
     token tile) writes SX[.., kind, m] = sum of A r' (g' . v + gd) over the tile's pairs of each kind (0: extra
@@ -631,14 +694,14 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
     fbase_q = FQ + bh * NPAD * DKP
     fbase_k = FK + bh * NPAD * DKP
     slot0 = bh * NPAD * M + mc * MC
-    tab = R + (h * NCH + mc) * TXP * MCP
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
     c16 = tl.arange(0, 16)
     ones_x = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, EP), tl.float32)).to(GP.dtype.element_ty)
     ones_t = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, BLOCK), tl.float32)).to(GP.dtype.element_ty)
     # kinds 1 and 2: the tile's queries with the extra keys
     A = _dot(_tile(fbase_q, offs, DKP), tl.trans(_tile(fbase_k, xrow, DKP)), tl.zeros((BLOCK, EP), tl.float32),
              MODE // 2 * 2)
-    r = _gather(tab + tl.load(AIX + offs) * MCP, tl.load(NBX + xrow), MCP)
+    r = _lookup(tab, tl.load(AIX + offs)[:, None] + tl.load(NBX + xrow)[None, :], MCP)
     r0, r1, r2, r3 = _split_groups(r, MCP)
     key_x = (ex < E)[None, :]
     k1 = (offs >= E)[:, None] & (offs < N)[:, None] & key_x
@@ -656,7 +719,8 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
         if KIND0:
             A0 = _dot(_tile(fbase_q, xrow, DKP), tl.trans(_tile(fbase_k, offs, DKP)),
                       tl.zeros((EP, BLOCK), tl.float32), MODE // 2 * 2)
-            q0, q1, q2, q3 = _split_groups(_gather(tab + tl.load(AIX + xrow) * MCP, tl.load(NBX + offs), MCP), MCP)
+            q0, q1, q2, q3 = _split_groups(_lookup(tab, tl.load(AIX + xrow)[:, None] + tl.load(NBX + offs)[None, :],
+                                                   MCP), MCP)
             rj = q0 if j == 0 else (q1 if j == 1 else (q2 if j == 2 else q3))
             X0 = A0 * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
                                _tile(VP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
@@ -681,7 +745,7 @@ def _offsets(k, q3, q2, NDIM: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
 
 @triton.jit
 def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
-                       M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, TXP: tl.constexpr,
+                       M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
                        S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, NDIM: tl.constexpr,
                        P2: tl.constexpr, P3: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr, E: tl.constexpr,
                        NPAD: tl.constexpr, NT: tl.constexpr, R0LO: tl.constexpr, R1LO: tl.constexpr,
@@ -733,14 +797,14 @@ def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
         kc = kappa * BLOCK + tl.arange(0, BLOCK)
         W2: tl.constexpr = 2 * S2 - 1
         W3: tl.constexpr = 2 * S3 - 1
-        tab = R + hc * TXP * MCP + m % MC
+        tab = R + hc * (NDK * TXP * 2 * MCP) + m % MC
         NCLS: tl.constexpr = 1 if NDIM == 1 else (2 if NDIM == 2 else 4)
         for q in tl.static_range(NCLS):
             d1, d2, d3 = _offsets(kc, q % 2, q // 2, NDIM, P2, P3)
             ok = (d1 > -S1) & (d1 < S1) & (d2 > -S2) & (d2 < S2) & (d3 > -S3) & (d3 < S3)
             entry = tl.where(ok, ((d1 + S1 - 1) * W2 + d2 + S2 - 1) * W3 + d3 + S3 - 1, 0)
             sq = s0 if q == 0 else (s1 if q == 1 else (s2 if q == 2 else s3))
-            tl.store(DR + hm * TXP + entry, sq * tl.load(tab + entry * MCP, mask=ok, other=0.0), mask=ok)
+            tl.store(DR + hm * TXP + entry, sq * tl.load(tab + entry * (2 * MCP), mask=ok, other=0.0), mask=ok)
     else:
         if EXTRA:
             hm = pid - n_fold
