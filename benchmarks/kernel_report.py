@@ -7,8 +7,10 @@ FlashAttention-2 in Triton (``yardstick_fa2.py``), in the same run. From each cu
 * registers, stack bytes (> 0 means spills) and shared memory;
 * the hot loop: the longest address range of the SASS that ends in a branch back to its start, and its
   instructions by class (tensor-core MMA, MUFU, loads, stores, atomics, integer, float, other);
-* issue cycles per 1000 (query, key) pairs = loop instructions x warps / 4 schedulers / (BLOCK_M BLOCK_N / 1000):
-  an SM issues at most 4 warp-instructions per cycle, so this is a floor on a tile's time from issue alone;
+* issue cycles per 1000 (query, key) pairs = loop instructions x warps / 4 schedulers / (BLOCK_M BLOCK_N / 1000)
+  x the programs that process each pair (M > 4 RPE groups split into chunks, each a program over all pairs; the
+  table-gradient walkers take 2 groups each): an SM issues at most 4 warp-instructions per cycle, so this is a
+  floor on a tile's time from issue alone;
 * per pair, from the loop's instructions and their widths (every lane active, each warp of the program):
   global atomics (lane operations of RED/ATOM), global bytes loaded (LDG, LDGSTS) and stored (STG, RED);
 * tensor-core cycles per 1k pairs: the loop's MMA work (HGMMA m64nNk, HMMA m16n8k) at the dense rate of the
@@ -302,6 +304,7 @@ def run_job(job):
     config = launch.configs(interpreting=False)[ci]
     per_pair = launch.tuned is not None
     pairs = config["BLOCK_M"] * config["BLOCK_N"] if per_pair else None
+    reps = getattr(launch, "pair_programs", 1)
     import torch
     import triton
     rec = dict(kernel=launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.name,
@@ -309,7 +312,8 @@ def run_job(job):
                E=case.E, causal=case.causal, boundary=case.boundary,
                **{"pass": ("yardstick-" + pas) if yard else pas},
                config=" ".join(f"{k}={v}" for k, v in config.items()), num_warps=config["num_warps"],
-               num_stages=config["num_stages"], block_m=config.get("BLOCK_M"), block_n=config.get("BLOCK_N"))
+               num_stages=config["num_stages"], block_m=config.get("BLOCK_M"), block_n=config.get("BLOCK_N"),
+               pair_programs=reps)
     try:
         c = compile_launch(launch, config, case.arch)
     except Exception as exc:     # a config that does not compile is a finding, not a crash of the report
@@ -321,10 +325,10 @@ def run_job(job):
     n = len(ops)
     rec.update(regs=regs, stack_bytes=stack, shared_bytes=int(c.metadata.shared), loop_instructions=n,
                loop_mix={k: mix.get(k, 0) for k in CLASSES}, tile_pairs=pairs,
-               issue_cycles_per_1k_pairs=(n * config["num_warps"] / 4 / (pairs / 1000)) if per_pair else None)
+               issue_cycles_per_1k_pairs=(reps * n * config["num_warps"] / 4 / (pairs / 1000)) if per_pair else None)
     if per_pair:
-        rec.update(loop_metrics(ops, config["num_warps"], pairs, ARCHS[case.arch], atomic_rate),
-                   atomics_per_sm_clock=atomic_rate)
+        rec.update({k: reps * v for k, v in loop_metrics(ops, config["num_warps"], pairs, ARCHS[case.arch],
+                                                         atomic_rate).items()}, atomics_per_sm_clock=atomic_rate)
         rec["bound_cycles_per_1k_pairs"] = max(rec["issue_cycles_per_1k_pairs"], rec["tensor_cycles_per_1k_pairs"],
                                                rec["atomic_cycles_per_1k_pairs"])
         rec["bound"] = max(("issue", "tensor", "atomic"), key=lambda k: rec[f"{k}_cycles_per_1k_pairs"])

@@ -108,6 +108,7 @@ class Layout:
 TOKEN_PAD = 128               # NPAD is a multiple of every block size
 WALK_TILE = 64                # the walkers' tiles (the fold kernel assumes square ones)
 WALK_MAX_PHASES = 8
+WALK_GROUPS = 2               # groups per walker program (its accumulators: 64 x 64 fp32 each)
 
 
 def _grid3(grid):
@@ -285,25 +286,63 @@ def _triton_version() -> Tuple[int, int]:
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) if HAS_TRITON else (0, 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on a GPU, per kernel, for "light" programs (one RPE group,
-# head dim <= 64) and "heavy" ones (more live state); configs that spill are pruned before tuning
-# (:func:`_spill_free`), so only spill-free ones run where one exists. The walker's tiles are 64 x 64. The
-# interpreter takes one small config (16 x 16; the walker 64 x 64, which the fold needs).
+# Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages, GATHER_T) per kernel, autotuned on a GPU, by the
+# program's live state (gpu_configs) and per Triton version: 3.6 and 3.8 compile the same kernels differently (3.6
+# wants the transposed gather, GATHER_T; see _gather). They are the spill-free shapes with the fewest issue cycles
+# found by compiling 50-80 candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each
+# version. Configs that spill are pruned before tuning (:func:`_spill_free`).
+# The walker's tiles are always 64 x 64 (its fold assumes them). The interpreter takes one small config (16 x 16;
+# the walker 64 x 64).
 GPU_CONFIGS = {
-    "light": {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-              "dkv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-              "walk": [(64, 64, 4, 2), (64, 64, 4, 3)]},
-    "heavy": {"fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-              "dkv": [(32, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-              "walk": [(64, 64, 4, 2), (64, 64, 8, 2)]},
+    "3.8": {
+        "light": {"fwd": [(64, 128, 4, 2, 0), (128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                  "dq": [(128, 64, 8, 1, 0), (128, 32, 4, 1, 0), (64, 64, 4, 1, 0)],
+                  "dkv": [(64, 64, 4, 1, 0), (64, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                  "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "wide": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                 "dq": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                 "dkv": [(64, 128, 8, 1, 1), (32, 64, 4, 1, 0)],
+                 "walk": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)]},
+        "group2": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                   "dq": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)],
+                   "dkv": [(32, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "group4": {"fwd": [(64, 32, 4, 2, 0), (128, 32, 8, 1, 0)],
+                   "dq": [(32, 64, 4, 2, 0), (64, 32, 4, 1, 0)],
+                   "dkv": [(32, 64, 4, 2, 0), (32, 128, 8, 2, 0)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
+    },
+    "3.6": {
+        "light": {"fwd": [(64, 128, 4, 2, 1), (128, 64, 8, 1, 1), (64, 64, 4, 2, 1)],
+                  "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 2, 1), (64, 64, 4, 1, 0)],
+                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (64, 64, 4, 1, 0)],
+                  "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "wide": {"fwd": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                 "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                 "dkv": [(64, 128, 8, 1, 0), (32, 64, 4, 1, 1)],
+                 "walk": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)]},
+        "group2": {"fwd": [(128, 64, 8, 1, 1), (128, 64, 8, 2, 0)],
+                   "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                   "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 1, 1)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "group4": {"fwd": [(64, 32, 4, 2, 1), (64, 32, 4, 2, 0)],
+                   "dq": [(32, 64, 4, 2, 1), (64, 32, 4, 2, 1)],
+                   "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 2, 1)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
+    },
 }
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 
+def _family() -> str:
+    return "3.6" if _triton_version() < (3, 7) else "3.8"
+
+
 def gpu_configs(kind: str, DKP: int, MC: int) -> list:
-    return GPU_CONFIGS["light" if MC == 1 and DKP <= 64 else "heavy"][kind]
+    """The candidates of a kernel: by the program's live state (one group at head dim <= 64 or above; 2 groups;
+    3 or 4) and the Triton version."""
+    cls = ("light" if DKP <= 64 else "wide") if MC == 1 else ("group2" if MC == 2 else "group4")
+    return GPU_CONFIGS[_family()][cls][kind]
 
 
 PREP_BLOCK_T = 32
@@ -326,16 +365,24 @@ class Launch:
     grid: object                   # callable(meta) -> tuple, or a tuple
     tuned: Optional[str] = None    # key of GPU_CONFIGS when the block sizes are autotuned
     block_configs: Optional[list] = None     # (BLOCK_M, BLOCK_N, warps, stages) in place of GPU_CONFIGS[tuned]
+    pair_programs: int = 1         # programs that each process every (query, key) pair (group chunks and parts)
 
     def configs(self, interpreting: Optional[bool] = None) -> List[dict]:
         """The launch options (and block sizes, for autotuned kernels) the launcher may use."""
         if self.tuned is None:
             return [dict(num_warps=4, num_stages=1)]
         if _interpreting() if interpreting is None else interpreting:
-            blocks = [(WALK_TILE, WALK_TILE, 1, 1) if self.tuned == "walk" else INTERPRETER_CONFIG]
+            blocks = [(WALK_TILE, WALK_TILE, 1, 1) if self.tuned == "walk" else INTERPRETER_CONFIG
+                      + (int(_gather_transposed()),)]
         else:
             blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"])
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
+        out = []
+        for bm, bn, w, s, *gt in blocks:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            if "GATHER_T" in getattr(self.kernel, "arg_names", ()):
+                cfg["GATHER_T"] = bool(gt[0]) if gt else _gather_transposed()
+            out.append(cfg)
+        return out
 
 
 _TUNED: Dict[tuple, object] = {}
@@ -367,8 +414,8 @@ def _tuned_kernel(launch: Launch):
     key = (launch.name, tuple(tuple(sorted(c.items())) for c in configs))
     fn = _TUNED.get(key)
     if fn is None:
-        tconfigs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                  num_stages=c["num_stages"]) for c in configs]
+        tconfigs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
         key = [a for a in ("N", "B", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "TW", "MODE", "CAUSAL")
                if a in launch.kernel.arg_names]
         fn = triton.autotune(configs=tconfigs, key=key,
@@ -396,11 +443,9 @@ def _common(p: Problem, lay: Layout) -> dict:
 
 
 def _gather_transposed() -> bool:
-    """Triton 3.6 lays a gather with unknown contiguity out column-major, 3.8 row-major; the kernels build the
-    pointers so that each thread's per-iteration index is a single value either way (see _gather)."""
-    forced = os.environ.get("LISA_GATHER_T")
-    if forced is not None:
-        return forced == "1"
+    """The default GATHER_T (the configs set their own): Triton 3.6 lays a gather with unknown contiguity out
+    column-major, 3.8 row-major; the kernels build the pointers so that each thread's per-iteration index is a
+    single value either way (see _gather)."""
     return _triton_version() < (3, 7)
 
 
@@ -453,11 +498,11 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     ti = token_index(lay, q.device)
     fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out, Den=den,
                sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
-               NORMALIZE=p.normalize, RESIDUAL=residual, GATHER_T=_gather_transposed(), NDK=len(ti.DK), **c)
+               NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), **c)
     chunks = p.M // c["MC"]
     launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p, lay, c, ti),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
-                       tuned="fwd")]
+                       tuned="fwd", pair_programs=chunks)]
     return launches, out, res, den, r, mx
 
 
@@ -497,7 +542,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     gp = torch.empty(B * H, lay.NPAD, p.M, c["BLOCK_G"], device=q.device, dtype=gdt)
     gdx = torch.empty(B * H, lay.NPAD, p.M, 16, device=q.device, dtype=gdt)
     gd = torch.empty(B * H, lay.NPAD, p.M, device=q.device, dtype=torch.float32)
-    dr = torch.empty(H * p.M, lay.TXP, device=q.device, dtype=torch.float32)
+    dr = torch.empty(H * p.M, lay.TXP if lay.circular else 1, device=q.device, dtype=torch.float32)
     sdt = _store_dtype(q.dtype)
     if chunks == 1:      # written in the input dtypes; several chunks write fp32 partial sums
         dq, dk = (torch.empty(B, H, N, Dk, device=q.device, dtype=sdt) for _ in range(2))
@@ -514,30 +559,29 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     rq = torch.empty(H * chunks, ndq * lay.TXP * 2 * c["MCP"], device=q.device, dtype=torch.float32)
     feature = 0 if p.feature_map == "elu1" else 1
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
-    zblock = 1024
-    n_zero = triton.cdiv(dr.numel(), zblock)
     tab = _table_constexprs(lay)
     g = grad_out
     residual = res.numel() > 0
     prep = dict(Q=q, K=k, V=v, GO=g, O=out, RES=res if residual else out, DEN=den, MX=mx, FQ=fq, FK=fk, VP=vp, GP=gp,
-                GDX=gdx, GD=gd, DR=dr, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, RQ=rq, DELTAS=ti.DQ,
+                GDX=gdx, GD=gd, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, RQ=rq, DELTAS=ti.DQ,
                 **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("g", g), **_strides("o", out),
-                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, n_zero=n_zero, r_size=dr.numel(),
+                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat,
                 FEATURE=feature, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"], MCP=c["MCP"], ND=ndq, G=c["G"],
                 BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual, DKP=c["DKP"], NPAD=lay.NPAD, **tab,
-                TBLOCK=min(1024, lay.TXP), BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
+                TBLOCK=min(1024, lay.TXP), BLOCK_T=PREP_BLOCK_T)
     dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, GATHER_T=_gather_transposed(), NDQ=ndq, **c)
+               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, **c)
     dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
                **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
-               GATHER_T=_gather_transposed(), NDK=ndk, **c)
+               NDK=ndk, **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
+    mcw = min(c["MC"], WALK_GROUPS)
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
-                M=p.M, MC=c["MC"], MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
+                M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
                 LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay),
                 CAUSAL=p.causal, MODE=c["MODE"])
     extra = lay.E > 0 and rpe_extra is not None
@@ -545,24 +589,28 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     nt = lay.NPAD // EXTRA_BLOCK
     sx = torch.empty(B * H, chunks, nt, 3, c["MCP"], device=q.device, dtype=torch.float32) if extra else dr
     n_fold = H * p.M * 2 * lay.TW
-    fold = dict(SCR=scr, SX=sx, R=r, GD=gd, MX=mx, DR=dr, B=B, H=H, eps=p.eps, n_walk=n_walk, n_fold=n_fold,
+    final = not lay.circular          # the fold writes d rpe (and d rpe_extra) itself
+    fold = dict(SCR=scr, SX=sx, R=r, GD=gd, MX=mx, DR=drpe if final else dr,
+                DREX=drex if drex is not None else drpe, B=B, H=H, eps=p.eps, n_walk=n_walk, n_fold=n_fold,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], TXP=lay.TXP, NDK=ndk, S1=lay.S[0], S2=lay.S[1], S3=lay.S[2],
-                NDIM=lay.NDIM,
+                NDIM=lay.NDIM, T=lay.T, FINAL=final,
                 P2=lay.P2, P3=lay.P3, TW=lay.TW, LW=lay.LW, E=lay.E, NPAD=lay.NPAD, NT=nt, R0LO=lay.R0[0],
                 R1LO=lay.R1[0], R2LO=lay.R2[0], EXTRA=extra, IDENTITY0=identity0, BLOCK=WALK_TILE)
-    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + n_zero + H * chunks,)),
+    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + H * chunks,)),
                 Launch("bwd_dkv", _bwd_dkv_kernel, dkv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, chunks),
-                       tuned="dkv"),
+                       tuned="dkv", pair_programs=chunks),
                 Launch("bwd_dq", _bwd_dq_kernel, dqa, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
-                       tuned="dq"),
-                Launch("bwd_walk", _bwd_walk_kernel, walk, (n_walk, H * chunks), tuned="walk")]
+                       tuned="dq", pair_programs=chunks),
+                Launch("bwd_walk", _bwd_walk_kernel, walk, (n_walk, H * chunks * (c["MC"] // mcw)), tuned="walk",
+                       pair_programs=chunks * (c["MC"] // mcw))]
     if extra:
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
                   MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
                   EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
-    launches += [Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),)),
-                 _table_grad_launch(dr, drpe, drex, p, lay)]
+    launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),)))
+    if not final:             # circular tables: each entry sums linear offsets that different folds wrote
+        launches.append(_table_grad_launch(dr, drpe, drex, p, lay))
     return launches, dq, dk, dv, drpe, drex
 
 

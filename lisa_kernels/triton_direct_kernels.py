@@ -4,13 +4,13 @@ is in its docstring.
 
 Shared notation. ``fq = phi(scale q)``, ``fk = phi(k)`` (zero-padded to (NPAD, DKP), in the dtype of the dots),
 ``A = fq fk^T``. RPE groups m = 0..M-1 are handled in chunks of MC groups per program; group m owns the value
-columns ``v_m`` (G of them, padded to BLOCK_G). The extended weight table of a chunk interleaves its groups,
-``R[h, chunk, t, m] = r'_m[t] = exp(log r_m[t] - max_m)`` (MCP = MC rounded up to a power of 2 slots per entry),
-so that the MC weights of a pair come from one vector load at ``AIX_i + NBX_j``: the per-token indices of
-:func:`lisa_kernels.triton_direct.layout` make that the linear-table entry of offset p_i - p_j for grid pairs,
-and send pairs with an extra token to three constant regions (kinds 0, 1, 2 of SPEC.md, causal included).
-Padded tokens index a finite entry and have zero features, so no tile carries a mask; causal (1D) masking is the
-table's zero weights plus shorter loops.
+columns ``v_m`` (G of them, padded to BLOCK_G). The weight of pair (i, j) in group m is
+``r'_m[AIX_i + NBX_j]``, ``r'_m = exp(log r_m - max_m)`` on the extended table: the per-token indices of
+:func:`lisa_kernels.triton_direct.layout` make AIX_i + NBX_j the linear-table entry of offset p_i - p_j for grid
+pairs, and send pairs with an extra token to three constant regions (kinds 0, 1, 2 of SPEC.md, causal included).
+The gathers read *pair tables* (:func:`_pair_table`): one vector load brings the weights of two neighbouring
+tokens for all MC groups of a chunk. Padded tokens index a finite entry and have zero features, so no tile
+carries a mask; causal (1D) masking is the table's zero weights plus shorter loops.
 
 Subtracting ``max_m`` keeps every weight in (0, 1]: it cancels in ``num / (den + eps)`` (eps is scaled by
 e^-max too) and in every gradient below, so fp16/bf16 tiles cannot overflow. Dots: bf16 takes bf16 operands
@@ -336,9 +336,9 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
 # ------------------------------------------------------------ backward
 
 @triton.jit
-def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR, RPE, REX, RQ, DELTAS,
+def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE, REX, RQ, DELTAS,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
-                     sob, soh, son, sod, H, N, DK, scale, eps, n_feat, n_zero, r_size,
+                     sob, soh, son, sod, H, N, DK, scale, eps, n_feat,
                      FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
                      MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                      NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr,
@@ -346,12 +346,11 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR, 
                      L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
                      R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
                      R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
-                     CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr,
-                     BLOCK_T: tl.constexpr, ZBLOCK: tl.constexpr):
+                     CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
     """Programs [0, n_feat): for BLOCK_T tokens of one (b, h), fq, fk, the padded values and per group
     s = 1/(den' + eps e^-max) (e^max if not normalize), gd = -s g . out (0), g' = s g (GP), gd (GD, fp32) and
-    gd in column 0 of a 16-wide block (GDX: the operand that adds gd to a dot through a ones row). Then zero the
-    extended-table gradient DR, and build the pair table of query pairs (RQ, for the dK/dV kernel)."""
+    gd in column 0 of a 16-wide block (GDX: the operand that adds gd to a dot through a ones row). Then one
+    program per (head, chunk) builds the pair table of query pairs (RQ, for the dK/dV kernel)."""
     pid = tl.program_id(0)
     if pid < n_feat:
         b, h, bh, offs = _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
@@ -381,11 +380,8 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, DR, 
             tl.store(GDX + slot[:, None] * 16 + c16[None, :],
                      tl.where(c16[None, :] == 0, gd[:, None], 0.0).to(GDX.dtype.element_ty))
             tl.store(GD + slot, gd)
-    elif pid < n_feat + n_zero:
-        z = (pid - n_feat) * ZBLOCK + tl.arange(0, ZBLOCK)
-        tl.store(DR + z, tl.zeros((ZBLOCK,), tl.float32), mask=z < r_size)
     else:
-        _pair_table(pid - n_feat - n_zero, RPE, REX, RQ, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
+        _pair_table(pid - n_feat, RPE, REX, RQ, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
                     L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
@@ -577,7 +573,7 @@ def _shifted(base, start, off, shift, IDENT: tl.constexpr):
 
 @triton.jit
 def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
-                     M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, BLOCK_G: tl.constexpr,
+                     M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, MCW: tl.constexpr, BLOCK_G: tl.constexpr,
                      DKP: tl.constexpr, NPAD: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr,
                      E: tl.constexpr, IDENT: tl.constexpr,
                      CAUSAL: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -592,8 +588,12 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
         ACC_m[a, b] += A_ij (g'_i . v_j + gd_i)      (= dlog r_m / r'_m of that pair; A is shared by the chunk)
 
     into registers, then stores ACC_m once; :func:`_table_fold_kernel` sums it by entry (r'_m factored out:
-    one FFMA per pair and group)."""
-    w, hc = tl.program_id(0), tl.program_id(1)
+    one FFMA per pair and group). A program takes MCW groups of its chunk (fewer live accumulators; A is then
+    computed once per MCW groups)."""
+    w, hp = tl.program_id(0), tl.program_id(1)
+    NPART: tl.constexpr = MC // MCW
+    hc = hp // NPART
+    s0 = (hp % NPART) * MCW                        # the program's first slot in the chunk
     h = hc // (M // MC)
     mc = hc % (M // MC)
     D = w // LW - (TW - 1)
@@ -631,9 +631,9 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
             krow = (b * H + h) * NPAD + E + (ti - D) * BLOCK_N
             fq = tl.load(FQ + qrow * DKP + off_fq)
             fk = tl.load(FK + krow * DKP + off_fk)
-            gq = (qrow * M + mc * MC) * BLOCK_G
-            vk = (krow * M + mc * MC) * BLOCK_G
-            xq = (qrow * M + mc * MC) * 16
+            gq = (qrow * M + mc * MC + s0) * BLOCK_G
+            vk = (krow * M + mc * MC + s0) * BLOCK_G
+            xq = (qrow * M + mc * MC + s0) * 16
             gp0 = tl.load(GP + gq + off_g)
             v0 = tl.load(VP + vk + off_v)
             x0 = tl.load(GDX + xq + off_x)
@@ -643,21 +643,21 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
             krows = bh * NPAD + tl.load(WIX + (ti - D) * BLOCK_N + rk)
             fq = _tile(FQ, qrows, DKP)
             fk = _tile(FK, krows, DKP)
-            gq = (qrows * M + mc * MC) * BLOCK_G
-            vk = (krows * M + mc * MC) * BLOCK_G
-            xq = (qrows * M + mc * MC) * 16
+            gq = (qrows * M + mc * MC + s0) * BLOCK_G
+            vk = (krows * M + mc * MC + s0) * BLOCK_G
+            xq = (qrows * M + mc * MC + s0) * 16
             gp0 = tl.load(GP + gq[:, None] + tl.arange(0, BLOCK_G)[None, :])
             v0 = tl.load(VP + vk[:, None] + tl.arange(0, BLOCK_G)[None, :])
             x0 = tl.load(GDX + xq[:, None] + c16[None, :])
         A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
         acc0 += A * _dW(gp0, v0, x0, onesT, MODE)
-        if MC > 1:
+        if MCW > 1:
             acc1 += A * _dW(_shifted(GP, gq, off_g, BLOCK_G, IDENT), _shifted(VP, vk, off_v, BLOCK_G, IDENT),
                             _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE)
-        if MC > 2:
+        if MCW > 2:
             acc2 += A * _dW(_shifted(GP, gq, off_g, 2 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 2 * BLOCK_G, IDENT),
                             _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE)
-        if MC > 3:
+        if MCW > 3:
             acc3 += A * _dW(_shifted(GP, gq, off_g, 3 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 3 * BLOCK_G, IDENT),
                             _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE)
         it += 1
@@ -665,13 +665,13 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
         b = tl.where(wrap, b + 1, b)
         it = tl.where(wrap, 0, it)
     ab = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    out = SCR + (hc * MCP * n_walk + w) * (BLOCK_M * BLOCK_N)
+    out = SCR + ((hc * MCP + s0) * n_walk + w) * (BLOCK_M * BLOCK_N)
     tl.store(out + ab, acc0)
-    if MC > 1:
+    if MCW > 1:
         tl.store(out + n_walk * (BLOCK_M * BLOCK_N) + ab, acc1)
-    if MC > 2:
+    if MCW > 2:
         tl.store(out + 2 * n_walk * (BLOCK_M * BLOCK_N) + ab, acc2)
-    if MC > 3:
+    if MCW > 3:
         tl.store(out + 3 * n_walk * (BLOCK_M * BLOCK_N) + ab, acc3)
 
 @triton.jit
@@ -744,12 +744,13 @@ def _offsets(k, q3, q2, NDIM: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
     return (kk - d2) // P2, d2, d3
 
 @triton.jit
-def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
+def _table_fold_kernel(SCR, SX, R, GD, MX, DR, DREX, B, H, eps, n_walk, n_fold,
                        M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
-                       S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, NDIM: tl.constexpr,
+                       S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, NDIM: tl.constexpr, T: tl.constexpr,
                        P2: tl.constexpr, P3: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr, E: tl.constexpr,
                        NPAD: tl.constexpr, NT: tl.constexpr, R0LO: tl.constexpr, R1LO: tl.constexpr,
-                       R2LO: tl.constexpr, EXTRA: tl.constexpr, IDENTITY0: tl.constexpr, BLOCK: tl.constexpr):
+                       R2LO: tl.constexpr, EXTRA: tl.constexpr, IDENTITY0: tl.constexpr, FINAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Programs [0, n_fold) = (head * group, block of 64 token differences kappa): the entries of the linear
     table. Token difference k = 64 kappa + c sits at (a, a - c) of walker kappa (a >= c) and at (a, a - c + 64)
     of walker kappa + 1 (a < c), in every phase. Its pairs fall into 1 (1D), 2 (2D) or 4 (3D) entries, told
@@ -757,7 +758,8 @@ def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
     (k, class) is a masked column sum, and DR[entry] = r'_m[entry] * sum: every entry is written by one program,
     in a fixed order. Then, with EXTRA, one program per (head * group) sums the extra-token kinds (kernel
     _bwd_extra_kernel) into the first entry of their regions; with IDENTITY0 kind 0 comes from the row identity
-    (with normalize the pairs of an extra query sum to exactly -gd eps e^-max) minus kind 2."""
+    (with normalize the pairs of an extra query sum to exactly -gd eps e^-max) minus kind 2. FINAL (a zero
+    boundary: the linear table is rpe's): DR is d rpe itself (row T apart, its dtype) and the kinds go to DREX."""
     pid = tl.program_id(0)
     NCH: tl.constexpr = M // MC
     if pid < n_fold:
@@ -804,7 +806,11 @@ def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
             ok = (d1 > -S1) & (d1 < S1) & (d2 > -S2) & (d2 < S2) & (d3 > -S3) & (d3 < S3)
             entry = tl.where(ok, ((d1 + S1 - 1) * W2 + d2 + S2 - 1) * W3 + d3 + S3 - 1, 0)
             sq = s0 if q == 0 else (s1 if q == 1 else (s2 if q == 2 else s3))
-            tl.store(DR + hm * TXP + entry, sq * tl.load(tab + entry * (2 * MCP), mask=ok, other=0.0), mask=ok)
+            val = sq * tl.load(tab + entry * (2 * MCP), mask=ok, other=0.0)
+            if FINAL:
+                tl.store(DR + hm * T + entry, val.to(DR.dtype.element_ty), mask=ok)
+            else:
+                tl.store(DR + hm * TXP + entry, val, mask=ok)
     else:
         if EXTRA:
             hm = pid - n_fold
@@ -830,17 +836,14 @@ def _table_fold_kernel(SCR, SX, R, GD, MX, DR, B, H, eps, n_walk, n_fold,
                     for e0 in range(0, E, BLOCK):
                         rows += tl.load(GD + ((b * H + h) * NPAD + e0 + t) * M + m, mask=e0 + t < E, other=0.0)
                 kind0 = -tl.sum(rows, 0) * (eps * tl.exp(-tl.load(MX + hm))) - kind2
-            tl.store(DR + hm * TXP + R0LO, kind0)
-            tl.store(DR + hm * TXP + R1LO, tl.sum(a1, 0))
-            tl.store(DR + hm * TXP + R2LO, kind2)
-
-@triton.jit
-def _region_sum(base, lo: tl.constexpr, hi: tl.constexpr, BLOCK: tl.constexpr):
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for t0 in range(lo, hi + 1, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        acc += tl.load(base + t, mask=t <= hi, other=0.0)
-    return tl.sum(acc, 0)
+            if FINAL:
+                tl.store(DREX + hm * 3 + 0, kind0.to(DREX.dtype.element_ty))
+                tl.store(DREX + hm * 3 + 1, tl.sum(a1, 0).to(DREX.dtype.element_ty))
+                tl.store(DREX + hm * 3 + 2, kind2.to(DREX.dtype.element_ty))
+            else:
+                tl.store(DR + hm * TXP + R0LO, kind0)
+                tl.store(DR + hm * TXP + R1LO, tl.sum(a1, 0))
+                tl.store(DR + hm * TXP + R2LO, kind2)
 
 @triton.jit
 def _table_grad_kernel(DR, DRPE, DREX,
@@ -850,7 +853,8 @@ def _table_grad_kernel(DR, DRPE, DREX,
                        R2LO: tl.constexpr, R2HI: tl.constexpr, CIRC: tl.constexpr, BLOCK: tl.constexpr):
     """d rpe[h, m] from the extended-table gradient DR[h * M + m]: the linear part as is, or for circular
     tables the sum over the (up to 2 per axis) linear offsets d = c and d = c - S of each entry c; and
-    d rpe_extra[h, m, kind] as the sum over its region."""
+    d rpe_extra[h, m, kind] from the first entry of its region, where _table_fold_kernel put the kind's sum.
+    Every entry read here was written by the fold (nothing relies on a zeroed buffer)."""
     hm = tl.program_id(0)
     base = DR + hm * ROW
     LL: tl.constexpr = L1 * L2 * L3
@@ -875,6 +879,6 @@ def _table_grad_kernel(DR, DRPE, DREX,
             acc = tl.load(base + c, mask=valid, other=0.0)
         tl.store(DRPE + hm * LL + c, acc.to(DRPE.dtype.element_ty), mask=valid)
     if HAS_REX:
-        tl.store(DREX + hm * 3 + 0, _region_sum(base, R0LO, R0HI, BLOCK).to(DREX.dtype.element_ty))
-        tl.store(DREX + hm * 3 + 1, _region_sum(base, R1LO, R1HI, BLOCK).to(DREX.dtype.element_ty))
-        tl.store(DREX + hm * 3 + 2, _region_sum(base, R2LO, R2HI, BLOCK).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 0, tl.load(base + R0LO).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 1, tl.load(base + R1LO).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 2, tl.load(base + R2LO).to(DREX.dtype.element_ty))

@@ -125,15 +125,44 @@ def test_every_kernel_compiles_without_spills(ci_report):
               if any(c["stack_bytes"] > 0 for c in kr.launcher_choices(recs))]
     assert not spills, spills
     lisa = {r["name"] for r in records if not r["pass"].startswith("yardstick")}
-    assert lisa == {"prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"}
+    assert lisa == {"prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold",
+                    "table_grad"}
     assert {r["arch"] for r in records} == {"sm_90a", "sm_80"}
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
-def test_issue_cycle_targets(ci_report):
-    """sm_90a, bf16, D=64, M=1: forward <= 100 and backward <= 250 issue cycles per 1000 pairs (the yardstick's
-    FlashAttention-2 figures are printed beside them by the report)."""
+def _target(ci_report, prefix):
     import kernel_report as kr
-    targets = kr.targets(ci_report[0])
-    assert len(targets) == 2
-    assert all(t["met"] for t in targets), targets
+    found = [t for t in kr.targets(ci_report[0]) if t["target"].startswith(prefix)]
+    assert len(found) == 1, kr.targets(ci_report[0])
+    return found[0]
+
+
+def test_backward_issue_cycles_target(ci_report):
+    """sm_90a, bf16, D=64, M=1: the backward (dK/dV + dQ + the table gradient's walkers) at most 150 issue cycles
+    per 1000 pairs, 0 spills."""
+    t = _target(ci_report, "bwd M=1")
+    assert t["met"], t
+
+
+def test_forward_at_most_the_yardstick(ci_report):
+    """sm_90a, bf16, D=64, M=1: the forward at most the FlashAttention-2 yardstick's forward in the same run."""
+    t = _target(ci_report, "fwd M=1")
+    assert t["met"], t
+
+
+def test_backward_atomics_per_pair(ci_report):
+    """Every backward per-pair kernel of every compiled case (1D causal, 2D with extra tokens, circular, 3D):
+    at most 1/16 global atomic per pair on 1D and 2D grids, 1/8 on 3D (the kernels have none)."""
+    t = _target(ci_report, "backward atomics")
+    assert t["met"] and t["value"] == 0, t
+
+
+@pytest.mark.xfail(strict=True, reason="not reached: M groups cost M weight products and conversions per pair in "
+                                       "fp32 (M=4: 3.4x the forward, 3.1x the backward of M=1 at D=64); see the "
+                                       "kernel report section")
+@pytest.mark.parametrize("pas", ["fwd", "bwd"])
+def test_four_groups_at_most_one_and_a_half_of_one(ci_report, pas):
+    """sm_90a, bf16, D=64: M=4 at most 1.5x M=1, forward and backward."""
+    t = _target(ci_report, f"{pas} M=4")
+    assert t["met"], t

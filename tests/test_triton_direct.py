@@ -143,8 +143,8 @@ def test_triton_gpu_large(grid, E, dtype):
 
 @pytest.mark.parametrize("grid,E,causal", [((5, 4), 2, False), ((13,), 1, True)])
 def test_triton_deterministic_mode(grid, E, causal):
-    """With torch.use_deterministic_algorithms(True) the table gradient takes a fixed-order path (no atomics):
-    still equal to the reference, and bitwise equal from run to run."""
+    """Under torch.use_deterministic_algorithms(True) (the backward has no atomics, so it runs as always): equal
+    to the reference, and bitwise equal from run to run."""
     ref, low = _inputs(grid, E, 2, "zero", torch.float32, seed=11)
     opts = dict(grid=grid, num_extra=E, causal=causal)
     out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4], backend="reference", **opts)
@@ -166,9 +166,10 @@ def test_triton_deterministic_mode(grid, E, causal):
 
 
 def test_triton_launch_count(monkeypatch):
-    """Two Triton launches per forward (prep, fwd) and six per backward (prep, dkv, dq, the table gradient's
-    walkers and its two folds), seven with extra tokens and rpe_extra; the table is built by the prep kernel, not
-    by PyTorch ops (benchmarks/overhead.py counts all launches on a GPU)."""
+    """Two Triton launches per forward (prep, fwd) and five per backward (prep, dkv, dq, the table gradient's
+    walkers and its fold), six with extra tokens and rpe_extra, one more (the circular fold) for circular tables;
+    the table is built by the prep kernel, not by PyTorch ops (benchmarks/overhead.py counts all launches on a
+    GPU: at most 8 for a forward and backward)."""
     import lisa_kernels.triton_direct as TD
     launched = []
     real = TD._run
@@ -177,5 +178,54 @@ def test_triton_launch_count(monkeypatch):
     out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(4, 5), num_extra=1, backend="triton")
     assert launched == ["prep", "fwd"]
     torch.autograd.grad(out, low, torch.ones_like(out))
-    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold",
-                        "table_grad"]
+    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold"]
+
+
+# The table gradient: walkers along token diagonals of 64-token tiles, their fold by table entry.
+# Grids past 64 tokens, so that a diagonal holds several tiles, tiles straddle grid rows (and planes), the last
+# tile is padded, 2D/3D rows give 2/4 entries per token difference, and phases (rows of 12: 3 phases) or a
+# padded walker layout (rows of 13 or 9: P = 16 or 10) come in. conftest.py fills every torch.empty with NaN,
+# so the table-gradient buffer starts poisoned: an entry the fold does not write turns rpe's gradient NaN.
+WALK_CASES = [
+    # grid, E, M, boundary, causal
+    ((150,), 0, 1, "zero", False),
+    ((133,), 2, 2, "zero", True),
+    ((9, 13), 1, 1, "zero", False),
+    ((10, 12), 0, 4, "circular", False),
+    ((7, 20), 3, 2, "zero", False),
+    ((3, 5, 9), 1, 1, "circular", False),
+    ((2, 4, 16), 0, 2, "zero", False),
+]
+
+
+@pytest.mark.parametrize("grid,E,M,boundary,causal", WALK_CASES)
+def test_triton_table_gradient_walkers(grid, E, M, boundary, causal):
+    assert torch.isnan(torch.empty(3)).all()          # (the poisoning of tests/conftest.py is active)
+    ref, low = _inputs(grid, E, M, boundary, torch.float32, B=1, H=2, Dk=4, G=3, seed=21)
+    opts = dict(grid=grid, num_extra=E, boundary=boundary, causal=causal)
+    rex = ref[4] if E else None
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=rex, backend="reference", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.to(DEVICE, torch.float32))
+    names = ["out", "dq", "dk", "dv", "drpe", "drpe_extra"]
+    errors = [_rel(out.cpu(), out_ref)] + [_rel(a.cpu(), b) for a, b in zip(g_low, g_ref)]
+    bad = {n: e for n, e in zip(names, errors) if not e <= TOL[torch.float32]}
+    assert not bad, f"relative errors over {TOL[torch.float32]}: {bad}"
+
+
+@pytest.mark.parametrize("grid,E,causal", [((9, 13), 2, False), ((70,), 1, True)])
+def test_triton_backward_is_bitwise_reproducible(grid, E, causal):
+    """No atomics in the backward: two runs give bitwise-equal gradients, the table's included (without
+    torch.use_deterministic_algorithms)."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    _, low = _inputs(grid, E, 2, "zero", torch.float32, B=2, H=1, Dk=4, G=3, seed=8)
+    opts = dict(grid=grid, num_extra=E, causal=causal)
+    upstream = torch.randn(2, 1, E + math.prod(grid), 6, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        out = L.lisa_attention(*low[:4], rpe_extra=low[4], backend="triton", **opts)
+        runs.append(torch.autograd.grad(out, low, upstream))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
