@@ -108,7 +108,7 @@ class Layout:
 TOKEN_PAD = 128               # NPAD is a multiple of every block size
 WALK_TILE = 64                # the walkers' tiles (the fold kernel assumes square ones)
 WALK_MAX_PHASES = 8
-WALK_GROUPS = 2               # groups per walker program (its accumulators: 64 x 64 fp32 each)
+WALK_GROUPS = 2               # groups per walker program (its accumulators: 64 x 64 fp32 each); 1 with fp32 dots
 
 
 def _grid3(grid):
@@ -291,8 +291,8 @@ def _triton_version() -> Tuple[int, int]:
 # wants the transposed gather, GATHER_T; see _gather). They are the spill-free shapes with the fewest issue cycles
 # found by compiling 50-80 candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each
 # version. Configs that spill are pruned before tuning (:func:`_spill_free`).
-# The walker's tiles are always 64 x 64 (its fold assumes them). The interpreter takes one small config (16 x 16;
-# the walker 64 x 64).
+# The walker's tiles are 64 x 64 (its fold assumes them); a program may take 64 x BLOCK_N of one. The
+# interpreter takes one small config (16 x 16; the walker 64 x 64).
 GPU_CONFIGS = {
     "3.8": {
         "light": {"fwd": [(64, 128, 4, 2, 0), (128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
@@ -315,7 +315,7 @@ GPU_CONFIGS = {
     "3.6": {
         "light": {"fwd": [(64, 128, 4, 2, 1), (128, 64, 8, 1, 1), (64, 64, 4, 2, 1)],
                   "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 2, 1), (64, 64, 4, 1, 0)],
-                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (64, 64, 4, 1, 0)],
+                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 2, 1)],
                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
         "wide": {"fwd": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
                  "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
@@ -331,6 +331,12 @@ GPU_CONFIGS = {
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
     },
 }
+# fp16 and fp32 inputs take tf32 / tf32x3 dots on fp32 operands, which need more registers: small tiles (and a
+# walker 16 keys wide), GATHER_T left to the version's default.
+FP32_DOT_CONFIGS = {"fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 4, 1)],
+                    "dq": [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1)],
+                    "dkv": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)],
+                    "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]}
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 
@@ -338,9 +344,11 @@ def _family() -> str:
     return "3.6" if _triton_version() < (3, 7) else "3.8"
 
 
-def gpu_configs(kind: str, DKP: int, MC: int) -> list:
+def gpu_configs(kind: str, DKP: int, MC: int, MODE: int = 0) -> list:
     """The candidates of a kernel: by the program's live state (one group at head dim <= 64 or above; 2 groups;
-    3 or 4) and the Triton version."""
+    3 or 4), the Triton version, and for fp16 / fp32 inputs (MODE 1, 2) FP32_DOT_CONFIGS."""
+    if MODE != 0:
+        return FP32_DOT_CONFIGS[kind]
     cls = ("light" if DKP <= 64 else "wide") if MC == 1 else ("group2" if MC == 2 else "group4")
     return GPU_CONFIGS[_family()][cls][kind]
 
@@ -365,17 +373,19 @@ class Launch:
     grid: object                   # callable(meta) -> tuple, or a tuple
     tuned: Optional[str] = None    # key of GPU_CONFIGS when the block sizes are autotuned
     block_configs: Optional[list] = None     # (BLOCK_M, BLOCK_N, warps, stages) in place of GPU_CONFIGS[tuned]
+    warps: int = 4                 # num_warps of an untuned launch
     pair_programs: int = 1         # programs that each process every (query, key) pair (group chunks and parts)
 
     def configs(self, interpreting: Optional[bool] = None) -> List[dict]:
         """The launch options (and block sizes, for autotuned kernels) the launcher may use."""
         if self.tuned is None:
-            return [dict(num_warps=4, num_stages=1)]
+            return [dict(num_warps=self.warps, num_stages=1)]
         if _interpreting() if interpreting is None else interpreting:
             blocks = [(WALK_TILE, WALK_TILE, 1, 1) if self.tuned == "walk" else INTERPRETER_CONFIG
                       + (int(_gather_transposed()),)]
         else:
-            blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"])
+            blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"],
+                                                       self.args.get("MODE", 0))
         out = []
         for bm, bn, w, s, *gt in blocks:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -579,10 +589,10 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
                NDK=ndk, **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
-    mcw = min(c["MC"], WALK_GROUPS)
+    mcw = min(c["MC"], WALK_GROUPS if c["MODE"] == 0 else 1)
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
-                LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay),
+                LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay), WT=WALK_TILE,
                 CAUSAL=p.causal, MODE=c["MODE"])
     extra = lay.E > 0 and rpe_extra is not None
     identity0 = extra and p.normalize and not p.causal
@@ -601,14 +611,15 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
                        tuned="dkv", pair_programs=chunks),
                 Launch("bwd_dq", _bwd_dq_kernel, dqa, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="dq", pair_programs=chunks),
-                Launch("bwd_walk", _bwd_walk_kernel, walk, (n_walk, H * chunks * (c["MC"] // mcw)), tuned="walk",
-                       pair_programs=chunks * (c["MC"] // mcw))]
+                Launch("bwd_walk", _bwd_walk_kernel, walk,
+                       lambda meta: (n_walk, H * chunks * (c["MC"] // mcw) * (WALK_TILE // meta["BLOCK_N"])),
+                       tuned="walk", pair_programs=chunks * (c["MC"] // mcw))]
     if extra:
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
                   MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
                   EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
-    launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),)))
+    launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))
     if not final:             # circular tables: each entry sums linear offsets that different folds wrote
         launches.append(_table_grad_launch(dr, drpe, drex, p, lay))
     return launches, dq, dk, dv, drpe, drex

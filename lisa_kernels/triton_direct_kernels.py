@@ -386,13 +386,21 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
 
 @triton.jit
 def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr):
-    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile: two dots, the second through the ones row."""
-    return _dot(gp, tl.trans(vt), _dot(gdx, onesT, tl.zeros((gp.shape[0], vt.shape[0]), tl.float32), MODE), MODE)
+    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With bf16 dots (MODE 0) gd rides on a second
+    16-deep dot through the ones row; with fp32 operands (fp16, fp32 inputs) that dot would cost more registers
+    than the add it saves, so gd (column 0 of gdx) is added."""
+    zero = tl.zeros((gp.shape[0], vt.shape[0]), tl.float32)
+    if MODE == 0:
+        return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE), MODE)
+    return _dot(gp, tl.trans(vt), zero, MODE) + tl.sum(gdx.to(tl.float32), 1)[:, None]
 
 @triton.jit
 def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr):
     dv = _dot(At * rt, gp, dv, MODE)
-    Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
+    if MODE == 0:
+        Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
+    else:
+        Dt = _dot(vt, tl.trans(gp), tl.zeros(At.shape, tl.float32), MODE) + tl.sum(gdx.to(tl.float32), 1)[None, :]
     return dv, dAt + Dt * rt
 
 @triton.jit
@@ -575,7 +583,7 @@ def _shifted(base, start, off, shift, IDENT: tl.constexpr):
 def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
                      M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, MCW: tl.constexpr, BLOCK_G: tl.constexpr,
                      DKP: tl.constexpr, NPAD: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr,
-                     E: tl.constexpr, IDENT: tl.constexpr,
+                     E: tl.constexpr, IDENT: tl.constexpr, WT: tl.constexpr,
                      CAUSAL: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The table gradient's sums, without atomics. Grid tokens (extra tokens left out; a padded layout where
     :func:`layout` chose one, WIX maps it to token rows) are cut into 64-token tiles. The pairs that share a table
@@ -589,8 +597,12 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
 
     into registers, then stores ACC_m once; :func:`_table_fold_kernel` sums it by entry (r'_m factored out:
     one FFMA per pair and group). A program takes MCW groups of its chunk (fewer live accumulators; A is then
-    computed once per MCW groups)."""
-    w, hp = tl.program_id(0), tl.program_id(1)
+    computed once per MCW groups), and BLOCK_N of the WT = 64 keys of a tile (BLOCK_M = WT queries): a narrower
+    tile for fp32 dots, whose operands take more registers."""
+    w, hps = tl.program_id(0), tl.program_id(1)
+    NSPLIT: tl.constexpr = WT // BLOCK_N
+    hp = hps // NSPLIT
+    cs = (hps % NSPLIT) * BLOCK_N                  # the program's first key column in the tile
     NPART: tl.constexpr = MC // MCW
     hc = hp // NPART
     s0 = (hp % NPART) * MCW                        # the program's first slot in the chunk
@@ -627,8 +639,8 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
     for step in range(B * n_it):                    # (one loop over batch elements and tiles)
         ti = first + it * LW
         if IDENT:                                   # rows E + 64 ti + a: a scalar base per tile
-            qrow = (b * H + h) * NPAD + E + ti * BLOCK_M
-            krow = (b * H + h) * NPAD + E + (ti - D) * BLOCK_N
+            qrow = (b * H + h) * NPAD + E + ti * WT
+            krow = (b * H + h) * NPAD + E + (ti - D) * WT + cs
             fq = tl.load(FQ + qrow * DKP + off_fq)
             fk = tl.load(FK + krow * DKP + off_fk)
             gq = (qrow * M + mc * MC + s0) * BLOCK_G
@@ -639,8 +651,8 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
             x0 = tl.load(GDX + xq + off_x)
         else:
             bh = b * H + h
-            qrows = bh * NPAD + tl.load(WIX + ti * BLOCK_M + rq)
-            krows = bh * NPAD + tl.load(WIX + (ti - D) * BLOCK_N + rk)
+            qrows = bh * NPAD + tl.load(WIX + ti * WT + rq)
+            krows = bh * NPAD + tl.load(WIX + (ti - D) * WT + cs + rk)
             fq = _tile(FQ, qrows, DKP)
             fk = _tile(FK, krows, DKP)
             gq = (qrows * M + mc * MC + s0) * BLOCK_G
@@ -664,15 +676,15 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
         wrap = it == n_it
         b = tl.where(wrap, b + 1, b)
         it = tl.where(wrap, 0, it)
-    ab = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    out = SCR + ((hc * MCP + s0) * n_walk + w) * (BLOCK_M * BLOCK_N)
+    ab = tl.arange(0, BLOCK_M)[:, None] * WT + cs + tl.arange(0, BLOCK_N)[None, :]
+    out = SCR + ((hc * MCP + s0) * n_walk + w) * (WT * WT)
     tl.store(out + ab, acc0)
     if MCW > 1:
-        tl.store(out + n_walk * (BLOCK_M * BLOCK_N) + ab, acc1)
+        tl.store(out + n_walk * (WT * WT) + ab, acc1)
     if MCW > 2:
-        tl.store(out + 2 * n_walk * (BLOCK_M * BLOCK_N) + ab, acc2)
+        tl.store(out + 2 * n_walk * (WT * WT) + ab, acc2)
     if MCW > 3:
-        tl.store(out + 3 * n_walk * (BLOCK_M * BLOCK_N) + ab, acc3)
+        tl.store(out + 3 * n_walk * (WT * WT) + ab, acc3)
 
 @triton.jit
 def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
