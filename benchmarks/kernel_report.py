@@ -308,7 +308,8 @@ def run_job(job):
     import torch
     import triton
     rec = dict(kernel=launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.name,
-               name=launch.name, triton=triton.__version__, torch=torch.__version__.split("+")[0], arch=case.arch, dtype=case.dtype, D=case.D, M=case.M, grid=list(case.grid),
+               name=launch.name, triton=triton.__version__, torch=torch.__version__.split("+")[0], arch=case.arch,
+               dtype=case.dtype, D=case.D, M=case.M, grid=list(case.grid),
                E=case.E, causal=case.causal, boundary=case.boundary,
                **{"pass": ("yardstick-" + pas) if yard else pas},
                config=" ".join(f"{k}={v}" for k, v in config.items()), num_warps=config["num_warps"],
@@ -440,7 +441,8 @@ def render(records, meta) -> str:
                      f"{t['best']:.1f} [{t['first']:.1f}] | {ystr} | {ratio} | {t['tensor_cycles_per_1k_pairs']:.1f} | "
                      f"{t['atomics_per_pair']:.3f} [{t['max_atomics_per_pair']:.3f}] | "
                      f"{t['load_bytes_per_pair']:.2f} | {t['store_bytes_per_pair']:.2f} | "
-                     f"{t['bound_cycles_per_1k_pairs']:.1f} | {_num(yard['bound_cycles_per_1k_pairs'] if yard else None)} "
+                     f"{t['bound_cycles_per_1k_pairs']:.1f} | "
+                     f"{_num(yard['bound_cycles_per_1k_pairs'] if yard else None)} "
                      f"| {t['spills']} |")
     return "\n".join(lines) + "\n"
 
@@ -511,8 +513,8 @@ def main(argv=None):
 
     cases = [Case(a, d, D, M) for a in args.arch for d in args.dtype for D in args.D for M in args.M]
     if args.ci:
-        cases = [Case("sm_90a", "bfloat16", 64, 1), Case("sm_90a", "bfloat16", 64, 4), Case("sm_90a", "float16", 128, 4),
-                 Case("sm_80", "bfloat16", 64, 1), Case("sm_80", "float32", 64, 2)]
+        cases = [Case("sm_90a", "bfloat16", 64, 1), Case("sm_90a", "bfloat16", 64, 4),
+                 Case("sm_90a", "float16", 128, 4), Case("sm_80", "bfloat16", 64, 1), Case("sm_80", "float32", 64, 2)]
         cases += [Case(a, "bfloat16", 64, 1, grid=(14, 14), E=1) for a in ARCHS]
         cases += [Case("sm_90a", "bfloat16", 64, 2, grid=(1024,), causal=True),
                   Case("sm_90a", "float16", 64, 1, grid=(16, 16), boundary="circular"),

@@ -266,6 +266,14 @@ def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
     return torch.bfloat16, 0
 
 
+BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker) at any mode
+
+
+def _gd_dot(mode: int) -> bool:
+    """gd added through a 16-deep ones dot (bf16 dots), and the walker taking WALK_GROUPS groups per program."""
+    return mode == 0 or BF16_SHAPES
+
+
 def _grad_dtype(mode: int) -> torch.dtype:
     """The dtype of g' = s g and of gd in the dots: bf16 in mode 0 (bf16 has fp32's range), else fp32 (fp16 could
     overflow: s is up to e^max / eps)."""
@@ -582,18 +590,19 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, **c)
+               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"]), **c)
     dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
                **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
-               NDK=ndk, **c)
+               NDK=ndk, GD_DOT=_gd_dot(c["MODE"]), **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
-    mcw = min(c["MC"], WALK_GROUPS if c["MODE"] == 0 else 1)
+    gd_dot = _gd_dot(c["MODE"])
+    mcw = min(c["MC"], WALK_GROUPS if gd_dot else 1)
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
                 LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay), WT=WALK_TILE,
-                CAUSAL=p.causal, MODE=c["MODE"])
+                CAUSAL=p.causal, MODE=c["MODE"], GD_DOT=gd_dot)
     extra = lay.E > 0 and rpe_extra is not None
     identity0 = extra and p.normalize and not p.causal
     nt = lay.NPAD // EXTRA_BLOCK
@@ -617,7 +626,8 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     if extra:
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
                   MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
-                  EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], BLOCK=EXTRA_BLOCK)
+                  EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"],
+                  GD_DOT=_gd_dot(c["MODE"]), BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
     launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))
     if not final:             # circular tables: each entry sums linear offsets that different folds wrote

@@ -385,19 +385,19 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
                     L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
-def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr):
-    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With bf16 dots (MODE 0) gd rides on a second
+def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, GD_DOT: tl.constexpr):
+    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With GD_DOT (bf16 dots) gd rides on a second
     16-deep dot through the ones row; with fp32 operands (fp16, fp32 inputs) that dot would cost more registers
     than the add it saves, so gd (column 0 of gdx) is added."""
     zero = tl.zeros((gp.shape[0], vt.shape[0]), tl.float32)
-    if MODE == 0:
+    if GD_DOT:
         return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE), MODE)
     return _dot(gp, tl.trans(vt), zero, MODE) + tl.sum(gdx.to(tl.float32), 1)[:, None]
 
 @triton.jit
-def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr):
+def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr):
     dv = _dot(At * rt, gp, dv, MODE)
-    if MODE == 0:
+    if GD_DOT:
         Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
     else:
         Dt = _dot(vt, tl.trans(gp), tl.zeros(At.shape, tl.float32), MODE) + tl.sum(gdx.to(tl.float32), 1)[None, :]
@@ -414,7 +414,8 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
                     skb, skh, skn, skd, sdc, sdb, sdh, sdn, sdvb, sdvh, sdvn, sdvd, H, N, DK,
                     FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                     BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                    NDQ: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GATHER_T: tl.constexpr,
+                    NDQ: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
+                    GATHER_T: tl.constexpr,
                     BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dK and dV of one key tile (all groups of a chunk), looping over query tiles:
@@ -457,16 +458,16 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
         ai2 = tl.load(AI2 + start_m // 2 + tl.arange(0, BLOCK_M // 2))
         r0, r1, r2, r3 = _split_groups(_gather(tab, nb, ai2, MCP, GATHER_T), MCP)
         dv0, dAt = _dkv_group(dv0, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), At, r0,
-                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE)
+                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, GD_DOT)
         if MC > 1:
             dv1, dAt = _dkv_group(dv1, dAt, At, r1, _tile(gbase + BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE)
+                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, GD_DOT)
         if MC > 2:
             dv2, dAt = _dkv_group(dv2, dAt, At, r2, _tile(gbase + 2 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE)
+                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, GD_DOT)
         if MC > 3:
             dv3, dAt = _dkv_group(dv3, dAt, At, r3, _tile(gbase + 3 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE)
+                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, GD_DOT)
         dfk = _dot(dAt, fq, dfk, MODE)
     offs_d = tl.arange(0, DKP)
     mask = (offs_n < N)[:, None] & (offs_d < DK)[None, :]
@@ -499,7 +500,8 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
                    sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn, H, N, DK, scale, eps,
                    FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                   NDK: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+                   NDK: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
+                   NORMALIZE: tl.constexpr,
                    GATHER_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile (all groups of a chunk), looping over key tiles; A itself is not needed:
@@ -542,13 +544,13 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
         nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
         r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
-        dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE) * r0
+        dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE, GD_DOT) * r0
         if MC > 1:
-            dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE) * r1
+            dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE, GD_DOT) * r1
         if MC > 2:
-            dA += _dW(g2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), x2, onesT, MODE) * r2
+            dA += _dW(g2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), x2, onesT, MODE, GD_DOT) * r2
         if MC > 3:
-            dA += _dW(g3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), x3, onesT, MODE) * r3
+            dA += _dW(g3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), x3, onesT, MODE, GD_DOT) * r3
         dfq = _dot(dA, fk, dfq, MODE)
     if NORMALIZE:
         row = (bh * NPAD + offs_m) * M + mc * MC
@@ -576,15 +578,16 @@ def _shifted(base, start, off, shift, IDENT: tl.constexpr):
     elements, a scalar with IDENT, else one per row)."""
     if IDENT:
         return tl.load(base + start + shift + off)
-    else:
-        return tl.load(base + (start + shift)[:, None] + (off % off.shape[1]))
+    else:                                   # (off: the column offsets, broadcast over the rows)
+        return tl.load(base + (start + shift)[:, None] + off)
 
 @triton.jit
 def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
                      M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, MCW: tl.constexpr, BLOCK_G: tl.constexpr,
                      DKP: tl.constexpr, NPAD: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr,
                      E: tl.constexpr, IDENT: tl.constexpr, WT: tl.constexpr,
-                     CAUSAL: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """The table gradient's sums, without atomics. Grid tokens (extra tokens left out; a padded layout where
     :func:`layout` chose one, WIX maps it to token rows) are cut into 64-token tiles. The pairs that share a table
     entry have the same token difference k = i - j, so they lie on one token diagonal of tiles: tiles (I, I - D)
@@ -662,16 +665,16 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
             v0 = tl.load(VP + vk[:, None] + tl.arange(0, BLOCK_G)[None, :])
             x0 = tl.load(GDX + xq[:, None] + c16[None, :])
         A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
-        acc0 += A * _dW(gp0, v0, x0, onesT, MODE)
+        acc0 += A * _dW(gp0, v0, x0, onesT, MODE, GD_DOT)
         if MCW > 1:
             acc1 += A * _dW(_shifted(GP, gq, off_g, BLOCK_G, IDENT), _shifted(VP, vk, off_v, BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE)
+                            _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE, GD_DOT)
         if MCW > 2:
             acc2 += A * _dW(_shifted(GP, gq, off_g, 2 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 2 * BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE)
+                            _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE, GD_DOT)
         if MCW > 3:
             acc3 += A * _dW(_shifted(GP, gq, off_g, 3 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 3 * BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE)
+                            _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE, GD_DOT)
         it += 1
         wrap = it == n_it
         b = tl.where(wrap, b + 1, b)
@@ -691,7 +694,7 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
                       H, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, BLOCK_G: tl.constexpr,
                       DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr, E: tl.constexpr,
                       EP: tl.constexpr,
-                      KIND0: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+                      KIND0: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK: tl.constexpr):
     """The rpe_extra gradient's sums over the pairs with an extra token: one program per (batch * head, chunk,
     token tile) writes SX[.., kind, m] = sum of A r' (g' . v + gd) over the tile's pairs of each kind (0: extra
     query, grid key (only with KIND0: otherwise the fold takes it from the row identity); 1: grid query, extra
@@ -723,7 +726,7 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
         rj = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
         X = A * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
                          _tile(VP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
-                         _tile(GDX + (slot0 + j) * 16, offs * M, 16), ones_x, MODE)
+                         _tile(GDX + (slot0 + j) * 16, offs * M, 16), ones_x, MODE, GD_DOT)
         tl.store(out + MCP + j, tl.sum(tl.sum(tl.where(k1, X, 0.0), 1), 0))
         tl.store(out + 2 * MCP + j, tl.sum(tl.sum(tl.where(k2, X, 0.0), 1), 0))
     # kind 0: the extra queries with the tile's grid keys
@@ -736,7 +739,7 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
             rj = q0 if j == 0 else (q1 if j == 1 else (q2 if j == 2 else q3))
             X0 = A0 * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
                                _tile(VP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
-                               _tile(GDX + (slot0 + j) * 16, xrow * M, 16), ones_t, MODE)
+                               _tile(GDX + (slot0 + j) * 16, xrow * M, 16), ones_t, MODE, GD_DOT)
             k0 = (ex < E)[:, None] & (offs >= E)[None, :] & (offs < N)[None, :]
             tl.store(out + j, tl.sum(tl.sum(tl.where(k0, X0, 0.0), 1), 0))
         else:

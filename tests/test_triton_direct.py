@@ -229,3 +229,22 @@ def test_triton_backward_is_bitwise_reproducible(grid, E, causal):
         runs.append(torch.autograd.grad(out, low, upstream))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the bf16 shapes run natively on a GPU (test_triton_gpu_large)")
+@pytest.mark.parametrize("grid,E,M", [((9, 13), 1, 2), ((10, 12), 2, 4), ((3, 17), 0, 4)])
+def test_triton_bf16_code_shapes_in_the_interpreter(monkeypatch, grid, E, M):
+    """The interpreter runs bf16 with fp32 dots (its bf16 dot is broken), so the shapes that the bf16 mode takes on
+    a GPU (gd added through the ones-row dot in dQ, dK/dV, the walkers and the extra-token sums; walkers with 2
+    groups, on their row-computing and WIX paths) are run here with fp32 data."""
+    import lisa_kernels.triton_direct as TD
+    monkeypatch.setattr(TD, "BF16_SHAPES", True)
+    ref, low = _inputs(grid, E, M, "zero", torch.float32, B=1, H=1, Dk=4, G=3, seed=13)
+    opts = dict(grid=grid, num_extra=E)
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4] if E else None, backend="reference", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.float())
+    errors = [_rel(out, out_ref)] + [_rel(a, b) for a, b in zip(g_low, g_ref)]
+    assert max(errors) <= TOL[torch.float32], errors
