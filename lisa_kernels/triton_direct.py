@@ -2,12 +2,12 @@
 (autotuned on a GPU, spilling ones pruned) and the forward / backward launches of the kernels in
 :mod:`lisa_kernels.triton_direct_kernels`, whose docstring has the math.
 
-Forward: ``_prep_kernel`` (features, padded values, the interleaved extended table) then ``_fwd_kernel``.
-Backward: ``_bwd_prep_kernel``; ``_bwd_dkv_kernel``, ``_bwd_dq_kernel`` and ``_bwd_walk_kernel`` (the table
-gradient's sums along token diagonals; with extra tokens and ``rpe_extra`` also ``_bwd_extra_kernel``);
-``_table_fold_kernel`` (the sums by table entry) and ``_table_grad_kernel`` (onto rpe / rpe_extra). No atomics:
-the backward is deterministic. :func:`kernel_launches` lists the launches of a problem for
-``benchmarks/kernel_report.py``.
+Forward: ``_prep_kernel`` (features, padded values, the pair table of key pairs) then ``_fwd_kernel``.
+Backward: ``_bwd_prep_kernel`` (also the pair table of query pairs); ``_bwd_dkv_kernel``, ``_bwd_dq_kernel`` and
+``_bwd_walk_kernel`` (the table gradient's sums along token diagonals; with extra tokens and ``rpe_extra`` also
+``_bwd_extra_kernel``); ``_table_fold_kernel`` (the sums by table entry, written straight into d rpe for a zero
+boundary) and, for circular tables, ``_table_grad_kernel`` (onto rpe / rpe_extra). No atomics: the backward is
+deterministic. :func:`kernel_launches` lists the launches of a problem for ``benchmarks/kernel_report.py``.
 """
 from __future__ import annotations
 
