@@ -56,7 +56,14 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
         return "float64 is not supported by the Triton kernels (use 'direct' or 'fft')"
     if max(p.Dk, p.Dv // p.M) > MAX_HEAD_DIM:
         return f"head dim {max(p.Dk, p.Dv // p.M)} is over the kernel's limit of {MAX_HEAD_DIM}"
+    work = _walk_workspace(p)
+    if work > WALK_MAX_WORKSPACE:
+        return (f"the table gradient's workspace would be {work >> 20} MiB (over {WALK_MAX_WORKSPACE >> 20} MiB: "
+                f"3D grid planes of {p.grid[-2]}x{p.grid[-1]} need many walker phases); use 'fft'")
     return None
+
+
+WALK_MAX_WORKSPACE = 1 << 30
 
 
 # ---------------------------------------------------------------- the extended table and the token indices
@@ -126,7 +133,9 @@ def _walker_rows(S, ndim):
     P3 = next(p for p in range(S[2], 2 * S[2] + WALK_TILE) if _phases(p) <= WALK_MAX_PHASES)
     if ndim == 2:
         return S[1], P3, _phases(P3)
-    P2 = next(p for p in range(S[1], 2 * S[1] + WALK_TILE) if _phases(p * P3) <= WALK_MAX_PHASES)
+    # a plane that no small padding brings to <= 8 phases keeps its rows (more phases: more walkers, more
+    # workspace, see _walk_workspace)
+    P2 = next((p for p in range(S[1], 2 * S[1] + WALK_TILE) if _phases(p * P3) <= WALK_MAX_PHASES), S[1])
     return P2, P3, _phases(P2 * P3)
 
 
@@ -465,6 +474,13 @@ def _gather_transposed() -> bool:
     column-major, 3.8 row-major; the kernels build the pointers so that each thread's per-iteration index is a
     single value either way (see _gather)."""
     return _triton_version() < (3, 7)
+
+
+def _walk_workspace(p: Problem) -> int:
+    """Bytes of the walkers' scratch: a 64 x 64 fp32 tile per (walker, phase, head, group slot)."""
+    lay = layout(p)
+    MC = _group_chunk(p.M, max(16, triton.next_power_of_2(p.Dk)))
+    return (2 * lay.TW - 1) * lay.LW * p.H * (p.M // MC) * triton.next_power_of_2(MC) * WALK_TILE * WALK_TILE * 4
 
 
 def saved_table_shape(grid, num_extra: int, boundary: str, causal: bool, H: int, M: int, Dk: int) -> Tuple[int, int]:

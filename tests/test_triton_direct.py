@@ -248,3 +248,24 @@ def test_triton_bf16_code_shapes_in_the_interpreter(monkeypatch, grid, E, M):
     g_low = torch.autograd.grad(out, low, upstream.float())
     errors = [_rel(out, out_ref)] + [_rel(a, b) for a, b in zip(g_low, g_ref)]
     assert max(errors) <= TOL[torch.float32], errors
+
+
+@pytest.mark.parametrize("grid,E", [((1000,), 1), ((14, 14), 1), ((5, 33), 2), ((8, 16, 16), 0), ((8, 24, 24), 0),
+                                    ((8, 32, 32), 3), ((4, 20, 20), 0), ((2, 9, 33), 1)])
+def test_triton_walker_layout(grid, E):
+    """The walkers' layout: rows padded to P3 >= S3 (and planes to P2 >= S2) so that the column pattern repeats
+    every LW tiles of 64 (few phases where a small padding allows, the plane's own rows otherwise); every grid
+    token has one place in it, and the rows it reads (up to E + 64 TW, and a zero row for padding) exist."""
+    import lisa_kernels.triton_direct as TD
+    lay = TD._layout_of(tuple(grid), E, False, False)
+    S = lay.S
+    if lay.NDIM > 1:
+        assert lay.P3 >= S[2] and (lay.NDIM == 2 or lay.P2 >= S[1])
+    period = {1: 1, 2: lay.P3, 3: lay.P2 * lay.P3}[lay.NDIM]
+    assert (64 * lay.LW) % period == 0 and lay.LW == period // math.gcd(period, 64)
+    wix = TD._token_index_cpu(lay)[2]
+    counts = torch.bincount(wix, minlength=lay.NPAD)
+    assert (counts[E:lay.N] == 1).all() and counts[:E].sum() == 0
+    assert lay.NPAD >= E + 64 * lay.TW
+    padded = len(wix) > lay.N - E
+    assert not padded or (lay.NPAD > lay.N and counts[lay.NPAD - 1] == len(wix) - (lay.N - E))
