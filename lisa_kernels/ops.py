@@ -31,8 +31,7 @@ from ._config import get_config
 from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_index,
                      dense_table_size, direct_core_backward, direct_core_forward)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
-from .triton_direct import _layout_of as _triton_layout
-from .triton_direct import lisa_direct_bwd, lisa_direct_fwd
+from .triton_direct import lisa_direct_bwd, lisa_direct_fwd, saved_table_shape
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
 __all__ = ["direct_core", "direct_dense_fits", "direct_dense_first", "direct_dense_attention", "direct_cpu_reason",
@@ -463,13 +462,13 @@ def _triton_direct(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Opti
 
 @_triton_direct.register_fake
 def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale):
-    B, H, N, _ = q.shape
+    B, H, N, Dk = q.shape
     M = rpe.shape[1]
-    lay = _triton_layout(tuple(grid), num_extra, boundary == "circular", causal)
     f32 = dict(dtype=torch.float32)
     res = q.new_empty(B, H, N, v.shape[-1]) if q.dtype != torch.float32 else q.new_empty(0)
     return (q.new_empty(B, H, N, v.shape[-1]), res, q.new_empty(B, H, N, M, **f32),
-            q.new_empty(H * M, lay.TXP, **f32), q.new_empty(H * M, **f32))
+            q.new_empty(saved_table_shape(grid, num_extra, boundary, causal, H, M, Dk), **f32),
+            q.new_empty(H * M, **f32))
 
 
 @torch.library.custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
@@ -479,8 +478,7 @@ def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_ex
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
     p = _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale)
-    dq, dk, dv, drpe, drex = lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
-                                             deterministic=torch.are_deterministic_algorithms_enabled())
+    dq, dk, dv, drpe, drex = lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p)
     return dq, dk, dv, drpe, drex if drex is not None else rpe.new_empty(0)
 
 

@@ -2,10 +2,12 @@
 (autotuned on a GPU, spilling ones pruned) and the forward / backward launches of the kernels in
 :mod:`lisa_kernels.triton_direct_kernels`, whose docstring has the math.
 
-Forward: ``_prep_kernel`` (features, extended table) then ``_fwd_kernel``. Backward: ``_bwd_prep_kernel``,
-``_bwd_dkv_kernel``, ``_bwd_dq_kernel`` and ``_table_grad_kernel`` (or, with
-``torch.use_deterministic_algorithms(True)``, a fixed-order table gradient, :func:`_table_grad_deterministic`).
-:func:`kernel_launches` lists the launches of a problem for ``benchmarks/kernel_report.py``.
+Forward: ``_prep_kernel`` (features, padded values, the pair table of key pairs) then ``_fwd_kernel``.
+Backward: ``_bwd_prep_kernel`` (also the pair table of query pairs); ``_bwd_dkv_kernel``, ``_bwd_dq_kernel`` and
+``_bwd_walk_kernel`` (the table gradient's sums along token diagonals; with extra tokens and ``rpe_extra`` also
+``_bwd_extra_kernel``); ``_table_fold_kernel`` (the sums by table entry, written straight into d rpe for a zero
+boundary) and, for circular tables, ``_table_grad_kernel`` (onto rpe / rpe_extra). No atomics: the backward is
+deterministic. :func:`kernel_launches` lists the launches of a problem for ``benchmarks/kernel_report.py``.
 """
 from __future__ import annotations
 
@@ -23,10 +25,9 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
 
-from ._compose import linear_log_table
 from ._validate import Problem
 
-__all__ = ["HAS_TRITON", "triton_direct_reason", "lisa_direct_fwd", "lisa_direct_bwd", "full_log_table",
+__all__ = ["HAS_TRITON", "triton_direct_reason", "lisa_direct_fwd", "lisa_direct_bwd", "saved_table_shape",
            "kernel_launches", "GPU_CONFIGS"]
 
 MAX_HEAD_DIM = 256
@@ -55,14 +56,22 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
         return "float64 is not supported by the Triton kernels (use 'direct' or 'fft')"
     if max(p.Dk, p.Dv // p.M) > MAX_HEAD_DIM:
         return f"head dim {max(p.Dk, p.Dv // p.M)} is over the kernel's limit of {MAX_HEAD_DIM}"
+    work = _walk_workspace(p)
+    if work > WALK_MAX_WORKSPACE:
+        return (f"the table gradient's workspace would be {work >> 20} MiB (over {WALK_MAX_WORKSPACE >> 20} MiB: "
+                f"3D grid planes of {p.grid[-2]}x{p.grid[-1]} need many walker phases); use 'fft'")
     return None
+
+
+WALK_MAX_WORKSPACE = 1 << 30
 
 
 # ---------------------------------------------------------------- the extended table and the token indices
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where every pair of tokens reads its weight in the extended (H * M, TXP) table.
+    """Where every pair of tokens reads its weight in the extended (.., TXP) table, and how the table gradient's
+    walkers (:func:`lisa_kernels.triton_direct_kernels._bwd_walk_kernel`) lay out the grid tokens.
 
     Grid token with coordinates y: a = (y1 W2 + y2) W3 + y3 (W = 2S - 1), C = a of the last token.
       grid query AIX = a + C, grid key NBX = -a        -> entry a_i - a_j + C, the linear table [0, T)
@@ -70,7 +79,11 @@ class Layout:
       extra query i: AIX = YS + i                      -> region R0 with grid keys (kind 0), R2 with extra
                                                           keys at YS + XS + (i - j) (kind 2; causal: i >= j)
       padded key: NBX = -C, padded query: AIX = C      -> finite entries; their features are zero
-    """
+
+    Walker layout: the grid tokens only, row-major with the inner axes' lengths P3 >= S3 (2D, 3D) and P2 >= S2
+    (3D) chosen so that the pattern of column coordinates repeats every LW <= 8 tiles of 64 tokens (P = S when
+    that holds already, as for every power-of-2 row up to 64 and for 14); TW tiles of them. WIX maps a walker
+    token to its token row (NPAD - 1, a zero row, for padding)."""
 
     S: Tuple[int, int, int]
     L: Tuple[int, int, int]     # rpe table sizes per axis (2S - 1, or S circular)
@@ -88,6 +101,11 @@ class Layout:
     R2: Tuple[int, int]
     circular: bool
     causal: bool
+    NDIM: int                   # 1, 2 or 3: the grid's dimensions (leading 1s dropped)
+    P2: int
+    P3: int
+    TW: int
+    LW: int
 
     @property
     def W(self) -> Tuple[int, int, int]:
@@ -95,15 +113,36 @@ class Layout:
 
 
 TOKEN_PAD = 128               # NPAD is a multiple of every block size
+WALK_TILE = 64                # the walkers' tiles (the fold kernel assumes square ones)
+WALK_MAX_PHASES = 8
+WALK_GROUPS = 2               # groups per walker program (its accumulators: 64 x 64 fp32 each); 1 with fp32 dots
 
 
 def _grid3(grid):
     return (1,) * (3 - len(grid)) + tuple(grid)
 
 
+def _phases(period: int) -> int:
+    return period // math.gcd(period, WALK_TILE)
+
+
+def _walker_rows(S, ndim):
+    """(P2, P3, LW): the walker layout's inner row lengths and its number of phases."""
+    if ndim == 1:
+        return 1, 1, 1
+    P3 = next(p for p in range(S[2], 2 * S[2] + WALK_TILE) if _phases(p) <= WALK_MAX_PHASES)
+    if ndim == 2:
+        return S[1], P3, _phases(P3)
+    # a plane that no small padding brings to <= 8 phases keeps its rows (more phases: more walkers, more
+    # workspace, see _walk_workspace)
+    P2 = next((p for p in range(S[1], 2 * S[1] + WALK_TILE) if _phases(p * P3) <= WALK_MAX_PHASES), S[1])
+    return P2, P3, _phases(P2 * P3)
+
+
 @functools.lru_cache(maxsize=256)
 def _layout_of(grid: Tuple[int, ...], E: int, circular: bool, causal: bool) -> Layout:
     S = _grid3(grid)
+    ndim = max(1, 3 - next((i for i, s in enumerate(S) if s > 1), 3))
     W = tuple(2 * s - 1 for s in S)
     L = S if circular else W
     T = math.prod(W)
@@ -121,24 +160,62 @@ def _layout_of(grid: Tuple[int, ...], E: int, circular: bool, causal: bool) -> L
         R2 = (YS + XS - E + 1, YS + XS + E - 1)
         TX = YS + XS + E
     TXP = triton.next_power_of_2(TX) if TX <= 4096 else -(-TX // 1024) * 1024
-    NPAD = -(-N // TOKEN_PAD) * TOKEN_PAD
+    P2, P3, LW = _walker_rows(S, ndim)
+    NGW = S[0] * P2 * P3 if ndim == 3 else (S[1] * P3 if ndim == 2 else S[2])
+    TW = -(-NGW // WALK_TILE)
+    # rows up to E + 64 TW are read by the walkers; row NPAD - 1 must be a zero row where the walker layout is
+    # padded or extra tokens exist (both index it)
+    zero_row = E > 0 or (ndim > 1 and (P3 != S[2] or P2 != S[1]))
+    NPAD = -(-(max(N, E + WALK_TILE * TW) + int(zero_row)) // TOKEN_PAD) * TOKEN_PAD
     return Layout(S=S, L=L, E=E, N=N, NPAD=NPAD, T=T, C=C, XS=XS, YS=YS, TX=TX, TXP=TXP, R1=R1, R0=R0, R2=R2,
-                  circular=circular, causal=causal)
+                  circular=circular, causal=causal, NDIM=ndim, P2=P2, P3=P3, TW=TW, LW=LW)
+
+
+def _walk_ident(lay: Layout) -> bool:
+    """The walker layout is the token rows from E on (no padding): the walkers compute their rows."""
+    return lay.NDIM == 1 or (lay.P3 == lay.S[2] and lay.P2 == lay.S[1])
 
 
 def layout(p: Problem) -> Layout:
     return _layout_of(tuple(p.grid), p.num_extra, p.boundary == "circular", p.causal)
 
 
-_INDEX_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+@dataclasses.dataclass(frozen=True)
+class TokenIndex:
+    """Per-token indices of a layout (int32 tensors on the device).
+
+    AIX, NBX (NPAD,): the query and (negated) key indices of the extended table. WIX (TW * 64,): the walker
+    layout's token rows. The gathers read the weights of two neighbouring tokens with one load from a pair table
+    (copy c holds (r'[t], r'[t + d_c]) at entry t): NB2 (NPAD / 2,) is NBX of key 2p plus c TXP, where d_c is the
+    step NBX[2p + 1] - NBX[2p] (DK lists the steps); AI2 and DQ likewise for query pairs (AIX)."""
+
+    AIX: torch.Tensor
+    NBX: torch.Tensor
+    WIX: torch.Tensor
+    NB2: torch.Tensor
+    DK: torch.Tensor
+    AI2: torch.Tensor
+    DQ: torch.Tensor
 
 
-def token_index(lay: Layout, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(AIX, NBX): int32 (NPAD,) per-token query and (negated) key indices of the extended table; cached."""
-    key = (lay, str(device))
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None:
-        return hit
+_INDEX_CACHE: Dict[tuple, TokenIndex] = {}
+
+
+def _pair_index(idx: torch.Tensor, TXP: int):
+    """(pair index, steps): idx[2p] + c TXP with c the position of the step idx[2p + 1] - idx[2p] in the steps."""
+    steps = idx[1::2] - idx[0::2]
+    deltas, which = torch.unique(steps, sorted=True, return_inverse=True)
+    return idx[0::2] + which * TXP, deltas
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_steps(lay: Layout) -> Tuple[int, int]:
+    """(number of key-pair steps, number of query-pair steps): the copies of the two pair tables."""
+    ti = _token_index_cpu(lay)
+    return len(ti[4]), len(ti[6])
+
+
+def _token_index_cpu(lay: Layout):
     S, W, E = lay.S, lay.W, lay.E
     ng = math.prod(S)
     g = torch.arange(ng, dtype=torch.int64)
@@ -148,7 +225,25 @@ def token_index(lay: Layout, device) -> Tuple[torch.Tensor, torch.Tensor]:
     pad = torch.full((lay.NPAD - lay.N,), lay.C, dtype=torch.int64)
     aix = torch.cat([lay.YS + ext, a + lay.C, pad])
     nbx = torch.cat([lay.XS - ext, -a, -pad])
-    hit = (aix.to(torch.int32).to(device), nbx.to(torch.int32).to(device))
+    wix = torch.full((lay.TW * WALK_TILE,), lay.NPAD - 1, dtype=torch.int64)
+    if lay.NDIM == 1:
+        wix[:ng] = E + g
+    elif lay.NDIM == 2:
+        wix[y2 * lay.P3 + y3] = E + g
+    else:
+        wix[(y1 * lay.P2 + y2) * lay.P3 + y3] = E + g
+    nb2, dk = _pair_index(nbx, lay.TXP)
+    ai2, dq = _pair_index(aix, lay.TXP)
+    return aix, nbx, wix, nb2, dk, ai2, dq
+
+
+def token_index(lay: Layout, device) -> TokenIndex:
+    """The layout's :class:`TokenIndex` on ``device``; cached."""
+    key = (lay, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    hit = TokenIndex(*(t.to(torch.int32).to(device) for t in _token_index_cpu(lay)))
     if len(_INDEX_CACHE) > 64:
         _INDEX_CACHE.clear()
     _INDEX_CACHE[key] = hit
@@ -170,8 +265,8 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
-    """(feature dtype, dot mode). Mode 0: 16-bit dots (bf16; fp16 where the operands are features/grads);
-    mode 1: fp16, weight-side dots in tf32; mode 2: fp32 inputs, tf32x3 dots. The interpreter's bf16 dot is
+    """(feature dtype, dot mode). Mode 0: 16-bit dots (bf16); mode 1: fp16 features and values, the dots with a
+    weight- or gradient-side operand in tf32; mode 2: fp32 inputs, tf32x3 dots. The interpreter's bf16 dot is
     broken (TOOLCHAIN.md), so bf16 runs in mode 2 there."""
     if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting()):
         return torch.float32, 2
@@ -180,31 +275,99 @@ def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
     return torch.bfloat16, 0
 
 
+BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker) at any mode
+
+
+def _gd_dot(mode: int) -> bool:
+    """gd added through a 16-deep ones dot (bf16 dots), and the walker taking WALK_GROUPS groups per program."""
+    return mode == 0 or BF16_SHAPES
+
+
+def _grad_dtype(mode: int) -> torch.dtype:
+    """The dtype of g' = s g and of gd in the dots: bf16 in mode 0 (bf16 has fp32's range), else fp32 (fp16 could
+    overflow: s is up to e^max / eps)."""
+    return torch.bfloat16 if mode == 0 else torch.float32
+
+
 if HAS_TRITON:
     from ._triton_compat import patch_interpreter
     patch_interpreter()          # Triton 3.6's interpreter and NumPy >= 2.4: runtime loop bounds (see there)
-    from .triton_direct_kernels import (_bwd_dkv_kernel, _bwd_dq_kernel, _bwd_prep_kernel, _fwd_kernel,
-                                        _prep_kernel, _table_grad_kernel)
+    from .triton_direct_kernels import (_bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_kernel, _bwd_prep_kernel,
+                                        _bwd_walk_kernel, _fwd_kernel, _prep_kernel, _table_fold_kernel,
+                                        _table_grad_kernel)
 
 
 # ---------------------------------------------------------------- launch configurations
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on a GPU, per kernel, for "light" programs (one RPE group,
-# head dim <= 64) and "heavy" ones (more live state); configs that spill are pruned before tuning
-# (:func:`_spill_free`), so only spill-free ones run where one exists. The interpreter takes one small config.
+def _triton_version() -> Tuple[int, int]:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) if HAS_TRITON else (0, 0)
+
+
+# Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages, GATHER_T) per kernel, autotuned on a GPU, by the
+# program's live state (gpu_configs) and per Triton version: 3.6 and 3.8 compile the same kernels differently (3.6
+# wants the transposed gather, GATHER_T; see _gather). They are the spill-free shapes with the fewest issue cycles
+# found by compiling 50-80 candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each
+# version. Configs that spill are pruned before tuning (:func:`_spill_free`).
+# The walker's tiles are 64 x 64 (its fold assumes them); a program may take 64 x BLOCK_N of one. The
+# interpreter takes one small config (16 x 16; the walker 64 x 64).
 GPU_CONFIGS = {
-    "light": {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-              "dkv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)]},
-    "heavy": {"fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-              "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-              "dkv": [(32, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]},
+    "3.8": {
+        "light": {"fwd": [(64, 128, 4, 2, 0), (128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                  "dq": [(128, 64, 8, 1, 0), (128, 32, 4, 1, 0), (64, 64, 4, 1, 0)],
+                  "dkv": [(64, 64, 4, 1, 0), (64, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                  "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "wide": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                 "dq": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                 "dkv": [(64, 128, 8, 1, 1), (32, 64, 4, 1, 0)],
+                 "walk": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)]},
+        "group2": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
+                   "dq": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)],
+                   "dkv": [(32, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "group4": {"fwd": [(64, 32, 4, 2, 0), (128, 32, 8, 1, 0)],
+                   "dq": [(32, 64, 4, 2, 0), (64, 32, 4, 1, 0)],
+                   "dkv": [(32, 64, 4, 2, 0), (32, 128, 8, 2, 0)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
+    },
+    "3.6": {
+        "light": {"fwd": [(64, 128, 4, 2, 1), (128, 64, 8, 1, 1), (64, 64, 4, 2, 1)],
+                  "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 2, 1), (64, 64, 4, 1, 0)],
+                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 2, 1)],
+                  "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "wide": {"fwd": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                 "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                 "dkv": [(64, 128, 8, 1, 0), (32, 64, 4, 1, 1)],
+                 "walk": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)]},
+        "group2": {"fwd": [(128, 64, 8, 1, 1), (128, 64, 8, 2, 0)],
+                   "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
+                   "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 1, 1)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
+        "group4": {"fwd": [(64, 32, 4, 2, 1), (64, 32, 4, 2, 0)],
+                   "dq": [(32, 64, 4, 2, 1), (64, 32, 4, 2, 1)],
+                   "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 2, 1)],
+                   "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
+    },
 }
+# fp16 and fp32 inputs take tf32 / tf32x3 dots on fp32 operands, which need more registers: small tiles (and a
+# walker 16 keys wide), GATHER_T left to the version's default.
+FP32_DOT_CONFIGS = {"fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 4, 1)],
+                    "dq": [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1)],
+                    "dkv": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)],
+                    "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]}
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 
-def gpu_configs(kind: str, DKP: int, MC: int) -> list:
-    return GPU_CONFIGS["light" if MC == 1 and DKP <= 64 else "heavy"][kind]
+def _family() -> str:
+    return "3.6" if _triton_version() < (3, 7) else "3.8"
+
+
+def gpu_configs(kind: str, DKP: int, MC: int, MODE: int = 0) -> list:
+    """The candidates of a kernel: by the program's live state (one group at head dim <= 64 or above; 2 groups;
+    3 or 4), the Triton version, and for fp16 / fp32 inputs (MODE 1, 2) FP32_DOT_CONFIGS."""
+    if MODE != 0:
+        return FP32_DOT_CONFIGS[kind]
+    cls = ("light" if DKP <= 64 else "wide") if MC == 1 else ("group2" if MC == 2 else "group4")
+    return GPU_CONFIGS[_family()][cls][kind]
 
 
 PREP_BLOCK_T = 32
@@ -227,16 +390,26 @@ class Launch:
     grid: object                   # callable(meta) -> tuple, or a tuple
     tuned: Optional[str] = None    # key of GPU_CONFIGS when the block sizes are autotuned
     block_configs: Optional[list] = None     # (BLOCK_M, BLOCK_N, warps, stages) in place of GPU_CONFIGS[tuned]
+    warps: int = 4                 # num_warps of an untuned launch
+    pair_programs: int = 1         # programs that each process every (query, key) pair (group chunks and parts)
 
     def configs(self, interpreting: Optional[bool] = None) -> List[dict]:
         """The launch options (and block sizes, for autotuned kernels) the launcher may use."""
         if self.tuned is None:
-            return [dict(num_warps=4, num_stages=1)]
+            return [dict(num_warps=self.warps, num_stages=1)]
         if _interpreting() if interpreting is None else interpreting:
-            blocks = [INTERPRETER_CONFIG]
+            blocks = [(WALK_TILE, WALK_TILE, 1, 1) if self.tuned == "walk" else INTERPRETER_CONFIG
+                      + (int(_gather_transposed()),)]
         else:
-            blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"])
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
+            blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"],
+                                                       self.args.get("MODE", 0))
+        out = []
+        for bm, bn, w, s, *gt in blocks:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            if "GATHER_T" in getattr(self.kernel, "arg_names", ()):
+                cfg["GATHER_T"] = bool(gt[0]) if gt else _gather_transposed()
+            out.append(cfg)
+        return out
 
 
 _TUNED: Dict[tuple, object] = {}
@@ -268,11 +441,11 @@ def _tuned_kernel(launch: Launch):
     key = (launch.name, tuple(tuple(sorted(c.items())) for c in configs))
     fn = _TUNED.get(key)
     if fn is None:
-        tconfigs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                  num_stages=c["num_stages"]) for c in configs]
-        restore = ["RD"] if launch.name == "bwd_dq" else None      # its atomics must not pile up while tuning
-        fn = triton.autotune(configs=tconfigs, key=["N", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "MODE", "CAUSAL"],
-                             restore_value=restore,
+        tconfigs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+        key = [a for a in ("N", "B", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "TW", "MODE", "CAUSAL")
+               if a in launch.kernel.arg_names]
+        fn = triton.autotune(configs=tconfigs, key=key,
                              prune_configs_by={"early_config_prune": _spill_free(launch.kernel)})(launch.kernel)
         _TUNED[key] = fn
     return fn
@@ -291,58 +464,85 @@ def _common(p: Problem, lay: Layout) -> dict:
     M, G = p.M, p.Dv // p.M
     _, mode = _modes(p.dtype)
     DKP = max(16, triton.next_power_of_2(p.Dk))
-    return dict(M=M, MC=_group_chunk(M, DKP), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), DKP=DKP,
-                NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
+    MC = _group_chunk(M, DKP)
+    return dict(M=M, MC=MC, MCP=triton.next_power_of_2(MC), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)),
+                DKP=DKP, NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
 
 
-def _prep_launch(q, k, rpe, rpe_extra, fq, fk, r, mx, p: Problem, lay: Layout) -> Launch:
+def _gather_transposed() -> bool:
+    """The default GATHER_T (the configs set their own): Triton 3.6 lays a gather with unknown contiguity out
+    column-major, 3.8 row-major; the kernels build the pointers so that each thread's per-iteration index is a
+    single value either way (see _gather)."""
+    return _triton_version() < (3, 7)
+
+
+def _walk_workspace(p: Problem) -> int:
+    """Bytes of the walkers' scratch: a 64 x 64 fp32 tile per (walker, phase, head, group slot)."""
+    lay = layout(p)
+    MC = _group_chunk(p.M, max(16, triton.next_power_of_2(p.Dk)))
+    return (2 * lay.TW - 1) * lay.LW * p.H * (p.M // MC) * triton.next_power_of_2(MC) * WALK_TILE * WALK_TILE * 4
+
+
+def saved_table_shape(grid, num_extra: int, boundary: str, causal: bool, H: int, M: int, Dk: int) -> Tuple[int, int]:
+    """The shape of the pair table of key pairs that the forward returns for the backward:
+    (H * chunks, copies * TXP * 2 * MCP)."""
+    lay = _layout_of(tuple(grid), num_extra, boundary == "circular", causal)
+    MC = _group_chunk(M, max(16, triton.next_power_of_2(Dk)))
+    return H * (M // MC), _pair_steps(lay)[0] * lay.TXP * 2 * triton.next_power_of_2(MC)
+
+
+def _strides(name: str, t: torch.Tensor) -> dict:
+    return {f"s{name}{x}": t.stride(i) for i, x in enumerate("bhnd")}
+
+
+def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p: Problem, lay: Layout, c: dict, ti) -> Launch:
     B, H, N, Dk = q.shape
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
     tab = _table_constexprs(lay)
-    args = dict(Q=q, K=k, FQ=fq, FK=fk, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, R=r, MX=mx,
-                sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
-                skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
+    args = dict(Q=q, K=k, V=v, FQ=fq, FK=fk, VP=vp, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, R=r,
+                MX=mx, DELTAS=ti.DK, **_strides("q", q), **_strides("k", k), **_strides("v", v),
                 H=H, N=N, DK=Dk, scale=p.scale, n_feat=n_feat,
-                FEATURE=0 if p.feature_map == "elu1" else 1, HAS_REX=rpe_extra is not None, M=p.M, **tab,
+                FEATURE=0 if p.feature_map == "elu1" else 1, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"],
+                MCP=c["MCP"], ND=len(ti.DK), G=c["G"], BLOCK_G=c["BLOCK_G"], **tab,
                 DKP=fq.shape[-1], NPAD=lay.NPAD, BLOCK_T=PREP_BLOCK_T, TBLOCK=min(1024, lay.TXP))
-    return Launch("prep", _prep_kernel, args, (n_feat + H * p.M,))
+    return Launch("prep", _prep_kernel, args, (n_feat + H * (p.M // c["MC"]),))
 
 
-def _features(q, lay: Layout, p: Problem):
+def _token_buffers(q, lay: Layout, p: Problem, c: dict):
+    """fq, fk (B * H, NPAD, DKP) and the padded values (B * H, NPAD, M, BLOCK_G), in the dots' dtype."""
     B, H = q.shape[:2]
     fdt, _ = _modes(p.dtype)
-    DKP = max(16, triton.next_power_of_2(p.Dk))
-    return (torch.empty(B * H, lay.NPAD, DKP, device=q.device, dtype=fdt),
-            torch.empty(B * H, lay.NPAD, DKP, device=q.device, dtype=fdt))
+    mk = functools.partial(torch.empty, device=q.device, dtype=fdt)
+    return mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, p.M, c["BLOCK_G"])
 
 
 def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
-    """The forward's launches and the tensors they write: (launches, out, den, r, mx)."""
+    """The forward's launches and the tensors they write: (launches, out, res, den, r, mx)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
-    fq, fk = _features(q, lay, p)
-    r = torch.empty(H * p.M, lay.TXP, device=q.device, dtype=torch.float32)
+    c = _common(p, lay)
+    fq, fk, vp = _token_buffers(q, lay, p, c)
+    r = torch.empty(saved_table_shape(p.grid, p.num_extra, p.boundary, p.causal, H, p.M, Dk), device=q.device,
+                    dtype=torch.float32)
     mx = torch.empty(H * p.M, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=_store_dtype(q.dtype))
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
-    aix, nbx = token_index(lay, q.device)
-    c = _common(p, lay)
-    fwd = dict(FQ=fq, FK=fk, V=v, R=r, AIX=aix, NBX=nbx, MX=mx, Out=out, Res=res if residual else out, Den=den,
-               svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
+    ti = token_index(lay, q.device)
+    fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out, Den=den,
                sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
-               NORMALIZE=p.normalize, RESIDUAL=residual, **c)
+               NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), **c)
     chunks = p.M // c["MC"]
-    launches = [_prep_launch(q, k, rpe, rpe_extra, fq, fk, r, mx, p, lay),
+    launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p, lay, c, ti),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
-                       tuned="fwd")]
+                       tuned="fwd", pair_programs=chunks)]
     return launches, out, res, den, r, mx
 
 
 def lisa_direct_fwd(q, k, v, rpe, rpe_extra, p: Problem):
     """out (B, H, N, Dv) in q's dtype; for the backward: res = out - round(out) (16-bit inputs; else empty),
-    den' (B, H, N, M) fp32, the extended table r' and its log-max mx."""
+    den' (B, H, N, M) fp32, the interleaved extended table r' (:func:`saved_table_shape`) and its log-max mx."""
     launches, out, res, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
                                                       None if rpe_extra is None else rpe_extra.contiguous(), p)
     for launch in launches:
@@ -362,16 +562,21 @@ def _table_grad_launch(dr, drpe, drex, p: Problem, lay: Layout) -> Launch:
     return Launch("table_grad", _table_grad_kernel, args, (p.H * p.M,))
 
 
-def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem, deterministic: bool):
-    """The backward's launches and the tensors they write: (launches, dq, dk, dv, drpe, drex, sc, gd, fq)."""
+EXTRA_BLOCK = 64
+
+
+def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem):
+    """The backward's launches and the tensors they write: (launches, dq, dk, dv, drpe, drex)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
     c = _common(p, lay)
     chunks = p.M // c["MC"]
-    fq, fk = _features(q, lay, p)
-    sc = torch.empty(B * H, lay.NPAD, p.M, device=q.device, dtype=torch.float32)
-    gd = torch.empty_like(sc)
-    rd = torch.empty(H * p.M, 2, lay.TXP, device=q.device, dtype=torch.float32)
+    fq, fk, vp = _token_buffers(q, lay, p, c)
+    gdt = _grad_dtype(c["MODE"])
+    gp = torch.empty(B * H, lay.NPAD, p.M, c["BLOCK_G"], device=q.device, dtype=gdt)
+    gdx = torch.empty(B * H, lay.NPAD, p.M, 16, device=q.device, dtype=gdt)
+    gd = torch.empty(B * H, lay.NPAD, p.M, device=q.device, dtype=torch.float32)
+    dr = torch.empty(H * p.M, lay.TXP if lay.circular else 1, device=q.device, dtype=torch.float32)
     sdt = _store_dtype(q.dtype)
     if chunks == 1:      # written in the input dtypes; several chunks write fp32 partial sums
         dq, dk = (torch.empty(B, H, N, Dk, device=q.device, dtype=sdt) for _ in range(2))
@@ -382,59 +587,80 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=sdt)
     drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
     drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
-    aix, nbx = token_index(lay, q.device)
+    ti = token_index(lay, q.device)
+    aix, nbx, wix = ti.AIX, ti.NBX, ti.WIX
+    ndk, ndq = len(ti.DK), len(ti.DQ)
+    rq = torch.empty(H * chunks, ndq * lay.TXP * 2 * c["MCP"], device=q.device, dtype=torch.float32)
     feature = 0 if p.feature_map == "elu1" else 1
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
-    zblock = 1024
-    n_zero = triton.cdiv(r.numel(), zblock)
+    tab = _table_constexprs(lay)
     g = grad_out
     residual = res.numel() > 0
-    prep = dict(Q=q, K=k, GO=g, O=out, RES=res if residual else out, DEN=den, MX=mx, FQ=fq, FK=fk, SC=sc, GD=gd, R=r, RD=rd,
-                sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
-                skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
-                sgb=g.stride(0), sgh=g.stride(1), sgn=g.stride(2), sgd=g.stride(3),
-                sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3),
-                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat, r_size=r.numel(),
-                FEATURE=feature, M=p.M, G=c["G"], BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual,
-                DKP=c["DKP"],
-                NPAD=lay.NPAD, TXP=lay.TXP, BLOCK_T=PREP_BLOCK_T, ZBLOCK=zblock)
-    strides_vg = dict(svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
-                      sgb=g.stride(0), sgh=g.stride(1), sgn=g.stride(2), sgd=g.stride(3))
-    dkv = dict(FQ=fq, FK=fk, V=v, GO=g, K=k, R=r, AIX=aix, NBX=nbx, SC=sc, GD=gd, DKB=dk, DV=dv, **strides_vg,
-               skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
+    prep = dict(Q=q, K=k, V=v, GO=g, O=out, RES=res if residual else out, DEN=den, MX=mx, FQ=fq, FK=fk, VP=vp, GP=gp,
+                GDX=gdx, GD=gd, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, RQ=rq, DELTAS=ti.DQ,
+                **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("g", g), **_strides("o", out),
+                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, n_feat=n_feat,
+                FEATURE=feature, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"], MCP=c["MCP"], ND=ndq, G=c["G"],
+                BLOCK_G=c["BLOCK_G"], NORMALIZE=p.normalize, RESIDUAL=residual, DKP=c["DKP"], NPAD=lay.NPAD, **tab,
+                TBLOCK=min(1024, lay.TXP), BLOCK_T=PREP_BLOCK_T)
+    dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, **c)
-    dqa = dict(FQ=fq, FK=fk, V=v, GO=g, Q=q, RD=rd, AIX=aix, NBX=nbx, SC=sc, GD=gd, DQ=dq, **strides_vg,
-               sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2), sqd=q.stride(3),
-               sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
-               H=H, N=N, DK=Dk, scale=p.scale, FEATURE=feature, TABLE_GRAD=not deterministic, **c)
-    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + n_zero,)),
+               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"]), **c)
+    dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
+               **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
+               H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
+               NDK=ndk, GD_DOT=_gd_dot(c["MODE"]), **c)
+    n_walk = (2 * lay.TW - 1) * lay.LW
+    scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
+    gd_dot = _gd_dot(c["MODE"])
+    mcw = min(c["MC"], WALK_GROUPS if gd_dot else 1)
+    walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
+                M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
+                LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay), WT=WALK_TILE,
+                CAUSAL=p.causal, MODE=c["MODE"], GD_DOT=gd_dot)
+    extra = lay.E > 0 and rpe_extra is not None
+    identity0 = extra and p.normalize and not p.causal
+    nt = lay.NPAD // EXTRA_BLOCK
+    sx = torch.empty(B * H, chunks, nt, 3, c["MCP"], device=q.device, dtype=torch.float32) if extra else dr
+    n_fold = H * p.M * 2 * lay.TW
+    final = not lay.circular          # the fold writes d rpe (and d rpe_extra) itself
+    fold = dict(SCR=scr, SX=sx, R=r, GD=gd, MX=mx, DR=drpe if final else dr,
+                DREX=drex if drex is not None else drpe, B=B, H=H, eps=p.eps, n_walk=n_walk, n_fold=n_fold,
+                M=p.M, MC=c["MC"], MCP=c["MCP"], TXP=lay.TXP, NDK=ndk, S1=lay.S[0], S2=lay.S[1], S3=lay.S[2],
+                NDIM=lay.NDIM, T=lay.T, FINAL=final,
+                P2=lay.P2, P3=lay.P3, TW=lay.TW, LW=lay.LW, E=lay.E, NPAD=lay.NPAD, NT=nt, R0LO=lay.R0[0],
+                R1LO=lay.R1[0], R2LO=lay.R2[0], EXTRA=extra, IDENTITY0=identity0, BLOCK=WALK_TILE)
+    launches = [Launch("bwd_prep", _bwd_prep_kernel, prep, (n_feat + H * chunks,)),
                 Launch("bwd_dkv", _bwd_dkv_kernel, dkv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, chunks),
-                       tuned="dkv"),
+                       tuned="dkv", pair_programs=chunks),
                 Launch("bwd_dq", _bwd_dq_kernel, dqa, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
-                       tuned="dq")]
-    if not deterministic:
-        launches.append(_table_grad_launch(rd[:, 1], drpe, drex, p, lay))
-    return launches, dq, dk, dv, drpe, drex, sc, gd, fq, fk
+                       tuned="dq", pair_programs=chunks),
+                Launch("bwd_walk", _bwd_walk_kernel, walk,
+                       lambda meta: (n_walk, H * chunks * (c["MC"] // mcw) * (WALK_TILE // meta["BLOCK_N"])),
+                       tuned="walk", pair_programs=chunks * (c["MC"] // mcw))]
+    if extra:
+        ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
+                  MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
+                  EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"],
+                  GD_DOT=_gd_dot(c["MODE"]), BLOCK=EXTRA_BLOCK)
+        launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
+    launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))
+    if not final:             # circular tables: each entry sums linear offsets that different folds wrote
+        launches.append(_table_grad_launch(dr, drpe, drex, p, lay))
+    return launches, dq, dk, dv, drpe, drex
 
 
-def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem,
-                    deterministic: bool = False):
-    """dq, dk, dv (input dtypes), drpe (rpe's dtype) and drex (rpe_extra's, or None).
-
-    The table gradient is accumulated with atomics (not bitwise reproducible); with ``deterministic=True``
-    it is computed by :func:`_table_grad_deterministic` instead (fixed order)."""
+def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem):
+    """dq, dk, dv (input dtypes), drpe (rpe's dtype) and drex (rpe_extra's, or None); deterministic (no
+    atomics: the table gradient is summed in a fixed order)."""
     rpe = rpe.contiguous()
     rpe_extra = None if rpe_extra is None else rpe_extra.contiguous()
-    launches, dq, dk, dv, drpe, drex, sc, gd, fq, fk = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r,
-                                                                         mx, grad_out, p, deterministic)
+    launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p)
     for launch in launches:
         _run(launch)
     if dq.dim() == 5:
         dq, dk = dq.sum(0), dk.sum(0)
-    if deterministic:
-        drpe, drex = _table_grad_deterministic(q, k, v, rpe, rpe_extra, mx, sc, gd, grad_out, p)
     dq, dk, dv, drpe = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drpe.to(rpe.dtype)   # (no-ops on a GPU)
     return dq, dk, dv, drpe, None if drex is None else drex.to(rpe_extra.dtype)
 
@@ -448,69 +674,5 @@ def kernel_launches(p: Problem, device="meta") -> List[Tuple[str, Launch]]:
     rpe = mk(p.H, p.M, *p.rpe_table_shape)
     rex = mk(p.H, p.M, 3) if p.num_extra else None
     fl, out, res, den, r, mx = forward_launches(q, k, v, rpe, rex, p)
-    bl = backward_launches(q, k, v, rpe, rex, out, res, den, r, mx, mk(B, H, N, p.Dv), p, False)[0]
+    bl = backward_launches(q, k, v, rpe, rex, out, res, den, r, mx, mk(B, H, N, p.Dv), p)[0]
     return [("fwd", x) for x in fl] + [("bwd", x) for x in bl]
-
-
-# ---------------------------------------------------------------- the deterministic table gradient
-
-def _table_grad_deterministic(q, k, v, rpe, rpe_extra, mx, sc, gd, grad_out, p: Problem):
-    """(drpe, drex) in a fixed order: the log-table gradient r' * sum over pairs of A_ij (g'_i . v_j + gd'_i)
-    (g' = s g, the scaled units of the kernels) by the direct path's backward (blocked matrix products and
-    anti-diagonal sums) for grid pairs and three small dense sums, O(N E D), for pairs with an extra token;
-    then folded back onto rpe / rpe_extra by ``_table_grad_kernel`` (fixed order too)."""
-    from .direct import direct_core_backward     # (import here: direct is not needed by the forward kernels)
-    from .reference import feature_map
-    B, H, N, _ = q.shape
-    E, M, G = p.num_extra, p.M, p.Dv // p.M
-    lay = layout(p)
-    s = sc.reshape(B, H, lay.NPAD, M)[:, :, :N]
-    gdn = gd.reshape(B, H, lay.NPAD, M)[:, :, :N]
-    fq = feature_map(q.float() * p.scale, p.feature_map)
-    fk = feature_map(k.float(), p.feature_map)
-    vf = v.float()
-    gn = grad_out.float().reshape(B, H, N, M, G) * s[..., None]
-    logtab = full_log_table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p)   # (H, M, T + 3)
-    shifted = logtab - mx.reshape(H, M, 1)
-    T = lay.T
-    table = tuple(2 * s_ - 1 for s_ in p.grid)
-    grid_p = dataclasses.replace(p, N=N - E, num_extra=0, dtype=torch.float32)
-    _, _, _, d_grid = direct_core_backward(fq[:, :, E:], fk[:, :, E:], vf[:, :, E:],
-                                           shifted[..., :T].reshape(H, M, *table),
-                                           gn[:, :, E:].reshape(B, H, N - E, p.Dv), gdn[:, :, E:], grid_p)
-    dr = torch.zeros(H * M, lay.TXP, device=q.device, dtype=torch.float32)
-    dr[:, :T] = d_grid.reshape(H * M, T)
-    if E > 0 and rpe_extra is not None:
-        vg = vf.reshape(B, H, N, M, G)
-
-        def pair_sum(rows, cols, causal_mask=None):      # sum_b,i,j A_ij (gnum_i . v_j + gden_i), per (h, m)
-            A = fq[:, :, rows] @ fk[:, :, cols].transpose(-1, -2)                                # (B, H, I, J)
-            dW = torch.einsum("bhimg,bhjmg->bhmij", gn[:, :, rows], vg[:, :, cols]) \
-                + gdn[:, :, rows].transpose(2, 3)[..., None]                                      # (B, H, M, I, J)
-            prod = dW * A[:, :, None]
-            if causal_mask is not None:
-                prod = prod.masked_fill(causal_mask, 0.0)
-            return prod.sum(dim=(0, 3, 4))                                                        # (H, M)
-
-        x, g = slice(0, E), slice(E, N)
-        d_extra = logtab.new_zeros(H, M, 3)
-        if not p.causal:                                  # extra queries see grid keys only without causal
-            d_extra[..., 0] = pair_sum(x, g)
-        d_extra[..., 1] = pair_sum(g, x)
-        mask = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1) if p.causal else None
-        d_extra[..., 2] = pair_sum(x, x, mask)
-        d_extra = (d_extra * torch.exp(shifted[..., T:])).reshape(H * M, 3)
-        for kind, region in enumerate((lay.R0, lay.R1, lay.R2)):      # one entry per region carries its sum
-            dr[:, region[0]] = d_extra[:, kind]
-    sdt = _store_dtype(rpe.dtype)
-    drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
-    drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
-    _run(_table_grad_launch(dr, drpe, drex, p, lay))
-    return drpe, drex
-
-
-def full_log_table(rpe, rpe_extra, p: Problem) -> torch.Tensor:
-    """(H, M, T + 3): the linear log table flattened, then the three extra-token log-weights."""
-    table = linear_log_table(rpe, p).reshape(p.H, p.M, -1)
-    extra = rpe_extra if rpe_extra is not None else table.new_zeros(p.H, p.M, 3)
-    return torch.cat([table, extra.to(table.dtype)], dim=-1)

@@ -1,40 +1,30 @@
 """The Triton kernels of ``backend="triton"``: fused direct LiSA, tiled like FlashAttention (never an N x N
-matrix in memory). :mod:`lisa_kernels.triton_direct` builds their inputs and launches them.
+matrix in memory). :mod:`lisa_kernels.triton_direct` builds their inputs and launches them; each kernel's math
+is in its docstring.
 
-Forward, two launches:
+Shared notation. ``fq = phi(scale q)``, ``fk = phi(k)`` (zero-padded to (NPAD, DKP), in the dtype of the dots),
+``A = fq fk^T``. RPE groups m = 0..M-1 are handled in chunks of MC groups per program; group m owns the value
+columns ``v_m`` (G of them, padded to BLOCK_G). The weight of pair (i, j) in group m is
+``r'_m[AIX_i + NBX_j]``, ``r'_m = exp(log r_m - max_m)`` on the extended table: the per-token indices of
+:func:`lisa_kernels.triton_direct.layout` make AIX_i + NBX_j the linear-table entry of offset p_i - p_j for grid
+pairs, and send pairs with an extra token to three constant regions (kinds 0, 1, 2 of SPEC.md, causal included).
+The gathers read *pair tables* (:func:`_pair_table`): one vector load brings the weights of two neighbouring
+tokens for all MC groups of a chunk. Padded tokens index a finite entry and have zero features, so no tile
+carries a mask; causal (1D) masking is the table's zero weights plus shorter loops.
 
-1. ``_prep_kernel``: the features ``fq = phi(scale q)``, ``fk = phi(k)`` once per token, in the dtype the dots
-   take, zero-padded to (NPAD, DKP); and per (head, group) the *extended weight table*
-   ``r' = exp(log r - max)`` (``max`` = the largest log-weight of that (head, group), kept in ``mx``).
-2. ``_fwd_kernel``: one program per (query tile, batch * head, group chunk); for every key tile
+Subtracting ``max_m`` keeps every weight in (0, 1]: it cancels in ``num / (den + eps)`` (eps is scaled by
+e^-max too) and in every gradient below, so fp16/bf16 tiles cannot overflow. Dots: bf16 takes bf16 operands
+with fp32 accumulation everywhere (MODE 0); fp16 takes fp16 for A and tf32 for every dot with a weight-side or
+gradient-side operand (MODE 1), whose range fp16 lacks; fp32 takes tf32x3 (MODE 2, fp32-accurate).
 
-       A    = fq_tile fk_tile^T                          one tensor-core dot for all groups of the chunk
-       W_m  = A * r'_m[AIX_i + NBX_j]                    one add and one gathered load per pair, no masks
-       acc_m += W_m V_m,   den_m += rowsum(W_m)
-       out_m = acc_m / (den_m + eps e^-max_m)            (acc_m e^max_m if not normalize)
+Backward units (``normalize`` folded in): ``s = 1 / (den' + eps e^-max)``, ``g' = s g`` (the upstream gradient of
+a group, scaled), ``gd = -s g . out``; then ``dW'_ij = g'_i . v_j + gd_i`` is the gradient of the weight
+``W'_ij = A_ij r'_ij``, and with ``dA = sum_m dW'_m r'_m``:
 
-The pair index is separable: per token ``AIX`` (queries) and ``NBX`` (keys, negated) from :func:`lisa_kernels.triton_direct.layout`,
-so that ``AIX_i + NBX_j`` is the linear-table entry of offset p_i - p_j for grid pairs, and lands in three
-small constant regions of the extended table for pairs with an extra token (kind 0, 1, 2 of SPEC.md, the
-causal mask of the extra tokens included). Padded tokens index a finite entry and have zero features, so no
-tile carries a mask. Causal masking (1D) is the table's -inf entries plus a shorter key loop.
+    dV_m = W'_m^T g'_m        dfk = dA^T fq        dfq = dA fk        dlog r_m[e] = r'_m[e] sum_{(i,j) at e} A dW'_m
 
-Subtracting ``max`` keeps every weight in (0, 1]: it cancels in ``num / (den + eps)`` exactly (eps is scaled
-by e^-max too) and in every gradient below, so fp16/bf16 tiles cannot overflow. bf16 takes bf16 dots with fp32
-accumulation everywhere; fp16 takes an fp16 dot for A and g.v, and tf32 for the products with a weight-side
-operand (W, dA), whose range fp16 lacks; fp32 takes tf32x3 (fp32-accurate) dots.
-
-Backward, four launches (``normalize`` folded in: s_i = 1/(den_i + eps e^-max), gd_i = -s_i g_i.out_i):
-
-    _bwd_prep_kernel   features again, s, gd per (token, group); zeroes the table gradient
-    _bwd_dkv_kernel    per key tile:   W' = A r',  dV += (s W')^T g,  dW' = s (V g^T) + gd,  dK += (dW' r')^T fq
-    _bwd_dq_kernel     per query tile: dA = sum_m dW'_m r'_m,  dQ += dA fk,  dlog r[idx] += dA_m A  (atomics)
-    _table_grad_kernel the extended-table gradient folded back onto rpe (circular tables: 2^d offsets per entry)
-                       and rpe_extra (sums over the three regions)
-
-With ``torch.use_deterministic_algorithms(True)`` the table gradient is summed in a fixed order instead
-(:func:`lisa_kernels.triton_direct._table_grad_deterministic`). Grids are handled as 3D: (S,) is (1, 1, S) and (S1, S2) is (1, S1, S2).
-The grid and the number of extra tokens are compile-time constants (one compiled variant per grid).
+The table gradient is reduced without atomics by :func:`_bwd_walk_kernel` (pairs that share an offset lie on
+token diagonals; see there) and :func:`_table_fold_kernel`, in a fixed order: the backward is deterministic.
 """
 
 
@@ -59,13 +49,57 @@ def _dphi(x, FEATURE: tl.constexpr):
 @triton.jit
 def _dot(a, b, acc, MODE: tl.constexpr):
     """acc + a @ b, fp32 accumulation: a cast to b's 16-bit dtype (MODE 0), or both in tf32 (1) or tf32x3 (2,
-    fp32-accurate). MODE // 2 * 2 is the mode of the products of two 16-bit inputs (features, g, v)."""
+    fp32-accurate). MODE // 2 * 2 is the mode of the products of two feature operands."""
     if MODE == 0:
         return tl.dot(a.to(b.dtype), b, acc)
     elif MODE == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+
+@triton.jit
+def _split_groups(x, MCP: tl.constexpr):
+    """(R, C, MCP) -> MCP tensors (R, C): the weights of the groups of a chunk from one vector gather."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    if MCP == 1:
+        x0 = tl.reshape(x, (R, C))
+        return x0, x0, x0, x0
+    elif MCP == 2:
+        x0, x1 = tl.split(x)
+        return x0, x1, x0, x1
+    else:
+        e, o = tl.split(tl.reshape(x, (R, C, 2, 2)))     # slots 0, 2 | 1, 3
+        x0, x2 = tl.split(e)
+        x1, x3 = tl.split(o)
+        return x0, x1, x2, x3
+
+@triton.jit
+def _gather(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
+    """The chunk's weights of pairs (row r, column c) from a pair table (see _prep_kernel): cidx indexes pairs
+    of columns, the load at entry ridx_r + cidx_c brings the 2 MCP weights of columns 2c and 2c + 1; returns
+    (R, 2 C, MCP). TRANS builds the pointers with the columns first, then transposes: Triton 3.6 and 3.8 lay a
+    gather out in opposite orders, and the launcher picks the one whose per-iteration index is the cheap one."""
+    R: tl.constexpr = ridx.shape[0]
+    C: tl.constexpr = cidx.shape[0]
+    W: tl.constexpr = 2 * MCP
+    if TRANS:
+        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.permute(tl.load(ptr), (1, 0, 2))
+    else:
+        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.load(ptr)
+    return tl.reshape(x, (R, 2 * C, MCP))
+
+@triton.jit
+def _lookup(tab, idx, MCP: tl.constexpr):
+    """r' of the chunk's MCP groups at entries idx (R, C): (R, C, MCP), from slot 0 of a pair table."""
+    return tl.load((tab + idx * (2 * MCP))[:, :, None] + tl.arange(0, MCP)[None, None, :])
+
+@triton.jit
+def _tile(base, rows, W: tl.constexpr):
+    """A (len(rows), W) tile of a row-major buffer of row length W."""
+    return tl.load(base + rows[:, None] * W + tl.arange(0, W)[None, :])
 
 @triton.jit
 def _feature_rows(X, FX, b, h, bh, sxb, sxh, sxn, sxd, offs, N, DK, scale,
@@ -78,9 +112,21 @@ def _feature_rows(X, FX, b, h, bh, sxb, sxh, sxn, sxd, offs, N, DK, scale,
     tl.store(FX + (bh * NPAD + offs)[:, None] * DKP + offs_d[None, :], f.to(FX.dtype.element_ty))
 
 @triton.jit
-def _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK, scale,
-                   FEATURE: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Features of q and k for the BLOCK_T tokens of feature program ``pid``; returns (b, h, bh, offs)."""
+def _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M: tl.constexpr, G: tl.constexpr,
+                BLOCK_G: tl.constexpr, NPAD: tl.constexpr):
+    """VP[bh, offs, m, :] = v of group m, zero-padded to BLOCK_G columns and NPAD rows (mask-free tiles)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    mask = (offs < N)[:, None] & (offs_g < G)[None, :]
+    for gm in tl.static_range(M):
+        x = tl.load(V + b * svb + h * svh + offs[:, None] * svn + (gm * G + offs_g)[None, :] * svd, mask=mask,
+                    other=0.0)
+        tl.store(VP + ((bh * NPAD + offs) * M + gm)[:, None] * BLOCK_G + offs_g[None, :], x.to(VP.dtype.element_ty))
+
+@triton.jit
+def _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
+                scale, FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Features of q and k and the padded values for the BLOCK_T tokens of program ``pid``; (b, h, bh, offs)."""
     NTB: tl.constexpr = NPAD // BLOCK_T
     bh = pid // NTB
     b = bh // H
@@ -88,6 +134,7 @@ def _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H,
     offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
     _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
     _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
+    _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M, G, BLOCK_G, NPAD)
     return b, h, bh, offs
 
 @triton.jit
@@ -131,58 +178,91 @@ def _table_values(RPE_hm, REX_hm, t, HAS_REX: tl.constexpr,
     return tl.where(t < TX, val, neg_inf)
 
 @triton.jit
-def _prep_kernel(Q, K, FQ, FK, RPE, REX, R, MX,
-                 sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX, DELTAS,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  H, N, DK, scale, n_feat,
-                 FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr,
+                 FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
+                 MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                  S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
                  L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
                  R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
                  R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
                  CIRC: tl.constexpr, CAUSAL: tl.constexpr,
                  DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr, TBLOCK: tl.constexpr):
-    """Programs [0, n_feat): features of BLOCK_T tokens of one (b, h). Then one program per (h, m): the
-    extended table r' = exp(log r - max) and max."""
+    """Programs [0, n_feat): fq, fk and the padded values of BLOCK_T tokens of one (b, h). Then one program per
+    (h, chunk): max_m = max_t log r_m[t] and the chunk's pair table for pairs of neighbouring keys (_pair_table;
+    the padding slots of MCP > MC hold 0)."""
     pid = tl.program_id(0)
     if pid < n_feat:
-        b, h, bh, offs = _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK,
-                                        scale, FEATURE, DKP, NPAD, BLOCK_T)
+        _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
+                    scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T)
     else:
-        hm = pid - n_feat
-        rpe_hm = RPE + hm * (L1 * L2 * L3)
-        rex_hm = REX + hm * 3
-        mx = tl.full((TBLOCK,), float("-inf"), tl.float32)
-        for t0 in range(0, TXP, TBLOCK):
-            t = t0 + tl.arange(0, TBLOCK)
-            val = _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
-                                R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
-            mx = tl.maximum(mx, val)
-        m = tl.max(mx, 0)
-        for t0 in range(0, TXP, TBLOCK):
-            t = t0 + tl.arange(0, TBLOCK)
-            val = _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
-                                R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
-            tl.store(R + hm * TXP + t, tl.exp(val - m))
-        tl.store(MX + hm, m)
+        _pair_table(pid - n_feat, RPE, REX, R, MX, DELTAS, True, HAS_REX, M, MC, MCP, ND, S1, S2, S3, L1, L2, L3, E,
+                    T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
+
+@triton.jit
+def _pair_table(hc, RPE, REX, R, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr,
+                MC: tl.constexpr, MCP: tl.constexpr, ND: tl.constexpr,
+                S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
+                L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
+                R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
+                R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
+                CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr):
+    """The pair table of (head, chunk) hc: for each delta d_c of DELTAS (the steps between the table entries of
+    neighbouring tokens that the kernels read in pairs) and entry t, R[hc, c, t, s, m] = r'_m[t + s d_c], s = 0, 1,
+    with r'_m = exp(log r_m - max_m) (0 off the table). One load at entry t of copy c then brings the weights of
+    two neighbouring tokens for every group of the chunk. With WRITE_MAX it computes max_m (MX) first."""
+    NCH: tl.constexpr = M // MC
+    h = hc // NCH
+    W: tl.constexpr = 2 * MCP
+    for j in tl.static_range(MCP):
+        out = R + hc * (ND * TXP * W) + j
+        if j < MC:
+            hm = h * M + (hc % NCH) * MC + j
+            rpe_hm = RPE + hm * (L1 * L2 * L3)
+            rex_hm = REX + hm * 3
+            if WRITE_MAX:
+                mx = tl.full((TBLOCK,), float("-inf"), tl.float32)
+                for t0 in range(0, TXP, TBLOCK):
+                    t = t0 + tl.arange(0, TBLOCK)
+                    mx = tl.maximum(mx, _table_values(rpe_hm, rex_hm, t, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
+                                                      R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL))
+                m = tl.max(mx, 0)
+                tl.store(MX + hm, m)
+            else:
+                m = tl.load(MX + hm)
+            for c in range(ND):
+                d = tl.load(DELTAS + c)
+                for t0 in range(0, TXP, TBLOCK):
+                    t = t0 + tl.arange(0, TBLOCK)
+                    for s in tl.static_range(2):
+                        ts = t + s * d
+                        ts = tl.where((ts >= 0) & (ts < TXP), ts, TX)       # (entry TX: weight 0, no load)
+                        val = _table_values(rpe_hm, rex_hm, ts, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
+                                            R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
+                        tl.store(out + (c * TXP + t) * W + s * MCP, tl.exp(val - m))
+        else:
+            for c in range(ND):
+                for t0 in range(0, TXP, TBLOCK):
+                    t = t0 + tl.arange(0, TBLOCK)
+                    for s in tl.static_range(2):
+                        tl.store(out + (c * TXP + t) * W + s * MCP, tl.zeros((TBLOCK,), tl.float32))
 
 # ------------------------------------------------------------ forward
 
 @triton.jit
-def _fwd_step(acc, den, A, rrow, nb, vbase, offs_n, offs_g, N, svn, svd,
-              G: tl.constexpr, MODE: tl.constexpr):
-    vv = tl.load(vbase + offs_n[:, None] * svn + offs_g[None, :] * svd,
-                 mask=(offs_n < N)[:, None] & (offs_g < G)[None, :], other=0.0)
-    W = A * tl.load(rrow[:, None] + nb[None, :])
-    den += tl.sum(W, 1)
-    acc = _dot(W, vv, acc, MODE)
-    return acc, den
+def _fwd_group(acc, den, A, r, vt, ones, MODE: tl.constexpr):
+    W = A * r
+    return _dot(W, vt, acc, MODE), _dot(W, ones, den, MODE)
 
 @triton.jit
-def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g,
-               G: tl.constexpr, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr):
+def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, N, M: tl.constexpr, sob, soh, son, sod, eps, offs_m,
+               G: tl.constexpr, BLOCK_G: tl.constexpr, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr):
+    offs_g = tl.arange(0, BLOCK_G)
+    d = tl.max(den, 1)                   # (the 16 columns of the ones-dot are equal)
     mx = tl.load(MX + h * M + gm)
     if NORMALIZE:
-        acc = acc * (1.0 / (den + eps * tl.exp(-mx)))[:, None]
+        acc = acc * (1.0 / (d + eps * tl.exp(-mx)))[:, None]
     else:
         acc = acc * tl.exp(mx)
     row = offs_m < N
@@ -192,222 +272,177 @@ def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son
     if RESIDUAL:   # out - round(out), so that the backward's g . out is as exact as the fp32 accumulators
         tl.store(Res + ((bh * N + offs_m) * M + gm)[:, None] * G + offs_g[None, :],
                  (acc - o.to(tl.float32)).to(Res.dtype.element_ty), mask=mask)
-    tl.store(Den + (bh * N + offs_m) * M + gm, den, mask=row)
+    tl.store(Den + (bh * N + offs_m) * M + gm, d, mask=row)
 
 @triton.jit
-def _fwd_kernel(FQ, FK, V, R, AIX, NBX, MX, Out, Res, Den,
-                svb, svh, svn, svd, sob, soh, son, sod, H, N, eps,
-                M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
+def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
+                sob, soh, son, sod, H, N, eps,
+                M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
                 CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                GATHER_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch * head, group chunk); for every key tile
+
+        A = fq fk^T                      one tensor-core dot for all groups of the chunk
+        r = R[AIX_i + NB2_j]             one vector load for 2 keys and all groups (pair table)
+        W_m = A r_m,  acc_m += W_m v_m,  den_m += W_m 1       (the row sums ride on a 16-column ones-dot)
+        out_m = acc_m / (den_m + eps e^-max_m)                (acc_m e^max_m if not normalize)"""
     pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
+    NCH: tl.constexpr = M // MC
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DKP)
-    offs_g = tl.arange(0, BLOCK_G)
-    fq = tl.load(FQ + (bh * NPAD + offs_m)[:, None] * DKP + offs_d[None, :])
-    m0 = mc * MC
-    rrow0 = R + (h * M + m0) * TXP + tl.load(AIX + offs_m)
-    vb0 = V + b * svb + h * svh + m0 * G * svd
+    fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    ai = tl.load(AIX + offs_m)
+    vbase = VP + (bh * NPAD * M + mc * MC) * BLOCK_G
+    ones = tl.full((BLOCK_N, 16), 1.0, FQ.dtype.element_ty)
     acc0 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
-    den0 = tl.zeros((BLOCK_M,), tl.float32)
-    den1 = tl.zeros((BLOCK_M,), tl.float32)
-    den2 = tl.zeros((BLOCK_M,), tl.float32)
-    den3 = tl.zeros((BLOCK_M,), tl.float32)
+    den0 = tl.zeros((BLOCK_M, 16), tl.float32)
+    den1 = tl.zeros((BLOCK_M, 16), tl.float32)
+    den2 = tl.zeros((BLOCK_M, 16), tl.float32)
+    den3 = tl.zeros((BLOCK_M, 16), tl.float32)
     hi = N
     if CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        fk = tl.load(FK + (bh * NPAD + offs_n)[:, None] * DKP + offs_d[None, :])
-        nb = tl.load(NBX + offs_n)
+        fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
         A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
-        acc0, den0 = _fwd_step(acc0, den0, A, rrow0, nb, vb0, offs_n, offs_g, N, svn, svd, G, MODE)
+        nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
+        acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE)
         if MC > 1:
-            acc1, den1 = _fwd_step(acc1, den1, A, rrow0 + TXP, nb, vb0 + G * svd, offs_n, offs_g, N, svn, svd,
-                                   G, MODE)
+            acc1, den1 = _fwd_group(acc1, den1, A, r1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
         if MC > 2:
-            acc2, den2 = _fwd_step(acc2, den2, A, rrow0 + 2 * TXP, nb, vb0 + 2 * G * svd, offs_n, offs_g, N,
-                                   svn, svd, G, MODE)
+            acc2, den2 = _fwd_group(acc2, den2, A, r2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
         if MC > 3:
-            acc3, den3 = _fwd_step(acc3, den3, A, rrow0 + 3 * TXP, nb, vb0 + 3 * G * svd, offs_n, offs_g, N,
-                                   svn, svd, G, MODE)
-    _fwd_store(acc0, den0, m0, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m, offs_g, G, NORMALIZE, RESIDUAL)
+            acc3, den3 = _fwd_group(acc3, den3, A, r3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
+    m0 = mc * MC
+    _fwd_store(acc0, den0, m0, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G, BLOCK_G,
+               NORMALIZE, RESIDUAL)
     if MC > 1:
-        _fwd_store(acc1, den1, m0 + 1, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
-                   offs_g, G, NORMALIZE, RESIDUAL)
+        _fwd_store(acc1, den1, m0 + 1, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
+                   BLOCK_G, NORMALIZE, RESIDUAL)
     if MC > 2:
-        _fwd_store(acc2, den2, m0 + 2, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
-                   offs_g, G, NORMALIZE, RESIDUAL)
+        _fwd_store(acc2, den2, m0 + 2, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
+                   BLOCK_G, NORMALIZE, RESIDUAL)
     if MC > 3:
-        _fwd_store(acc3, den3, m0 + 3, Out, Res, Den, MX, b, h, bh, H, N, M, sob, soh, son, sod, eps, offs_m,
-                   offs_g, G, NORMALIZE, RESIDUAL)
+        _fwd_store(acc3, den3, m0 + 3, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
+                   BLOCK_G, NORMALIZE, RESIDUAL)
 
 # ------------------------------------------------------------ backward
 
 @triton.jit
-def _bwd_prep_kernel(Q, K, GO, O, RES, DEN, MX, FQ, FK, SC, GD, R, RD,
-                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sgb, sgh, sgn, sgd, sob, soh, son, sod,
-                     H, N, DK, scale, eps, n_feat, r_size,
-                     FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE, REX, RQ, DELTAS,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
+                     sob, soh, son, sod, H, N, DK, scale, eps, n_feat,
+                     FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
+                     MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                      NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr,
-                     TXP: tl.constexpr, BLOCK_T: tl.constexpr, ZBLOCK: tl.constexpr):
-    """Programs [0, n_feat): features, s and gd of BLOCK_T tokens of one (b, h). Then RD (H * M, 2, TXP):
-    the table r' beside a zeroed gradient row (one base pointer serves the gather and the atomics)."""
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
+                     L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
+                     R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
+                     R2LO: tl.constexpr, R2HI: tl.constexpr, R2MID: tl.constexpr,
+                     CIRC: tl.constexpr, CAUSAL: tl.constexpr, TBLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Programs [0, n_feat): for BLOCK_T tokens of one (b, h), fq, fk, the padded values and per group
+    s = 1/(den' + eps e^-max) (e^max if not normalize), gd = -s g . out (0), g' = s g (GP), gd (GD, fp32) and
+    gd in column 0 of a 16-wide block (GDX: the operand that adds gd to a dot through a ones row). Then one
+    program per (head, chunk) builds the pair table of query pairs (RQ, for the dK/dV kernel)."""
     pid = tl.program_id(0)
     if pid < n_feat:
-        b, h, bh, offs = _both_features(pid, Q, K, FQ, FK, sqb, sqh, sqn, sqd, skb, skh, skn, skd, H, N, DK,
-                                        scale, FEATURE, DKP, NPAD, BLOCK_T)
+        b, h, bh, offs = _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+                                     svb, svh, svn, svd, H, N, DK, scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T)
         row = offs < N
         offs_g = tl.arange(0, BLOCK_G)
         mask = row[:, None] & (offs_g < G)[None, :]
+        c16 = tl.arange(0, 16)
         for gm in tl.static_range(M):
             mx = tl.load(MX + h * M + gm)
+            g = tl.load(GO + b * sgb + h * sgh + offs[:, None] * sgn + (gm * G + offs_g)[None, :] * sgd,
+                        mask=mask, other=0.0).to(tl.float32)
             if NORMALIZE:
                 den = tl.load(DEN + (bh * N + offs) * M + gm, mask=row, other=1.0)
                 s = 1.0 / (den + eps * tl.exp(-mx))
-                g = tl.load(GO + b * sgb + h * sgh + offs[:, None] * sgn + (gm * G + offs_g)[None, :] * sgd,
-                            mask=mask, other=0.0).to(tl.float32)
                 o = tl.load(O + b * sob + h * soh + offs[:, None] * son + (gm * G + offs_g)[None, :] * sod,
                             mask=mask, other=0.0).to(tl.float32)
                 if RESIDUAL:
                     o += tl.load(RES + ((bh * N + offs) * M + gm)[:, None] * G + offs_g[None, :], mask=mask,
                                  other=0.0).to(tl.float32)
-                gd = -s * tl.sum(g * o, 1)
+                gd = tl.where(row, -s * tl.sum(g * o, 1), 0.0)
             else:
                 s = tl.zeros((BLOCK_T,), tl.float32) + tl.exp(mx)
                 gd = tl.zeros((BLOCK_T,), tl.float32)
-            tl.store(SC + (bh * NPAD + offs) * M + gm, tl.where(row, s, 0.0))
-            tl.store(GD + (bh * NPAD + offs) * M + gm, tl.where(row, gd, 0.0))
+            slot = (bh * NPAD + offs) * M + gm
+            tl.store(GP + slot[:, None] * BLOCK_G + offs_g[None, :], (g * s[:, None]).to(GP.dtype.element_ty))
+            tl.store(GDX + slot[:, None] * 16 + c16[None, :],
+                     tl.where(c16[None, :] == 0, gd[:, None], 0.0).to(GDX.dtype.element_ty))
+            tl.store(GD + slot, gd)
     else:
-        z = (pid - n_feat) * ZBLOCK + tl.arange(0, ZBLOCK)
-        ok = z < r_size
-        dst = RD + (z // TXP) * (2 * TXP) + z % TXP
-        tl.store(dst, tl.load(R + z, mask=ok, other=0.0), mask=ok)
-        tl.store(dst + TXP, tl.zeros((ZBLOCK,), tl.float32), mask=ok)
+        _pair_table(pid - n_feat, RPE, REX, RQ, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
+                    L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
-def _dq_step(A, g, s, gd, rrow, drow, nb, vbase, offs_n, offs_g, N, svn, svd,
-             G: tl.constexpr, TABLE_GRAD: tl.constexpr, MODE: tl.constexpr):
-    vv = tl.load(vbase + offs_n[:, None] * svn + offs_g[None, :] * svd,
-                 mask=(offs_n < N)[:, None] & (offs_g < G)[None, :], other=0.0)
-    D = _dot(g, tl.trans(vv), tl.zeros(A.shape, tl.float32), MODE // 2 * 2)
-    dA = (D * s[:, None] + gd[:, None]) * tl.load(rrow[:, None] + nb[None, :])
-    if TABLE_GRAD:
-        tl.atomic_add(drow[:, None] + nb[None, :], dA * A, sem="relaxed")
-    return dA
+def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, GD_DOT: tl.constexpr):
+    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With GD_DOT (bf16 dots) gd rides on a second
+    16-deep dot through the ones row; with fp32 operands (fp16, fp32 inputs) that dot would cost more registers
+    than the add it saves, so gd (column 0 of gdx) is added."""
+    zero = tl.zeros((gp.shape[0], vt.shape[0]), tl.float32)
+    if GD_DOT:
+        return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE), MODE)
+    return _dot(gp, tl.trans(vt), zero, MODE) + tl.sum(gdx.to(tl.float32), 1)[:, None]
 
 @triton.jit
-def _load_g(GO, b, h, sgb, sgh, sgn, sgd, gm, offs_m, offs_g, N, G: tl.constexpr):
-    return tl.load(GO + b * sgb + h * sgh + offs_m[:, None] * sgn + (gm * G + offs_g)[None, :] * sgd,
-                   mask=(offs_m < N)[:, None] & (offs_g < G)[None, :], other=0.0)
+def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr):
+    dv = _dot(At * rt, gp, dv, MODE)
+    if GD_DOT:
+        Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
+    else:
+        Dt = _dot(vt, tl.trans(gp), tl.zeros(At.shape, tl.float32), MODE) + tl.sum(gdx.to(tl.float32), 1)[None, :]
+    return dv, dAt + Dt * rt
 
 @triton.jit
-def _bwd_dq_kernel(FQ, FK, V, GO, Q, RD, AIX, NBX, SC, GD, DQ,
-                   svb, svh, svn, svd, sgb, sgh, sgn, sgd, sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn,
-                   H, N, DK, scale,
-                   FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr,
-                   BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                   CAUSAL: tl.constexpr, TABLE_GRAD: tl.constexpr, MODE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query tile (all groups of a chunk) and the table gradient dlog r[idx] += dA_m A."""
-    pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DKP)
+def _store_dv(dv, DV, b, h, gm, sdvb, sdvh, sdvn, sdvd, offs_n, N, G: tl.constexpr, BLOCK_G: tl.constexpr):
     offs_g = tl.arange(0, BLOCK_G)
-    fq = tl.load(FQ + (bh * NPAD + offs_m)[:, None] * DKP + offs_d[None, :])
-    m0 = mc * MC
-    ai = tl.load(AIX + offs_m)
-    rrow0 = RD + (h * M + m0) * (2 * TXP) + ai        # r' of group m0; its gradient row is TXP further
-    drow0 = rrow0 + TXP
-    vb0 = V + b * svb + h * svh + m0 * G * svd
-    srow = SC + (bh * NPAD + offs_m) * M + m0
-    grow = GD + (bh * NPAD + offs_m) * M + m0
-    g0 = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0, offs_m, offs_g, N, G)
-    s0, gd0 = tl.load(srow), tl.load(grow)
-    g1, s1, gd1 = g0, s0, gd0
-    g2, s2, gd2 = g0, s0, gd0
-    g3, s3, gd3 = g0, s0, gd0
-    if MC > 1:
-        g1 = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 1, offs_m, offs_g, N, G)
-        s1, gd1 = tl.load(srow + 1), tl.load(grow + 1)
-    if MC > 2:
-        g2 = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 2, offs_m, offs_g, N, G)
-        s2, gd2 = tl.load(srow + 2), tl.load(grow + 2)
-    if MC > 3:
-        g3 = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 3, offs_m, offs_g, N, G)
-        s3, gd3 = tl.load(srow + 3), tl.load(grow + 3)
-    dfq = tl.zeros((BLOCK_M, DKP), tl.float32)
-    hi = N
-    if CAUSAL:
-        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        fk = tl.load(FK + (bh * NPAD + offs_n)[:, None] * DKP + offs_d[None, :])
-        nb = tl.load(NBX + offs_n)
-        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
-        dA = _dq_step(A, g0, s0, gd0, rrow0, drow0, nb, vb0, offs_n, offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
-        if MC > 1:
-            dA += _dq_step(A, g1, s1, gd1, rrow0 + 2 * TXP, drow0 + 2 * TXP, nb, vb0 + G * svd, offs_n, offs_g, N,
-                           svn, svd, G, TABLE_GRAD, MODE)
-        if MC > 2:
-            dA += _dq_step(A, g2, s2, gd2, rrow0 + 4 * TXP, drow0 + 4 * TXP, nb, vb0 + 2 * G * svd, offs_n,
-                           offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
-        if MC > 3:
-            dA += _dq_step(A, g3, s3, gd3, rrow0 + 6 * TXP, drow0 + 6 * TXP, nb, vb0 + 3 * G * svd, offs_n,
-                           offs_g, N, svn, svd, G, TABLE_GRAD, MODE)
-        dfq = _dot(dA, fk, dfq, MODE)
-    mask = (offs_m < N)[:, None] & (offs_d < DK)[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask,
-                other=0.0).to(tl.float32)
-    dq = dfq * _dphi(q * scale, FEATURE) * scale
-    tl.store(DQ + mc * sdc + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask)
-
-@triton.jit
-def _dkv_step(dv, At, g, s, gd, rcol, ai, vv, MODE: tl.constexpr):
-    rt = tl.load(rcol[:, None] + ai[None, :])
-    Wt = At * rt
-    dv = _dot(Wt * s[None, :], g, dv, MODE)
-    Dt = _dot(vv, tl.trans(g), tl.zeros(At.shape, tl.float32), MODE // 2 * 2)
-    return (Dt * s[None, :] + gd[None, :]) * rt, dv
-
-@triton.jit
-def _store_dv(dv, DV, b, h, gm, sdvb, sdvh, sdvn, sdvd, offs_n, offs_g, N, G: tl.constexpr):
     tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + (gm * G + offs_g)[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_g < G)[None, :])
 
 @triton.jit
-def _bwd_dkv_kernel(FQ, FK, V, GO, K, R, AIX, NBX, SC, GD, DKB, DV,
-                    svb, svh, svn, svd, sgb, sgh, sgn, sgd, skb, skh, skn, skd, sdc, sdb, sdh, sdn,
-                    sdvb, sdvh, sdvn, sdvd, H, N, DK,
-                    FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, G: tl.constexpr,
+def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
+                    skb, skh, skn, skd, sdc, sdb, sdh, sdn, sdvb, sdvh, sdvn, sdvd, H, N, DK,
+                    FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                     BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
-                    CAUSAL: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK and dV of one key tile (all groups of a chunk), looping over query tiles."""
+                    NDQ: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
+                    GATHER_T: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """dK and dV of one key tile (all groups of a chunk), looping over query tiles:
+
+        A^T = fk fq^T,  r^T = RQ[NBX + AI2] (one load for 2 queries, all groups: a pair table of query pairs)
+        per group:  W'^T = A^T r_m^T,  dV_m += W'^T g'_m,  dW'^T = v_m g'_m^T + 1 gd_m^T,  dA^T += dW'^T r_m^T
+        dfk += dA^T fq;   dK = dfk phi'(k)"""
     pid_n, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
+    NCH: tl.constexpr = M // MC
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DKP)
-    offs_g = tl.arange(0, BLOCK_G)
-    fk = tl.load(FK + (bh * NPAD + offs_n)[:, None] * DKP + offs_d[None, :])
-    m0 = mc * MC
-    rcol0 = R + (h * M + m0) * TXP + tl.load(NBX + offs_n)
-    vmask = (offs_n < N)[:, None] & (offs_g < G)[None, :]
-    vb0 = V + b * svb + h * svh + offs_n[:, None] * svn + (m0 * G + offs_g)[None, :] * svd
-    v0 = tl.load(vb0, mask=vmask, other=0.0)
+    fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
+    tab = RQ + (h * NCH + mc) * (NDQ * TXP * 2 * MCP)
+    nb = tl.load(NBX + offs_n)
+    slot0 = bh * NPAD * M + mc * MC
+    vbase = VP + slot0 * BLOCK_G
+    gbase = GP + slot0 * BLOCK_G
+    xbase = GDX + slot0 * 16
+    v0 = _tile(vbase, offs_n * M, BLOCK_G)
     v1, v2, v3 = v0, v0, v0
     if MC > 1:
-        v1 = tl.load(vb0 + G * svd, mask=vmask, other=0.0)
+        v1 = _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G)
     if MC > 2:
-        v2 = tl.load(vb0 + 2 * G * svd, mask=vmask, other=0.0)
+        v2 = _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G)
     if MC > 3:
-        v3 = tl.load(vb0 + 3 * G * svd, mask=vmask, other=0.0)
+        v3 = _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G)
+    onesx = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, tl.zeros((BLOCK_N, 16), tl.float32)).to(GP.dtype.element_ty)
     dv0 = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
     dv1 = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
     dv2 = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
@@ -418,48 +453,412 @@ def _bwd_dkv_kernel(FQ, FK, V, GO, K, R, AIX, NBX, SC, GD, DKB, DV,
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     for start_m in range(lo, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        fq = tl.load(FQ + (bh * NPAD + offs_m)[:, None] * DKP + offs_d[None, :])
-        ai = tl.load(AIX + offs_m)
-        srow = SC + (bh * NPAD + offs_m) * M + m0
-        grow = GD + (bh * NPAD + offs_m) * M + m0
+        fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
         At = _dot(fk, tl.trans(fq), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), MODE // 2 * 2)
-        g = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0, offs_m, offs_g, N, G)
-        dAt, dv0 = _dkv_step(dv0, At, g, tl.load(srow), tl.load(grow), rcol0, ai, v0, MODE)
+        ai2 = tl.load(AI2 + start_m // 2 + tl.arange(0, BLOCK_M // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, nb, ai2, MCP, GATHER_T), MCP)
+        dv0, dAt = _dkv_group(dv0, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), At, r0,
+                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, GD_DOT)
         if MC > 1:
-            g = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 1, offs_m, offs_g, N, G)
-            d, dv1 = _dkv_step(dv1, At, g, tl.load(srow + 1), tl.load(grow + 1), rcol0 + TXP, ai, v1, MODE)
-            dAt += d
+            dv1, dAt = _dkv_group(dv1, dAt, At, r1, _tile(gbase + BLOCK_G, offs_m * M, BLOCK_G),
+                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, GD_DOT)
         if MC > 2:
-            g = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 2, offs_m, offs_g, N, G)
-            d, dv2 = _dkv_step(dv2, At, g, tl.load(srow + 2), tl.load(grow + 2), rcol0 + 2 * TXP, ai, v2,
-                               MODE)
-            dAt += d
+            dv2, dAt = _dkv_group(dv2, dAt, At, r2, _tile(gbase + 2 * BLOCK_G, offs_m * M, BLOCK_G),
+                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, GD_DOT)
         if MC > 3:
-            g = _load_g(GO, b, h, sgb, sgh, sgn, sgd, m0 + 3, offs_m, offs_g, N, G)
-            d, dv3 = _dkv_step(dv3, At, g, tl.load(srow + 3), tl.load(grow + 3), rcol0 + 3 * TXP, ai, v3,
-                               MODE)
-            dAt += d
+            dv3, dAt = _dkv_group(dv3, dAt, At, r3, _tile(gbase + 3 * BLOCK_G, offs_m * M, BLOCK_G),
+                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, GD_DOT)
         dfk = _dot(dAt, fq, dfk, MODE)
+    offs_d = tl.arange(0, DKP)
     mask = (offs_n < N)[:, None] & (offs_d < DK)[None, :]
     kk = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask,
                  other=0.0).to(tl.float32)
     tl.store(DKB + mc * sdc + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :],
              (dfk * _dphi(kk, FEATURE)).to(DKB.dtype.element_ty), mask=mask)
-    _store_dv(dv0, DV, b, h, m0, sdvb, sdvh, sdvn, sdvd, offs_n, offs_g, N, G)
+    m0 = mc * MC
+    _store_dv(dv0, DV, b, h, m0, sdvb, sdvh, sdvn, sdvd, offs_n, N, G, BLOCK_G)
     if MC > 1:
-        _store_dv(dv1, DV, b, h, m0 + 1, sdvb, sdvh, sdvn, sdvd, offs_n, offs_g, N, G)
+        _store_dv(dv1, DV, b, h, m0 + 1, sdvb, sdvh, sdvn, sdvd, offs_n, N, G, BLOCK_G)
     if MC > 2:
-        _store_dv(dv2, DV, b, h, m0 + 2, sdvb, sdvh, sdvn, sdvd, offs_n, offs_g, N, G)
+        _store_dv(dv2, DV, b, h, m0 + 2, sdvb, sdvh, sdvn, sdvd, offs_n, N, G, BLOCK_G)
     if MC > 3:
-        _store_dv(dv3, DV, b, h, m0 + 3, sdvb, sdvh, sdvn, sdvd, offs_n, offs_g, N, G)
+        _store_dv(dv3, DV, b, h, m0 + 3, sdvb, sdvh, sdvn, sdvd, offs_n, N, G, BLOCK_G)
 
 @triton.jit
-def _region_sum(base, lo: tl.constexpr, hi: tl.constexpr, BLOCK: tl.constexpr):
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for t0 in range(lo, hi + 1, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        acc += tl.load(base + t, mask=t <= hi, other=0.0)
-    return tl.sum(acc, 0)
+def _parallel_exact(dfq, f, par):
+    """dfq with its component along f (per row) replaced by the one whose dot with f is par."""
+    n2 = tl.sum(f * f, 1)
+    coef = (par - tl.sum(f * dfq, 1)) / tl.where(n2 > 0, n2, 1.0)
+    return dfq + coef[:, None] * f
+
+@triton.jit
+def _eps_gd(GD, MX, row, gm, h, M: tl.constexpr, eps):
+    return tl.load(GD + row + gm) * (eps * tl.exp(-tl.load(MX + h * M + gm)))
+
+@triton.jit
+def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
+                   sqb, sqh, sqn, sqd, sdc, sdb, sdh, sdn, H, N, DK, scale, eps,
+                   FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
+                   BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
+                   NDK: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
+                   NORMALIZE: tl.constexpr,
+                   GATHER_T: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile (all groups of a chunk), looping over key tiles; A itself is not needed:
+
+        per group:  dW' = g'_m v_m^T + gd_m 1^T,   dA += dW' r_m      (r: one load for 2 keys, all groups)
+        dfq += dA fk;   dQ = dfq phi'(scale q) scale
+
+    With normalize a query's output does not change when its features are scaled, so the component of dfq along
+    fq is exactly fq . dfq = -sum_m gd_m eps e^-max_m (tiny); summed pair by pair it is a cancellation of O(1)
+    terms. It is set to that value (for Dk = 1 it is all of dfq)."""
+    pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    NCH: tl.constexpr = M // MC
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    ai = tl.load(AIX + offs_m)
+    slot0 = bh * NPAD * M + mc * MC
+    vbase = VP + slot0 * BLOCK_G
+    gbase = GP + slot0 * BLOCK_G
+    xbase = GDX + slot0 * 16
+    g0 = _tile(gbase, offs_m * M, BLOCK_G)
+    x0 = _tile(xbase, offs_m * M, 16)
+    g1, g2, g3, x1, x2, x3 = g0, g0, g0, x0, x0, x0
+    if MC > 1:
+        g1 = _tile(gbase + BLOCK_G, offs_m * M, BLOCK_G)
+        x1 = _tile(xbase + 16, offs_m * M, 16)
+    if MC > 2:
+        g2 = _tile(gbase + 2 * BLOCK_G, offs_m * M, BLOCK_G)
+        x2 = _tile(xbase + 32, offs_m * M, 16)
+    if MC > 3:
+        g3 = _tile(gbase + 3 * BLOCK_G, offs_m * M, BLOCK_G)
+        x3 = _tile(xbase + 48, offs_m * M, 16)
+    onesT = tl.where(tl.arange(0, 16)[:, None] == 0, 1.0, tl.zeros((16, BLOCK_N), tl.float32)).to(GP.dtype.element_ty)
+    dfq = tl.zeros((BLOCK_M, DKP), tl.float32)
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
+        nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
+        r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
+        dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE, GD_DOT) * r0
+        if MC > 1:
+            dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE, GD_DOT) * r1
+        if MC > 2:
+            dA += _dW(g2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), x2, onesT, MODE, GD_DOT) * r2
+        if MC > 3:
+            dA += _dW(g3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), x3, onesT, MODE, GD_DOT) * r3
+        dfq = _dot(dA, fk, dfq, MODE)
+    if NORMALIZE:
+        row = (bh * NPAD + offs_m) * M + mc * MC
+        par = -_eps_gd(GD, MX, row, mc * MC, h, M, eps)
+        if MC > 1:
+            par -= _eps_gd(GD, MX, row, mc * MC + 1, h, M, eps)
+        if MC > 2:
+            par -= _eps_gd(GD, MX, row, mc * MC + 2, h, M, eps)
+        if MC > 3:
+            par -= _eps_gd(GD, MX, row, mc * MC + 3, h, M, eps)
+        dfq = _parallel_exact(dfq, _tile(FQ + bh * NPAD * DKP, offs_m, DKP).to(tl.float32), par)
+    offs_d = tl.arange(0, DKP)
+    mask = (offs_m < N)[:, None] & (offs_d < DK)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask,
+                other=0.0).to(tl.float32)
+    dq = dfq * _dphi(q * scale, FEATURE) * scale
+    tl.store(DQ + mc * sdc + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask)
+
+# ------------------------------------------------------------ the table gradient
+
+@triton.jit
+def _shifted(base, start, off, shift, IDENT: tl.constexpr):
+    """The tile of the next group of a chunk: ``shift`` elements further in every row (start: the rows' first
+    elements, a scalar with IDENT, else one per row)."""
+    if IDENT:
+        return tl.load(base + start + shift + off)
+    else:                                   # (off: the column offsets, broadcast over the rows)
+        return tl.load(base + (start + shift)[:, None] + off)
+
+@triton.jit
+def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
+                     M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, MCW: tl.constexpr, BLOCK_G: tl.constexpr,
+                     DKP: tl.constexpr, NPAD: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr,
+                     E: tl.constexpr, IDENT: tl.constexpr, WT: tl.constexpr,
+                     CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """The table gradient's sums, without atomics. Grid tokens (extra tokens left out; a padded layout where
+    :func:`layout` chose one, WIX maps it to token rows) are cut into 64-token tiles. The pairs that share a table
+    entry have the same token difference k = i - j, so they lie on one token diagonal of tiles: tiles (I, I - D)
+    hold the same k at the same position (a, b) (k = 64 D + a - b), and on 2D/3D grids also the same entry when
+    the tiles' rows start at the same column coordinates, which holds for I = phase (mod LW) (IDENT: the walker
+    layout is the token rows from E on, no padding). One program per
+    (walker D, phase) and (head, chunk) walks those tiles for every batch element and sums, per element,
+
+        ACC_m[a, b] += A_ij (g'_i . v_j + gd_i)      (= dlog r_m / r'_m of that pair; A is shared by the chunk)
+
+    into registers, then stores ACC_m once; :func:`_table_fold_kernel` sums it by entry (r'_m factored out:
+    one FFMA per pair and group). A program takes MCW groups of its chunk (fewer live accumulators; A is then
+    computed once per MCW groups), and BLOCK_N of the WT = 64 keys of a tile (BLOCK_M = WT queries): a narrower
+    tile for fp32 dots, whose operands take more registers."""
+    w, hps = tl.program_id(0), tl.program_id(1)
+    NSPLIT: tl.constexpr = WT // BLOCK_N
+    hp = hps // NSPLIT
+    cs = (hps % NSPLIT) * BLOCK_N                  # the program's first key column in the tile
+    NPART: tl.constexpr = MC // MCW
+    hc = hp // NPART
+    s0 = (hp % NPART) * MCW                        # the program's first slot in the chunk
+    h = hc // (M // MC)
+    mc = hc % (M // MC)
+    D = w // LW - (TW - 1)
+    phase = w % LW
+    lo_i = tl.maximum(D, 0)
+    hi_i = tl.minimum(TW, TW + D)
+    first = lo_i + (phase - lo_i % LW + LW) % LW
+    n_it = tl.maximum((hi_i - first + LW - 1) // LW, 0)
+    if CAUSAL:
+        n_it = tl.where(D < 0, 0, n_it)
+    c16 = tl.arange(0, 16)
+    onesT = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, BLOCK_N), tl.float32)).to(GP.dtype.element_ty)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    rq = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_N)
+    off_fq = rq[:, None] * DKP + tl.arange(0, DKP)[None, :]             # loop-invariant tile offsets
+    off_fk = rk[:, None] * DKP + tl.arange(0, DKP)[None, :]
+    if IDENT:
+        off_g = rq[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
+        off_v = rk[:, None] * (M * BLOCK_G) + tl.arange(0, BLOCK_G)[None, :]
+        off_x = rq[:, None] * (M * 16) + c16[None, :]
+    else:                                           # (rows come from WIX: per-row starts)
+        off_g = tl.arange(0, BLOCK_G)[None, :] + 0 * rq[:, None]
+        off_v = tl.arange(0, BLOCK_G)[None, :] + 0 * rk[:, None]
+        off_x = c16[None, :] + 0 * rq[:, None]
+    b = 0
+    it = 0
+    for step in range(B * n_it):                    # (one loop over batch elements and tiles)
+        ti = first + it * LW
+        if IDENT:                                   # rows E + 64 ti + a: a scalar base per tile
+            qrow = (b * H + h) * NPAD + E + ti * WT
+            krow = (b * H + h) * NPAD + E + (ti - D) * WT + cs
+            fq = tl.load(FQ + qrow * DKP + off_fq)
+            fk = tl.load(FK + krow * DKP + off_fk)
+            gq = (qrow * M + mc * MC + s0) * BLOCK_G
+            vk = (krow * M + mc * MC + s0) * BLOCK_G
+            xq = (qrow * M + mc * MC + s0) * 16
+            gp0 = tl.load(GP + gq + off_g)
+            v0 = tl.load(VP + vk + off_v)
+            x0 = tl.load(GDX + xq + off_x)
+        else:
+            bh = b * H + h
+            qrows = bh * NPAD + tl.load(WIX + ti * WT + rq)
+            krows = bh * NPAD + tl.load(WIX + (ti - D) * WT + cs + rk)
+            fq = _tile(FQ, qrows, DKP)
+            fk = _tile(FK, krows, DKP)
+            gq = (qrows * M + mc * MC + s0) * BLOCK_G
+            vk = (krows * M + mc * MC + s0) * BLOCK_G
+            xq = (qrows * M + mc * MC + s0) * 16
+            gp0 = tl.load(GP + gq[:, None] + tl.arange(0, BLOCK_G)[None, :])
+            v0 = tl.load(VP + vk[:, None] + tl.arange(0, BLOCK_G)[None, :])
+            x0 = tl.load(GDX + xq[:, None] + c16[None, :])
+        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
+        acc0 += A * _dW(gp0, v0, x0, onesT, MODE, GD_DOT)
+        if MCW > 1:
+            acc1 += A * _dW(_shifted(GP, gq, off_g, BLOCK_G, IDENT), _shifted(VP, vk, off_v, BLOCK_G, IDENT),
+                            _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE, GD_DOT)
+        if MCW > 2:
+            acc2 += A * _dW(_shifted(GP, gq, off_g, 2 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 2 * BLOCK_G, IDENT),
+                            _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE, GD_DOT)
+        if MCW > 3:
+            acc3 += A * _dW(_shifted(GP, gq, off_g, 3 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 3 * BLOCK_G, IDENT),
+                            _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE, GD_DOT)
+        it += 1
+        wrap = it == n_it
+        b = tl.where(wrap, b + 1, b)
+        it = tl.where(wrap, 0, it)
+    ab = tl.arange(0, BLOCK_M)[:, None] * WT + cs + tl.arange(0, BLOCK_N)[None, :]
+    out = SCR + ((hc * MCP + s0) * n_walk + w) * (WT * WT)
+    tl.store(out + ab, acc0)
+    if MCW > 1:
+        tl.store(out + n_walk * (WT * WT) + ab, acc1)
+    if MCW > 2:
+        tl.store(out + 2 * n_walk * (WT * WT) + ab, acc2)
+    if MCW > 3:
+        tl.store(out + 3 * n_walk * (WT * WT) + ab, acc3)
+
+@triton.jit
+def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
+                      H, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, BLOCK_G: tl.constexpr,
+                      DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr, E: tl.constexpr,
+                      EP: tl.constexpr,
+                      KIND0: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK: tl.constexpr):
+    """The rpe_extra gradient's sums over the pairs with an extra token: one program per (batch * head, chunk,
+    token tile) writes SX[.., kind, m] = sum of A r' (g' . v + gd) over the tile's pairs of each kind (0: extra
+    query, grid key (only with KIND0: otherwise the fold takes it from the row identity); 1: grid query, extra
+    key; 2: both extra). O(N E) pairs: tl.dot of a token tile with the EP (>= E, >= 16) extra tokens."""
+    bh, mc, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h = bh % H
+    NCH: tl.constexpr = M // MC
+    NT: tl.constexpr = NPAD // BLOCK
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    ex = tl.arange(0, EP)
+    xrow = tl.where(ex < E, ex, NPAD - 1)           # (rows past E index a zero row: NPAD > N)
+    fbase_q = FQ + bh * NPAD * DKP
+    fbase_k = FK + bh * NPAD * DKP
+    slot0 = bh * NPAD * M + mc * MC
+    tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    c16 = tl.arange(0, 16)
+    ones_x = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, EP), tl.float32)).to(GP.dtype.element_ty)
+    ones_t = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, BLOCK), tl.float32)).to(GP.dtype.element_ty)
+    # kinds 1 and 2: the tile's queries with the extra keys
+    A = _dot(_tile(fbase_q, offs, DKP), tl.trans(_tile(fbase_k, xrow, DKP)), tl.zeros((BLOCK, EP), tl.float32),
+             MODE // 2 * 2)
+    r = _lookup(tab, tl.load(AIX + offs)[:, None] + tl.load(NBX + xrow)[None, :], MCP)
+    r0, r1, r2, r3 = _split_groups(r, MCP)
+    key_x = (ex < E)[None, :]
+    k1 = (offs >= E)[:, None] & (offs < N)[:, None] & key_x
+    k2 = (offs < E)[:, None] & key_x
+    out = SX + ((bh * NCH + mc) * NT + tile) * 3 * MCP
+    for j in tl.static_range(MC):
+        rj = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+        X = A * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
+                         _tile(VP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
+                         _tile(GDX + (slot0 + j) * 16, offs * M, 16), ones_x, MODE, GD_DOT)
+        tl.store(out + MCP + j, tl.sum(tl.sum(tl.where(k1, X, 0.0), 1), 0))
+        tl.store(out + 2 * MCP + j, tl.sum(tl.sum(tl.where(k2, X, 0.0), 1), 0))
+    # kind 0: the extra queries with the tile's grid keys
+    for j in tl.static_range(MC):
+        if KIND0:
+            A0 = _dot(_tile(fbase_q, xrow, DKP), tl.trans(_tile(fbase_k, offs, DKP)),
+                      tl.zeros((EP, BLOCK), tl.float32), MODE // 2 * 2)
+            q0, q1, q2, q3 = _split_groups(_lookup(tab, tl.load(AIX + xrow)[:, None] + tl.load(NBX + offs)[None, :],
+                                                   MCP), MCP)
+            rj = q0 if j == 0 else (q1 if j == 1 else (q2 if j == 2 else q3))
+            X0 = A0 * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
+                               _tile(VP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
+                               _tile(GDX + (slot0 + j) * 16, xrow * M, 16), ones_t, MODE, GD_DOT)
+            k0 = (ex < E)[:, None] & (offs >= E)[None, :] & (offs < N)[None, :]
+            tl.store(out + j, tl.sum(tl.sum(tl.where(k0, X0, 0.0), 1), 0))
+        else:
+            tl.store(out + j, 0.0)
+
+@triton.jit
+def _offsets(k, q3, q2, NDIM: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
+    """(d1, d2, d3): the grid offset of token difference k (walker layout) in class (q3, q2): per inner axis the
+    offset is d or d - P (P the layout's row length there); the outermost axis takes the rest."""
+    if NDIM == 1:
+        return k * 0, k * 0, k
+    d3 = (k % P3 + P3) % P3 - q3 * P3
+    kk = (k - d3) // P3                                 # (exact)
+    if NDIM == 2:
+        return k * 0, kk, d3
+    d2 = (kk % P2 + P2) % P2 - q2 * P2
+    return (kk - d2) // P2, d2, d3
+
+@triton.jit
+def _table_fold_kernel(SCR, SX, R, GD, MX, DR, DREX, B, H, eps, n_walk, n_fold,
+                       M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
+                       S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, NDIM: tl.constexpr, T: tl.constexpr,
+                       P2: tl.constexpr, P3: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr, E: tl.constexpr,
+                       NPAD: tl.constexpr, NT: tl.constexpr, R0LO: tl.constexpr, R1LO: tl.constexpr,
+                       R2LO: tl.constexpr, EXTRA: tl.constexpr, IDENTITY0: tl.constexpr, FINAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Programs [0, n_fold) = (head * group, block of 64 token differences kappa): the entries of the linear
+    table. Token difference k = 64 kappa + c sits at (a, a - c) of walker kappa (a >= c) and at (a, a - c + 64)
+    of walker kappa + 1 (a < c), in every phase. Its pairs fall into 1 (1D), 2 (2D) or 4 (3D) entries, told
+    apart by the column coordinates of the query (per inner axis the offset is d or d - P), so the sum per
+    (k, class) is a masked column sum, and DR[entry] = r'_m[entry] * sum: every entry is written by one program,
+    in a fixed order. Then, with EXTRA, one program per (head * group) sums the extra-token kinds (kernel
+    _bwd_extra_kernel) into the first entry of their regions; with IDENTITY0 kind 0 comes from the row identity
+    (with normalize the pairs of an extra query sum to exactly -gd eps e^-max) minus kind 2. FINAL (a zero
+    boundary: the linear table is rpe's): DR is d rpe itself (row T apart, its dtype) and the kinds go to DREX."""
+    pid = tl.program_id(0)
+    NCH: tl.constexpr = M // MC
+    if pid < n_fold:
+        hm = pid // (2 * TW)
+        kappa = pid % (2 * TW) - TW
+        h = hm // M
+        m = hm % M
+        hc = h * NCH + m // MC
+        a = tl.arange(0, BLOCK)[:, None]
+        c = tl.arange(0, BLOCK)[None, :]
+        k = kappa * BLOCK + c
+        base = SCR + (hc * MCP + m % MC) * n_walk * (BLOCK * BLOCK)
+        s0 = tl.zeros((BLOCK,), tl.float32)
+        s1 = tl.zeros((BLOCK,), tl.float32)
+        s2 = tl.zeros((BLOCK,), tl.float32)
+        s3 = tl.zeros((BLOCK,), tl.float32)
+        for phase in range(LW):
+            w_lo = (kappa + TW - 1) * LW + phase            # walker D = kappa
+            w_hi = w_lo + LW                                 # walker D = kappa + 1
+            z = tl.load(base + w_lo * (BLOCK * BLOCK) + a * BLOCK + (a - c), mask=(a >= c) & (kappa > -TW),
+                        other=0.0)
+            z += tl.load(base + w_hi * (BLOCK * BLOCK) + a * BLOCK + (a - c + BLOCK), mask=(a < c) & (kappa < TW - 1),
+                         other=0.0)
+            gq = phase * BLOCK + a                          # the query's place in the row pattern of this phase
+            cls = a * 0
+            if NDIM > 1:
+                k3 = (k % P3 + P3) % P3
+                q3 = ((gq % P3) < k3).to(tl.int32)
+                cls = q3
+                if NDIM > 2:
+                    kk = (k - (k3 - q3 * P3)) // P3
+                    cls += 2 * ((((gq // P3) % P2) < ((kk % P2 + P2) % P2)).to(tl.int32))
+            s0 += tl.sum(tl.where(cls == 0, z, 0.0), 0)
+            s1 += tl.sum(tl.where(cls == 1, z, 0.0), 0)
+            s2 += tl.sum(tl.where(cls == 2, z, 0.0), 0)
+            s3 += tl.sum(tl.where(cls == 3, z, 0.0), 0)
+        kc = kappa * BLOCK + tl.arange(0, BLOCK)
+        W2: tl.constexpr = 2 * S2 - 1
+        W3: tl.constexpr = 2 * S3 - 1
+        tab = R + hc * (NDK * TXP * 2 * MCP) + m % MC
+        NCLS: tl.constexpr = 1 if NDIM == 1 else (2 if NDIM == 2 else 4)
+        for q in tl.static_range(NCLS):
+            d1, d2, d3 = _offsets(kc, q % 2, q // 2, NDIM, P2, P3)
+            ok = (d1 > -S1) & (d1 < S1) & (d2 > -S2) & (d2 < S2) & (d3 > -S3) & (d3 < S3)
+            entry = tl.where(ok, ((d1 + S1 - 1) * W2 + d2 + S2 - 1) * W3 + d3 + S3 - 1, 0)
+            sq = s0 if q == 0 else (s1 if q == 1 else (s2 if q == 2 else s3))
+            val = sq * tl.load(tab + entry * (2 * MCP), mask=ok, other=0.0)
+            if FINAL:
+                tl.store(DR + hm * T + entry, val.to(DR.dtype.element_ty), mask=ok)
+            else:
+                tl.store(DR + hm * TXP + entry, val, mask=ok)
+    else:
+        if EXTRA:
+            hm = pid - n_fold
+            h = hm // M
+            m = hm % M
+            t = tl.arange(0, BLOCK)
+            a0 = tl.zeros((BLOCK,), tl.float32)
+            a1 = tl.zeros((BLOCK,), tl.float32)
+            a2 = tl.zeros((BLOCK,), tl.float32)
+            for b in range(B):
+                for t0 in range(0, NT, BLOCK):
+                    tt = t0 + t
+                    src = SX + (((b * H + h) * NCH + m // MC) * NT + tt) * 3 * MCP + m % MC
+                    ok = tt < NT
+                    a0 += tl.load(src, mask=ok, other=0.0)
+                    a1 += tl.load(src + MCP, mask=ok, other=0.0)
+                    a2 += tl.load(src + 2 * MCP, mask=ok, other=0.0)
+            kind2 = tl.sum(a2, 0)
+            kind0 = tl.sum(a0, 0)
+            if IDENTITY0:
+                rows = tl.zeros((BLOCK,), tl.float32)
+                for b in range(B):
+                    for e0 in range(0, E, BLOCK):
+                        rows += tl.load(GD + ((b * H + h) * NPAD + e0 + t) * M + m, mask=e0 + t < E, other=0.0)
+                kind0 = -tl.sum(rows, 0) * (eps * tl.exp(-tl.load(MX + hm))) - kind2
+            if FINAL:
+                tl.store(DREX + hm * 3 + 0, kind0.to(DREX.dtype.element_ty))
+                tl.store(DREX + hm * 3 + 1, tl.sum(a1, 0).to(DREX.dtype.element_ty))
+                tl.store(DREX + hm * 3 + 2, kind2.to(DREX.dtype.element_ty))
+            else:
+                tl.store(DR + hm * TXP + R0LO, kind0)
+                tl.store(DR + hm * TXP + R1LO, tl.sum(a1, 0))
+                tl.store(DR + hm * TXP + R2LO, kind2)
 
 @triton.jit
 def _table_grad_kernel(DR, DRPE, DREX,
@@ -469,7 +868,8 @@ def _table_grad_kernel(DR, DRPE, DREX,
                        R2LO: tl.constexpr, R2HI: tl.constexpr, CIRC: tl.constexpr, BLOCK: tl.constexpr):
     """d rpe[h, m] from the extended-table gradient DR[h * M + m]: the linear part as is, or for circular
     tables the sum over the (up to 2 per axis) linear offsets d = c and d = c - S of each entry c; and
-    d rpe_extra[h, m, kind] as the sum over its region."""
+    d rpe_extra[h, m, kind] from the first entry of its region, where _table_fold_kernel put the kind's sum.
+    Every entry read here was written by the fold (nothing relies on a zeroed buffer)."""
     hm = tl.program_id(0)
     base = DR + hm * ROW
     LL: tl.constexpr = L1 * L2 * L3
@@ -494,6 +894,6 @@ def _table_grad_kernel(DR, DRPE, DREX,
             acc = tl.load(base + c, mask=valid, other=0.0)
         tl.store(DRPE + hm * LL + c, acc.to(DRPE.dtype.element_ty), mask=valid)
     if HAS_REX:
-        tl.store(DREX + hm * 3 + 0, _region_sum(base, R0LO, R0HI, BLOCK).to(DREX.dtype.element_ty))
-        tl.store(DREX + hm * 3 + 1, _region_sum(base, R1LO, R1HI, BLOCK).to(DREX.dtype.element_ty))
-        tl.store(DREX + hm * 3 + 2, _region_sum(base, R2LO, R2HI, BLOCK).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 0, tl.load(base + R0LO).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 1, tl.load(base + R1LO).to(DREX.dtype.element_ty))
+        tl.store(DREX + hm * 3 + 2, tl.load(base + R2LO).to(DREX.dtype.element_ty))

@@ -46,6 +46,27 @@ def test_hot_loop_is_the_longest_backward_branch():
     assert mix == {"mma": 1, "mufu": 1, "load": 1, "atomic": 1, "integer": 1, "float": 1, "other": 1}
 
 
+def test_loop_metrics_from_sass_widths():
+    """Per pair, from one 64x64 tile per iteration with 4 warps (128 lanes): the HGMMA is one warpgroup's
+    m64n64k16 (65536 multiply-adds at 2048 per SM-cycle on sm_90), the LDGSTS.128 loads 16 bytes per lane and the
+    REDG is one atomic of 4 bytes per lane."""
+    import kernel_report as kr
+    ops = kr.hot_loop(SASS)
+    m = kr.loop_metrics(ops, num_warps=4, tile_pairs=64 * 64, arch_cc=90, atomics_per_sm_clock=1.0)
+    assert m["atomics_per_pair"] == 128 / 4096
+    assert m["load_bytes_per_pair"] == 16 * 128 / 4096
+    assert m["store_bytes_per_pair"] == 4 * 128 / 4096
+    assert m["mma_macs_per_pair"] == 64 * 64 * 16 / 4096
+    assert m["tensor_cycles_per_1k_pairs"] == 1000 * 64 * 64 * 16 / 2048 / 4096
+    assert m["atomic_cycles_per_1k_pairs"] == 1000 * 128 / 4096
+    m8 = kr.loop_metrics(["HMMA.16816.F32.BF16", "LDG.E.64", "STG.E.U16", "RED.E.ADD.F32.FTZ.RN"], num_warps=8,
+                         tile_pairs=128 * 64, arch_cc=80, atomics_per_sm_clock=0.5)
+    lanes = 8 * 32 / (128 * 64)
+    assert m8["mma_macs_per_pair"] == 16 * 8 * 16 * 8 / (128 * 64)
+    assert m8["load_bytes_per_pair"] == 8 * lanes and m8["store_bytes_per_pair"] == (2 + 4) * lanes
+    assert m8["atomic_cycles_per_1k_pairs"] == 1000 * lanes / 0.5
+
+
 def test_opcodes_are_classified():
     import kernel_report as kr
     assert kr.opclass("HMMA.16816.F32.BF16") == "mma"
@@ -89,8 +110,9 @@ def ci_report(tmp_path_factory):
 
 
 def test_every_kernel_compiles_without_spills(ci_report):
-    """Every candidate config compiles for sm_90a and sm_80, and every kernel has spill-free configs for the
-    launcher to pick (it prunes the spilling ones before autotuning); the untuned kernels never spill."""
+    """Every candidate config compiles for sm_90a and sm_80, and every kernel of backend="triton" has spill-free
+    configs for the launcher to pick (it prunes the spilling ones before autotuning); the untuned kernels never
+    spill. (The yardstick is not held to it: Triton 3.6 spills a few bytes in its delta kernel.)"""
     import kernel_report as kr
     records, proc = ci_report
     errors = [(r["name"], r["arch"], r["dtype"], r["D"], r["M"], r["config"], r["error"])
@@ -98,6 +120,8 @@ def test_every_kernel_compiles_without_spills(ci_report):
     assert not errors, errors
     groups = {}
     for r in records:
+        if r["pass"].startswith("yardstick"):
+            continue
         groups.setdefault((r["name"], r["arch"], r["dtype"], r["D"], r["M"], tuple(r["grid"]), r["E"], r["causal"],
                            r["boundary"]), []).append(r)
     spills = [(key, [(c["config"], c["stack_bytes"]) for c in recs]) for key, recs in groups.items()
@@ -105,15 +129,44 @@ def test_every_kernel_compiles_without_spills(ci_report):
               and not recs[0]["pass"].startswith("yardstick")]     # (the yardstick's delta kernel spills on 3.6)
     assert not spills, spills
     lisa = {r["name"] for r in records if not r["pass"].startswith("yardstick")}
-    assert lisa == {"prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"}
+    assert lisa == {"prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold",
+                    "table_grad"}
     assert {r["arch"] for r in records} == {"sm_90a", "sm_80"}
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
-def test_issue_cycle_targets(ci_report):
-    """sm_90a, bf16, D=64, M=1: forward <= 100 and backward <= 250 issue cycles per 1000 pairs (the yardstick's
-    FlashAttention-2 figures are printed beside them by the report)."""
+def _target(ci_report, prefix):
     import kernel_report as kr
-    targets = kr.targets(ci_report[0])
-    assert len(targets) == 2
-    assert all(t["met"] for t in targets), targets
+    found = [t for t in kr.targets(ci_report[0]) if t["target"].startswith(prefix)]
+    assert len(found) == 1, kr.targets(ci_report[0])
+    return found[0]
+
+
+def test_backward_issue_cycles_target(ci_report):
+    """sm_90a, bf16, D=64, M=1: the backward (dK/dV + dQ + the table gradient's walkers) at most 150 issue cycles
+    per 1000 pairs, 0 spills."""
+    t = _target(ci_report, "bwd M=1")
+    assert t["met"], t
+
+
+def test_forward_at_most_the_yardstick(ci_report):
+    """sm_90a, bf16, D=64, M=1: the forward at most the FlashAttention-2 yardstick's forward in the same run."""
+    t = _target(ci_report, "fwd M=1")
+    assert t["met"], t
+
+
+def test_backward_atomics_per_pair(ci_report):
+    """Every backward per-pair kernel of every compiled case (1D causal, 2D with extra tokens, circular, 3D):
+    at most 1/16 global atomic per pair on 1D and 2D grids, 1/8 on 3D (the kernels have none)."""
+    t = _target(ci_report, "backward atomics")
+    assert t["met"] and t["value"] == 0, t
+
+
+@pytest.mark.xfail(strict=True, reason="not reached: each group costs its weight product and bf16 conversion per "
+                                       "pair (fp32), its dW' FFMAs and its walker FFMA: M=4 is 3.4x (fwd) and 3.0x "
+                                       "(bwd) of M=1 with triton 3.8, 3.3x and 2.9x with 3.6")
+@pytest.mark.parametrize("pas", ["fwd", "bwd"])
+def test_four_groups_at_most_one_and_a_half_of_one(ci_report, pas):
+    """sm_90a, bf16, D=64: M=4 at most 1.5x M=1, forward and backward."""
+    t = _target(ci_report, f"{pas} M=4")
+    assert t["met"], t

@@ -143,8 +143,8 @@ def test_triton_gpu_large(grid, E, dtype):
 
 @pytest.mark.parametrize("grid,E,causal", [((5, 4), 2, False), ((13,), 1, True)])
 def test_triton_deterministic_mode(grid, E, causal):
-    """With torch.use_deterministic_algorithms(True) the table gradient takes a fixed-order path (no atomics):
-    still equal to the reference, and bitwise equal from run to run."""
+    """Under torch.use_deterministic_algorithms(True) (the backward has no atomics, so it runs as always): equal
+    to the reference, and bitwise equal from run to run."""
     ref, low = _inputs(grid, E, 2, "zero", torch.float32, seed=11)
     opts = dict(grid=grid, num_extra=E, causal=causal)
     out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4], backend="reference", **opts)
@@ -166,8 +166,10 @@ def test_triton_deterministic_mode(grid, E, causal):
 
 
 def test_triton_launch_count(monkeypatch):
-    """Two Triton launches per forward (prep, fwd) and four per backward (prep, dkv, dq, table fold); the table
-    is built by the prep kernel, not by PyTorch ops (benchmarks/overhead.py counts all launches on a GPU)."""
+    """Two Triton launches per forward (prep, fwd) and five per backward (prep, dkv, dq, the table gradient's
+    walkers and its fold), six with extra tokens and rpe_extra, one more (the circular fold) for circular tables;
+    the table is built by the prep kernel, not by PyTorch ops (benchmarks/overhead.py counts all launches on a
+    GPU: at most 8 for a forward and backward)."""
     import lisa_kernels.triton_direct as TD
     launched = []
     real = TD._run
@@ -176,4 +178,94 @@ def test_triton_launch_count(monkeypatch):
     out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(4, 5), num_extra=1, backend="triton")
     assert launched == ["prep", "fwd"]
     torch.autograd.grad(out, low, torch.ones_like(out))
-    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "table_grad"]
+    assert launched == ["prep", "fwd", "bwd_prep", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra", "table_fold"]
+
+
+# The table gradient: walkers along token diagonals of 64-token tiles, their fold by table entry.
+# Grids past 64 tokens, so that a diagonal holds several tiles, tiles straddle grid rows (and planes), the last
+# tile is padded, 2D/3D rows give 2/4 entries per token difference, and phases (rows of 12: 3 phases) or a
+# padded walker layout (rows of 13 or 9: P = 16 or 10) come in. conftest.py fills every torch.empty with NaN,
+# so the table-gradient buffer starts poisoned: an entry the fold does not write turns rpe's gradient NaN.
+WALK_CASES = [
+    # grid, E, M, boundary, causal
+    ((150,), 0, 1, "zero", False),
+    ((133,), 2, 2, "zero", True),
+    ((9, 13), 1, 1, "zero", False),
+    ((10, 12), 0, 4, "circular", False),
+    ((7, 20), 3, 2, "zero", False),
+    ((3, 5, 9), 1, 1, "circular", False),
+    ((2, 4, 16), 0, 2, "zero", False),
+]
+
+
+@pytest.mark.parametrize("grid,E,M,boundary,causal", WALK_CASES)
+def test_triton_table_gradient_walkers(grid, E, M, boundary, causal):
+    assert torch.isnan(torch.empty(3)).all()          # (the poisoning of tests/conftest.py is active)
+    ref, low = _inputs(grid, E, M, boundary, torch.float32, B=1, H=2, Dk=4, G=3, seed=21)
+    opts = dict(grid=grid, num_extra=E, boundary=boundary, causal=causal)
+    rex = ref[4] if E else None
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=rex, backend="reference", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.to(DEVICE, torch.float32))
+    names = ["out", "dq", "dk", "dv", "drpe", "drpe_extra"]
+    errors = [_rel(out.cpu(), out_ref)] + [_rel(a.cpu(), b) for a, b in zip(g_low, g_ref)]
+    bad = {n: e for n, e in zip(names, errors) if not e <= TOL[torch.float32]}
+    assert not bad, f"relative errors over {TOL[torch.float32]}: {bad}"
+
+
+@pytest.mark.parametrize("grid,E,causal", [((9, 13), 2, False), ((70,), 1, True)])
+def test_triton_backward_is_bitwise_reproducible(grid, E, causal):
+    """No atomics in the backward: two runs give bitwise-equal gradients, the table's included (without
+    torch.use_deterministic_algorithms)."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    _, low = _inputs(grid, E, 2, "zero", torch.float32, B=2, H=1, Dk=4, G=3, seed=8)
+    opts = dict(grid=grid, num_extra=E, causal=causal)
+    upstream = torch.randn(2, 1, E + math.prod(grid), 6, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        out = L.lisa_attention(*low[:4], rpe_extra=low[4], backend="triton", **opts)
+        runs.append(torch.autograd.grad(out, low, upstream))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the bf16 shapes run natively on a GPU (test_triton_gpu_large)")
+@pytest.mark.parametrize("grid,E,M", [((9, 13), 1, 2), ((10, 12), 2, 4), ((3, 17), 0, 4)])
+def test_triton_bf16_code_shapes_in_the_interpreter(monkeypatch, grid, E, M):
+    """The interpreter runs bf16 with fp32 dots (its bf16 dot is broken), so the shapes that the bf16 mode takes on
+    a GPU (gd added through the ones-row dot in dQ, dK/dV, the walkers and the extra-token sums; walkers with 2
+    groups, on their row-computing and WIX paths) are run here with fp32 data."""
+    import lisa_kernels.triton_direct as TD
+    monkeypatch.setattr(TD, "BF16_SHAPES", True)
+    ref, low = _inputs(grid, E, M, "zero", torch.float32, B=1, H=1, Dk=4, G=3, seed=13)
+    opts = dict(grid=grid, num_extra=E)
+    out_ref = L.lisa_attention(*ref[:4], rpe_extra=ref[4] if E else None, backend="reference", **opts)
+    out = L.lisa_attention(*low[:4], rpe_extra=low[4] if E else None, backend="triton", **opts)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    g_ref = torch.autograd.grad(out_ref, ref, upstream)
+    g_low = torch.autograd.grad(out, low, upstream.float())
+    errors = [_rel(out, out_ref)] + [_rel(a, b) for a, b in zip(g_low, g_ref)]
+    assert max(errors) <= TOL[torch.float32], errors
+
+
+@pytest.mark.parametrize("grid,E", [((1000,), 1), ((14, 14), 1), ((5, 33), 2), ((8, 16, 16), 0), ((8, 24, 24), 0),
+                                    ((8, 32, 32), 3), ((4, 20, 20), 0), ((2, 9, 33), 1)])
+def test_triton_walker_layout(grid, E):
+    """The walkers' layout: rows padded to P3 >= S3 (and planes to P2 >= S2) so that the column pattern repeats
+    every LW tiles of 64 (few phases where a small padding allows, the plane's own rows otherwise); every grid
+    token has one place in it, and the rows it reads (up to E + 64 TW, and a zero row for padding) exist."""
+    import lisa_kernels.triton_direct as TD
+    lay = TD._layout_of(tuple(grid), E, False, False)
+    S = lay.S
+    if lay.NDIM > 1:
+        assert lay.P3 >= S[2] and (lay.NDIM == 2 or lay.P2 >= S[1])
+    period = {1: 1, 2: lay.P3, 3: lay.P2 * lay.P3}[lay.NDIM]
+    assert (64 * lay.LW) % period == 0 and lay.LW == period // math.gcd(period, 64)
+    wix = TD._token_index_cpu(lay)[2]
+    counts = torch.bincount(wix, minlength=lay.NPAD)
+    assert (counts[E:lay.N] == 1).all() and counts[:E].sum() == 0
+    assert lay.NPAD >= E + 64 * lay.TW
+    padded = len(wix) > lay.N - E
+    assert not padded or (lay.NPAD > lay.N and counts[lay.NPAD - 1] == len(wix) - (lay.N - E))
