@@ -337,6 +337,15 @@ def device_class(device: str) -> str:
     return dispatch._device_class(torch.device(device))
 
 
+def _script_name() -> str:
+    """The script as run, relative to the repository; benchmarks/benchmark.py when the sweep runs inside another
+    program (pytest, a notebook) or from outside the checkout, so that no machine path is recorded."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if script.startswith(REPO_ROOT + os.sep) and os.path.basename(script) in ("benchmark.py", "run.py"):
+        return os.path.relpath(script, REPO_ROOT)
+    return "benchmarks/benchmark.py"
+
+
 def metadata(args, argv: Sequence[str]) -> Dict:
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     commit, dirty = git_commit(LIBRARY_ROOT)
@@ -349,8 +358,7 @@ def metadata(args, argv: Sequence[str]) -> Dict:
         "cuda": torch.version.cuda, "lisa_kernels": lisa_kernels.__version__, "flash_attn": version_of("flash_attn"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty,
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv[0] else "benchmark.py"]
-                              + list(argv)),
+        "command": shlex.join(["python", _script_name()] + list(argv)),
         "benchmark_argv": list(argv), "baseline": args.baseline, "methods": list(args.methods),
         "dtypes": list(args.dtypes), "modes": [m for m in MODES if m in args.modes], "B": args.batch,
         "H": args.heads, "repeats": args.repeats, "warmup": args.warmup, "min_time_s": args.min_time,
