@@ -54,10 +54,12 @@ def _guess_cuda_home():
     nvcc = shutil.which("nvcc")
     if not nvcc:
         return
-    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
-        os.environ["CUDA_HOME"] = home
-        log(f"CUDA_HOME not set: using {home} (the toolkit of the nvcc on PATH)")
+    # the toolkit of the nvcc on PATH; /usr/local/cuda where that nvcc is a wrapper script outside its toolkit
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            log(f"CUDA_HOME not set: using {home} (the toolkit of the nvcc on PATH)")
+            return
 
 
 def _wheel_cuda_includes():
