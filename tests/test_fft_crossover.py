@@ -44,5 +44,5 @@ def test_explanation_states_the_crossover_and_the_float64_rule():
     assert len(line) == 1
     assert "D=32" in line[0] and "float32" in line[0] and "class cpu" in line[0]
     assert "float64" in line[0]
-    cross = dispatch.fft_crossover(_problem(grid, 32), False, "cpu")
+    cross = dispatch.fft_crossover(check_inputs(x, x, x, rpe, grid=grid), False, "cpu")   # the same problem
     assert "x".join(map(str, cross)) in line[0]
