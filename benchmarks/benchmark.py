@@ -217,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     budget = f", --budget-seconds {args.budget_seconds:g}" if args.budget_seconds else ""
     print(f"{len(cases)} cases ({args.sweep} set) on {meta['device_name']} ({args.device}, {' '.join(args.dtypes)}, "
           f"B={args.batch}, H={args.heads}, {args.repeats} repeats, --max-seconds {args.max_seconds:g}{budget}; "
-          f"lisa_kernels from {os.path.relpath(os.path.dirname(lisa_kernels.__file__))})", flush=True)
+          f"{meta['library']})", flush=True)
     t0 = time.perf_counter()
     records = run_sweep(cases, args, meta, json_path + ".tmp", started)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)

@@ -38,9 +38,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
-LIBRARY_ROOT = os.environ.get("LISA_BENCH_LIBRARY_ROOT") or REPO_ROOT
-if LIBRARY_ROOT not in sys.path:
-    sys.path.insert(0, LIBRARY_ROOT)
+sys.path.insert(0, HERE)
+from _library import use_library  # noqa: E402
+
+LIBRARY_ROOT = use_library()      # the installed lisa_kernels if there is one, else this checkout's (_library.py)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

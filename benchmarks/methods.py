@@ -8,8 +8,9 @@
 - why a method cannot run a case (``cannot_run_reason``), the backend ``lisa-auto`` picks (``chosen_backend``);
 - the FLOP model of each method (``FLOP_FORMULAS``, ``model_flops``).
 
-Importing this module puts the lisa_kernels to benchmark on ``sys.path``: this checkout's, or the one named by
-the environment variable ``LISA_BENCH_LIBRARY_ROOT`` (set by ``compare.py`` to time a git ref's library).
+Importing this module puts the lisa_kernels to benchmark on ``sys.path`` (``_library.py``): the one named by
+``LISA_BENCH_LIBRARY_ROOT`` (set by ``compare.py`` to time a git ref's library), else the installed package,
+else this checkout's.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
-# the lisa_kernels to benchmark: this checkout's, or another one's (benchmarks/compare.py sets this to a
-# worktree of a git ref so that the same harness times two versions of the library)
-LIBRARY_ROOT = os.environ.get("LISA_BENCH_LIBRARY_ROOT") or REPO_ROOT
-if LIBRARY_ROOT not in sys.path:
-    sys.path.insert(0, LIBRARY_ROOT)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from _library import use_library  # noqa: E402
+
+# the lisa_kernels to benchmark: LISA_BENCH_LIBRARY_ROOT's (compare.py: a git ref's worktree), else the installed
+# package, else this checkout's (_library.py)
+LIBRARY_ROOT = use_library()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

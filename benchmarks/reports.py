@@ -132,9 +132,21 @@ def fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def library_text() -> str:
+    """Which lisa_kernels runs (installed or a checkout) and its compiled extension, in a few words."""
+    from lisa_kernels import cuda_fft
+    where = "installed" if "site-packages" in lisa_kernels.__file__ else "checkout"
+    if not cuda_fft.HAS_EXTENSION:
+        ext = "no _C"
+    else:
+        ext = "_C with CUDA kernels" if cuda_fft.HAS_CUDA_KERNELS else "_C CPU-only"
+    return f"lisa_kernels {where}, {ext}"
+
+
 def title_line(meta: Dict) -> str:
     cores = f", {meta['cores']} cores" if meta["device"] == "cpu" else ""
-    return (f"{meta['device_name']}{cores}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
+    lib = f"; {meta['library']}" if meta.get("library") else ""
+    return (f"{meta['device_name']}{cores}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}{lib}; "
             f"B={meta['B']}, H={meta['H']}, median of >= {meta['repeats']} calls after {meta['warmup']} warm-up; "
             f"{meta['date'][:10]}, commit {(meta['git_commit'] or '?')[:10]}")
 
@@ -357,7 +369,7 @@ def metadata(args, argv: Sequence[str]) -> Dict:
         "python": platform.python_version(), "torch": torch.__version__, "triton": version_of("triton"),
         "cuda": torch.version.cuda, "lisa_kernels": lisa_kernels.__version__, "flash_attn": version_of("flash_attn"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git_commit": commit, "git_dirty": dirty,
+        "git_commit": commit, "git_dirty": dirty, "library": library_text(),
         "command": shlex.join(["python", _script_name()] + list(argv)),
         "benchmark_argv": list(argv), "baseline": args.baseline, "methods": list(args.methods),
         "dtypes": list(args.dtypes), "modes": [m for m in MODES if m in args.modes], "B": args.batch,
