@@ -104,6 +104,14 @@ TAIL=3 stage env 30 env_stage
 
 # ---------------------------------------------------------------- 2 build (background)
 BUILD_RC="$WORK/build.rc"
+# setuptools < 77 rejects pyproject.toml's SPDX license string: that machine's setup.py then reads a copy with the
+# older table form (restored at exit)
+if ! $PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
+  cp pyproject.toml "$WORK/pyproject.toml.orig"
+  trap 'cp "$WORK/pyproject.toml.orig" "$ROOT/pyproject.toml"' EXIT
+  sed -i 's/^license = "\(.*\)"$/license = {text = "\1"}/' pyproject.toml
+  echo "setuptools $($PY -c 'import setuptools; print(setuptools.__version__)') < 77: building with license = {text = ...}"
+fi
 if [ $DRY = 1 ]; then
   # no CUDA toolkit needed: the same background-job mechanics with a stand-in that only configures setup.py
   ( LISA_BUILD_CUDA=0 $PY setup.py --version > "$WORK/build.log" 2>&1; echo $? > "$BUILD_RC" ) &

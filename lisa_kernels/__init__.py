@@ -75,7 +75,7 @@ def _plan(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps,
     p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
                      normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend, scale=scale)
     if backend == "auto":
-        backend = _dispatch.explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
+        backend = _dispatch.explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra), details=False).chosen
     reason = _dispatch.backend_reason(backend, p)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run this input: {reason}")
@@ -119,7 +119,7 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
                          normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend,
                          scale=scale)
         if backend == "auto":
-            backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra)).chosen
+            backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra), details=False).chosen
         return run_backend(backend, q, k, v, rpe, rpe_extra, p)
     options = (num_extra, feature_map, normalize, eps, boundary, causal, backend, scale)
     key = _signature(q, k, v, rpe, rpe_extra, grid, options)

@@ -240,17 +240,19 @@ def _direct_cpu_model_note() -> str:
     return f"about {DIRECT_TORCH_OPS_FACTOR:g}x the fused kernel's estimate"
 
 
-def explain_problem(p: Problem, backward: bool) -> Explanation:
-    """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones."""
+def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explanation:
+    """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones.
+    ``details=False`` (the choice alone, as ``auto`` needs it) leaves out the texts that only ``explain()`` prints:
+    which implementation the direct path runs, and the fft crossover (a search over grid sizes)."""
     cls = _device_class(p.device)
     estimates = {}
     for name in ("reference",) + AUTO_CANDIDATES:
         estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p),
-                                   direct_how(p) if name == "direct" else "")
+                                   direct_how(p) if details and name == "direct" else "")
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
     chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
-    return Explanation(chosen, backward, cls, estimates, fft_crossover_text(p, backward, cls))
+    return Explanation(chosen, backward, cls, estimates, fft_crossover_text(p, backward, cls) if details else "")
 
 
 _FFT_KINDS, _DIRECT_KINDS = ("fft",), ("direct",)
@@ -298,7 +300,7 @@ def fft_crossover_text(p: Problem, backward: bool, device_class: str) -> str:
 
 
 def choose_backend(p: Problem, backward: bool) -> str:
-    return explain_problem(p, backward).chosen
+    return explain_problem(p, backward, details=False).chosen
 
 
 def _fft_path(core):

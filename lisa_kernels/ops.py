@@ -163,7 +163,7 @@ def direct_dense_first(p: Problem) -> bool:
     pairs = p.B * p.H * p.N * p.N
     if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
         return False
-    if _C_DIRECT is None or p.device != _CPU:
+    if _C_DIRECT is None or p.device.type != "cpu":   # (.type: torch 2.11's dynamo cannot compare devices)
         return True
     return pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK
 
@@ -282,7 +282,7 @@ def direct_cpu_built() -> bool:
 
 def direct_cpu_reason(p: Problem) -> Optional[str]:
     """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
-    if p.device != _CPU:
+    if p.device.type != "cpu":           # (.type: torch 2.11's dynamo cannot compare devices)
         return f"inputs are on {p.device}, not the CPU"
     if _C_DIRECT is None:
         from .cuda_fft import extension_reason
