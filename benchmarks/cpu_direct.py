@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lisa_kernels  # noqa: E402
+from reports import cpu_model  # noqa: E402
 
 RESULTS_DIR = os.path.join(HERE, "results")
 MODES = ("fwd", "fwd+bwd")
@@ -117,17 +118,6 @@ def time_rounds(calls: Dict[str, Callable[[], None]], x: Dict, repeats: int, war
             out[n].append(time.perf_counter() - t0)
     _reset_grads(x)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> Optional[str]:

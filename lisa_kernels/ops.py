@@ -332,7 +332,8 @@ def _(q, k, v, rpe, rpe_extra, out, out_c, inv, grad_out, grid, num_extra, featu
     return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)
 
 
-def _direct_cpu_setup(ctx, inputs, output):
+def _save_inputs_and_outputs(ctx, inputs, output):
+    """setup_context of the fused ops (direct_cpu, triton_direct): the five tensors, every output, the options."""
     q, k, v, rpe, rpe_extra = inputs[:5]
     ctx.save_for_backward(q, k, v, rpe, rpe_extra, *output)
     ctx.options = inputs[5:]
@@ -344,7 +345,7 @@ def _direct_cpu_backward_rule(ctx, grad_out, _gout_c, _ginv):
     return (dq, dk, dv, drpe, drex if rpe_extra is not None else None) + (None,) * len(ctx.options)
 
 
-_direct_cpu.register_autograd(_direct_cpu_backward_rule, setup_context=_direct_cpu_setup)
+_direct_cpu.register_autograd(_direct_cpu_backward_rule, setup_context=_save_inputs_and_outputs)
 
 
 class _DirectCPUFunction(torch.autograd.Function):
@@ -488,12 +489,6 @@ def _(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, grid, num_extra, 
     return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)
 
 
-def _triton_setup(ctx, inputs, output):
-    q, k, v, rpe, rpe_extra = inputs[:5]
-    ctx.save_for_backward(q, k, v, rpe, rpe_extra, *output)
-    ctx.options = inputs[5:]
-
-
 def _triton_backward_rule(ctx, grad_out, _gres, _gden, _gr, _gmx):
     q, k, v, rpe, rpe_extra, out, res, den, r, mx = ctx.saved_tensors
     dq, dk, dv, drpe, drex = _triton_direct_backward(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out,
@@ -501,7 +496,7 @@ def _triton_backward_rule(ctx, grad_out, _gres, _gden, _gr, _gmx):
     return (dq, dk, dv, drpe, drex if rpe_extra is not None else None) + (None,) * len(ctx.options)
 
 
-_triton_direct.register_autograd(_triton_backward_rule, setup_context=_triton_setup)
+_triton_direct.register_autograd(_triton_backward_rule, setup_context=_save_inputs_and_outputs)
 
 
 # ---------------------------------------------------------------- the cores that compose() takes
