@@ -283,9 +283,11 @@ def _pair_table(hc, RPE, REX, R, R16, TAB16: tl.constexpr, MX, DELTAS, WRITE_MAX
 def _wmul(A, r, MODE: tl.constexpr):
     """The weights W = A r of a group in the dtype of the dots. bf16 dots (MODE 0; r in bf16): packed bf16x2
     products of round(A) and r, two pairs per instruction and no conversion (ptxas computes round(A) once for all
-    groups); else the fp32 product."""
+    groups; fma with a -0 addend is the rounded product, and unlike mul.bf16x2 (sm_90) it exists on sm_80);
+    else the fp32 product."""
     if MODE == 0:
-        return tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; mul.rn.bf16x2 $0, t, $3; }",
+        return tl.inline_asm_elementwise("{ .reg .b32 t, z; cvt.rn.bf16x2.f32 t, $2, $1; mov.b32 z, 0x80008000; "
+                                         "fma.rn.bf16x2 $0, t, $3, z; }",
                                          "=r,r,r,r", [A, r], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
         return A * r
@@ -452,9 +454,9 @@ def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, GD_DOT: tl.constexpr):
 @triton.jit
 def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr, PACKED: tl.constexpr):
     if PACKED:       # (bf16 dots, several groups: as _wmul, packed products of round(A^T) and round(r^T))
-        Wt = tl.inline_asm_elementwise("{ .reg .b32 a, r; cvt.rn.bf16x2.f32 a, $2, $1; cvt.rn.bf16x2.f32 r, $4, $3; "
-                                       "mul.rn.bf16x2 $0, a, r; }", "=r,r,r,r,r", [At, rt], dtype=tl.bfloat16,
-                                       is_pure=True, pack=2)
+        Wt = tl.inline_asm_elementwise("{ .reg .b32 a, r, z; cvt.rn.bf16x2.f32 a, $2, $1; cvt.rn.bf16x2.f32 r, $4, $3; "
+                                       "mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, a, r, z; }", "=r,r,r,r,r", [At, rt],
+                                       dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
         Wt = At * rt
     dv = _dot(Wt, gp, dv, MODE)
