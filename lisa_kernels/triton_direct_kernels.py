@@ -16,6 +16,9 @@ Subtracting ``max_m`` keeps every weight in (0, 1]: it cancels in ``num / (den +
 e^-max too) and in every gradient below, so fp16/bf16 tiles cannot overflow. Dots: bf16 takes bf16 operands
 with fp32 accumulation everywhere (MODE 0); fp16 takes fp16 for A and tf32 for every dot with a weight-side or
 gradient-side operand (MODE 1), whose range fp16 lacks; fp32 takes tf32x3 (MODE 2, fp32-accurate).
+With bf16 dots the weights that enter a dot as an operand (the forward's W_m, dK/dV's W'^T) are packed bf16x2
+products round(round(A) round(r'_m)) (:func:`_wmul`): two pairs per instruction and no conversion per group, at
+the cost of rounding A and r' to bf16 first (the forward reads a bf16 copy of its pair table, R16).
 
 Backward units (``normalize`` folded in): ``s = 1 / (den' + eps e^-max)``, ``g' = s g`` (the upstream gradient of
 a group, scaled), ``gd = -s g . out``; then ``dW'_ij = g'_i . v_j + gd_i`` is the gradient of the weight
