@@ -140,8 +140,8 @@ def _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M: tl.constexpr, G
     for gm in tl.static_range(M):
         x = tl.load(V + b * svb + h * svh + offs[:, None] * svn + (gm * G + offs_g)[None, :] * svd, mask=mask,
                     other=0.0)
-        if ONES:
-            x = tl.where(offs_g[None, :] == G, 1.0, x)
+        if ONES:     # (in fp32: the interpreter has no bf16 scalar constants)
+            x = tl.where(offs_g[None, :] == G, 1.0, x.to(tl.float32))
         tl.store(VP + ((bh * NPAD + offs) * M + gm)[:, None] * BLOCK_G + offs_g[None, :], x.to(VP.dtype.element_ty))
 
 @triton.jit
