@@ -275,11 +275,18 @@ def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
     return torch.bfloat16, 0
 
 
-BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker) at any mode
+BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker, the forward's
+                       # table layout R16) at any mode
 
 
 def _gd_dot(mode: int) -> bool:
     """gd added through a 16-deep ones dot (bf16 dots), and the walker taking WALK_GROUPS groups per program."""
+    return mode == 0 or BF16_SHAPES
+
+
+def _tab16(mode: int) -> bool:
+    """The forward reads its weights from R16, the pair table with a group's two tokens side by side (_pair_table):
+    bf16 for the packed bf16x2 products of bf16 dots (_wmul); fp32 under BF16_SHAPES."""
     return mode == 0 or BF16_SHAPES
 
 
@@ -324,7 +331,7 @@ GPU_CONFIGS = {
                    "dq": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)],
                    "dkv": [(32, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
-        "group4": {"fwd": [(64, 32, 4, 2, 0), (128, 32, 8, 1, 0)],
+        "group4": {"fwd": [(128, 64, 8, 2, 0), (128, 32, 8, 1, 0)],
                    "dq": [(32, 64, 4, 2, 0), (64, 32, 4, 1, 0)],
                    "dkv": [(32, 64, 4, 2, 0), (32, 128, 8, 2, 0)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
@@ -342,9 +349,9 @@ GPU_CONFIGS = {
                    "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
                    "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 1, 1)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
-        "group4": {"fwd": [(64, 32, 4, 2, 1), (64, 32, 4, 2, 0)],
+        "group4": {"fwd": [(64, 64, 4, 2, 1), (128, 32, 8, 1, 1)],
                    "dq": [(32, 64, 4, 2, 1), (64, 32, 4, 2, 1)],
-                   "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 2, 1)],
+                   "dkv": [(32, 64, 4, 2, 1), (32, 128, 8, 2, 1)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
     },
 }
@@ -495,15 +502,16 @@ def _strides(name: str, t: torch.Tensor) -> dict:
     return {f"s{name}{x}": t.stride(i) for i, x in enumerate("bhnd")}
 
 
-def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p: Problem, lay: Layout, c: dict, ti) -> Launch:
+def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, r16, mx, p: Problem, lay: Layout, c: dict, ti,
+                 ones: bool) -> Launch:
     B, H, N, Dk = q.shape
     n_feat = (lay.NPAD // PREP_BLOCK_T) * B * H
     tab = _table_constexprs(lay)
     args = dict(Q=q, K=k, V=v, FQ=fq, FK=fk, VP=vp, RPE=rpe, REX=rpe_extra if rpe_extra is not None else rpe, R=r,
-                MX=mx, DELTAS=ti.DK, **_strides("q", q), **_strides("k", k), **_strides("v", v),
+                R16=r16, MX=mx, DELTAS=ti.DK, **_strides("q", q), **_strides("k", k), **_strides("v", v),
                 H=H, N=N, DK=Dk, scale=p.scale, n_feat=n_feat,
                 FEATURE=0 if p.feature_map == "elu1" else 1, HAS_REX=rpe_extra is not None, M=p.M, MC=c["MC"],
-                MCP=c["MCP"], ND=len(ti.DK), G=c["G"], BLOCK_G=c["BLOCK_G"], **tab,
+                MCP=c["MCP"], ND=len(ti.DK), G=c["G"], BLOCK_G=c["BLOCK_G"], TAB16=_tab16(c["MODE"]), ONES=ones, **tab,
                 DKP=fq.shape[-1], NPAD=lay.NPAD, BLOCK_T=PREP_BLOCK_T, TBLOCK=min(1024, lay.TXP))
     return Launch("prep", _prep_kernel, args, (n_feat + H * (p.M // c["MC"]),))
 
@@ -521,20 +529,28 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     B, H, N, Dk = q.shape
     lay = layout(p)
     c = _common(p, lay)
+    # The row sums ride on the value dot where a padding column can hold 1 (G < BLOCK_G), or where widening the
+    # value rows from 16 to 32 columns costs what the 16-column ones-dot does: ONES, BLOCK_G = the rows' width.
+    ones = c["G"] < c["BLOCK_G"] or c["BLOCK_G"] == 16
+    c = dict(c, BLOCK_G=max(c["BLOCK_G"], triton.next_power_of_2(c["G"] + 1)) if ones else c["BLOCK_G"])
     fq, fk, vp = _token_buffers(q, lay, p, c)
     r = torch.empty(saved_table_shape(p.grid, p.num_extra, p.boundary, p.causal, H, p.M, Dk), device=q.device,
                     dtype=torch.float32)
+    # the forward's bf16 copy of the table (bf16 dots: packed products, see _wmul); r itself serves the backward
+    tab16 = _tab16(c["MODE"])
+    r16 = torch.empty(r.shape, device=q.device, dtype=torch.bfloat16 if c["MODE"] == 0 else torch.float32) \
+        if tab16 else r
     mx = torch.empty(H * p.M, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=_store_dtype(q.dtype))
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
     ti = token_index(lay, q.device)
-    fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out, Den=den,
-               sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
-               NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), **c)
+    fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, R16=r16, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out,
+               Den=den, sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
+               NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), TAB16=tab16, ONES=ones, **c)
     chunks = p.M // c["MC"]
-    launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, mx, p, lay, c, ti),
+    launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, r16, mx, p, lay, c, ti, ones),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="fwd", pair_programs=chunks)]
     return launches, out, res, den, r, mx

@@ -16,6 +16,9 @@ Subtracting ``max_m`` keeps every weight in (0, 1]: it cancels in ``num / (den +
 e^-max too) and in every gradient below, so fp16/bf16 tiles cannot overflow. Dots: bf16 takes bf16 operands
 with fp32 accumulation everywhere (MODE 0); fp16 takes fp16 for A and tf32 for every dot with a weight-side or
 gradient-side operand (MODE 1), whose range fp16 lacks; fp32 takes tf32x3 (MODE 2, fp32-accurate).
+With bf16 dots the weights that enter a dot as an operand (the forward's W_m, dK/dV's W'^T) are packed bf16x2
+products round(round(A) round(r'_m)) (:func:`_wmul`): two pairs per instruction and no conversion per group, at
+the cost of rounding A and r' to bf16 first (the forward reads a bf16 copy of its pair table, R16).
 
 Backward units (``normalize`` folded in): ``s = 1 / (den' + eps e^-max)``, ``g' = s g`` (the upstream gradient of
 a group, scaled), ``gd = -s g . out``; then ``dW'_ij = g'_i . v_j + gd_i`` is the gradient of the weight
@@ -92,6 +95,22 @@ def _gather(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
     return tl.reshape(x, (R, 2 * C, MCP))
 
 @triton.jit
+def _gather16(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
+    """_gather from the layout of R16 (_pair_table: the two columns of a group side by side; bf16 with bf16 dots,
+    and in fp32 where tests run that layout at other modes)."""
+    R: tl.constexpr = ridx.shape[0]
+    C: tl.constexpr = cidx.shape[0]
+    W: tl.constexpr = 2 * MCP
+    if TRANS:
+        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.permute(tl.load(ptr), (1, 0, 2))
+    else:
+        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        x = tl.load(ptr)
+    x = tl.permute(tl.reshape(x, (R, C, MCP, 2)), (0, 1, 3, 2))
+    return tl.reshape(x, (R, 2 * C, MCP))
+
+@triton.jit
 def _lookup(tab, idx, MCP: tl.constexpr):
     """r' of the chunk's MCP groups at entries idx (R, C): (R, C, MCP), from slot 0 of a pair table."""
     return tl.load((tab + idx * (2 * MCP))[:, :, None] + tl.arange(0, MCP)[None, None, :])
@@ -113,19 +132,22 @@ def _feature_rows(X, FX, b, h, bh, sxb, sxh, sxn, sxd, offs, N, DK, scale,
 
 @triton.jit
 def _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M: tl.constexpr, G: tl.constexpr,
-                BLOCK_G: tl.constexpr, NPAD: tl.constexpr):
-    """VP[bh, offs, m, :] = v of group m, zero-padded to BLOCK_G columns and NPAD rows (mask-free tiles)."""
+                BLOCK_G: tl.constexpr, NPAD: tl.constexpr, ONES: tl.constexpr):
+    """VP[bh, offs, m, :] = v of group m, zero-padded to BLOCK_G columns and NPAD rows (mask-free tiles); with
+    ONES, column G holds 1 (the forward's row sums ride on the value dot)."""
     offs_g = tl.arange(0, BLOCK_G)
     mask = (offs < N)[:, None] & (offs_g < G)[None, :]
     for gm in tl.static_range(M):
         x = tl.load(V + b * svb + h * svh + offs[:, None] * svn + (gm * G + offs_g)[None, :] * svd, mask=mask,
                     other=0.0)
+        if ONES:     # (in fp32: the interpreter has no bf16 scalar constants)
+            x = tl.where(offs_g[None, :] == G, 1.0, x.to(tl.float32))
         tl.store(VP + ((bh * NPAD + offs) * M + gm)[:, None] * BLOCK_G + offs_g[None, :], x.to(VP.dtype.element_ty))
 
 @triton.jit
 def _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
                 scale, FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr, ONES: tl.constexpr = False):
     """Features of q and k and the padded values for the BLOCK_T tokens of program ``pid``; (b, h, bh, offs)."""
     NTB: tl.constexpr = NPAD // BLOCK_T
     bh = pid // NTB
@@ -134,7 +156,7 @@ def _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd
     offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
     _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
     _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
-    _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M, G, BLOCK_G, NPAD)
+    _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M, G, BLOCK_G, NPAD, ONES)
     return b, h, bh, offs
 
 @triton.jit
@@ -178,11 +200,12 @@ def _table_values(RPE_hm, REX_hm, t, HAS_REX: tl.constexpr,
     return tl.where(t < TX, val, neg_inf)
 
 @triton.jit
-def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX, DELTAS,
+def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, R16, MX, DELTAS,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  H, N, DK, scale, n_feat,
                  FEATURE: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr, MC: tl.constexpr,
-                 MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                 MCP: tl.constexpr, ND: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, TAB16: tl.constexpr,
+                 ONES: tl.constexpr,
                  S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
                  L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
                  R1LO: tl.constexpr, R1HI: tl.constexpr, R0LO: tl.constexpr, R0HI: tl.constexpr,
@@ -191,17 +214,18 @@ def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, MX, DELTAS,
                  DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr, TBLOCK: tl.constexpr):
     """Programs [0, n_feat): fq, fk and the padded values of BLOCK_T tokens of one (b, h). Then one program per
     (h, chunk): max_m = max_t log r_m[t] and the chunk's pair table for pairs of neighbouring keys (_pair_table;
-    the padding slots of MCP > MC hold 0)."""
+    the padding slots of MCP > MC hold 0), with TAB16 also its copy for the forward (R16). ONES: see _fwd_kernel."""
     pid = tl.program_id(0)
     if pid < n_feat:
         _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
-                    scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T)
+                    scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T, ONES)
     else:
-        _pair_table(pid - n_feat, RPE, REX, R, MX, DELTAS, True, HAS_REX, M, MC, MCP, ND, S1, S2, S3, L1, L2, L3, E,
-                    T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
+        _pair_table(pid - n_feat, RPE, REX, R, R16, TAB16, MX, DELTAS, True, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
+                    L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
-def _pair_table(hc, RPE, REX, R, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: tl.constexpr, M: tl.constexpr,
+def _pair_table(hc, RPE, REX, R, R16, TAB16: tl.constexpr, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: tl.constexpr,
+                M: tl.constexpr,
                 MC: tl.constexpr, MCP: tl.constexpr, ND: tl.constexpr,
                 S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr,
                 L3: tl.constexpr, E: tl.constexpr, T: tl.constexpr, TX: tl.constexpr, TXP: tl.constexpr,
@@ -211,12 +235,15 @@ def _pair_table(hc, RPE, REX, R, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: t
     """The pair table of (head, chunk) hc: for each delta d_c of DELTAS (the steps between the table entries of
     neighbouring tokens that the kernels read in pairs) and entry t, R[hc, c, t, s, m] = r'_m[t + s d_c], s = 0, 1,
     with r'_m = exp(log r_m - max_m) (0 off the table). One load at entry t of copy c then brings the weights of
-    two neighbouring tokens for every group of the chunk. With WRITE_MAX it computes max_m (MX) first."""
+    two neighbouring tokens for every group of the chunk. With WRITE_MAX it computes max_m (MX) first. With TAB16
+    it writes the table in bf16 to R16 too, the two tokens of a group side by side (R16[hc, c, t, m, s]): one
+    32-bit word is a bf16x2 operand of the forward's packed products (_wmul)."""
     NCH: tl.constexpr = M // MC
     h = hc // NCH
     W: tl.constexpr = 2 * MCP
     for j in tl.static_range(MCP):
         out = R + hc * (ND * TXP * W) + j
+        out16 = R16 + hc * (ND * TXP * W) + 2 * j
         if j < MC:
             hm = h * M + (hc % NCH) * MC + j
             rpe_hm = RPE + hm * (L1 * L2 * L3)
@@ -240,26 +267,50 @@ def _pair_table(hc, RPE, REX, R, MX, DELTAS, WRITE_MAX: tl.constexpr, HAS_REX: t
                         ts = tl.where((ts >= 0) & (ts < TXP), ts, TX)       # (entry TX: weight 0, no load)
                         val = _table_values(rpe_hm, rex_hm, ts, HAS_REX, S1, S2, S3, L1, L2, L3, E, T, TX,
                                             R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL)
-                        tl.store(out + (c * TXP + t) * W + s * MCP, tl.exp(val - m))
+                        rv = tl.exp(val - m)
+                        tl.store(out + (c * TXP + t) * W + s * MCP, rv)
+                        if TAB16:
+                            tl.store(out16 + (c * TXP + t) * W + s, rv.to(R16.dtype.element_ty))
         else:
             for c in range(ND):
                 for t0 in range(0, TXP, TBLOCK):
                     t = t0 + tl.arange(0, TBLOCK)
                     for s in tl.static_range(2):
                         tl.store(out + (c * TXP + t) * W + s * MCP, tl.zeros((TBLOCK,), tl.float32))
+                        if TAB16:
+                            tl.store(out16 + (c * TXP + t) * W + s, tl.zeros((TBLOCK,), R16.dtype.element_ty))
 
 # ------------------------------------------------------------ forward
 
 @triton.jit
-def _fwd_group(acc, den, A, r, vt, ones, MODE: tl.constexpr):
-    W = A * r
+def _wmul(A, r, MODE: tl.constexpr):
+    """The weights W = A r of a group in the dtype of the dots. bf16 dots (MODE 0; r in bf16): packed bf16x2
+    products of round(A) and r, two pairs per instruction and no conversion (ptxas computes round(A) once for all
+    groups; fma with a -0 addend is the rounded product, and unlike mul.bf16x2 (sm_90) it exists on sm_80);
+    else the fp32 product."""
+    if MODE == 0:
+        return tl.inline_asm_elementwise("{ .reg .b32 t, z; cvt.rn.bf16x2.f32 t, $2, $1; mov.b32 z, 0x80008000; "
+                                         "fma.rn.bf16x2 $0, t, $3, z; }",
+                                         "=r,r,r,r", [A, r], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return A * r
+
+@triton.jit
+def _fwd_group(acc, den, A, r, vt, ones, MODE: tl.constexpr, ONES: tl.constexpr):
+    W = _wmul(A, r, MODE)
+    if ONES:         # (the row sums come with the values: vt's column G is 1)
+        return _dot(W, vt, acc, MODE), den
     return _dot(W, vt, acc, MODE), _dot(W, ones, den, MODE)
 
 @triton.jit
 def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, N, M: tl.constexpr, sob, soh, son, sod, eps, offs_m,
-               G: tl.constexpr, BLOCK_G: tl.constexpr, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr):
+               G: tl.constexpr, BLOCK_G: tl.constexpr, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr,
+               ONES: tl.constexpr):
     offs_g = tl.arange(0, BLOCK_G)
-    d = tl.max(den, 1)                   # (the 16 columns of the ones-dot are equal)
+    if ONES:
+        d = tl.sum(tl.where(offs_g[None, :] == G, acc, 0.0), 1)
+    else:
+        d = tl.max(den, 1)               # (the 16 columns of the ones-dot are equal)
     mx = tl.load(MX + h * M + gm)
     if NORMALIZE:
         acc = acc * (1.0 / (d + eps * tl.exp(-mx)))[:, None]
@@ -275,17 +326,19 @@ def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, N, M: tl.constexpr, so
     tl.store(Den + (bh * N + offs_m) * M + gm, d, mask=row)
 
 @triton.jit
-def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
+def _fwd_kernel(FQ, FK, VP, R, R16, AIX, NB2, MX, Out, Res, Den,
                 sob, soh, son, sod, H, N, eps,
                 M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                 DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
                 CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr, RESIDUAL: tl.constexpr,
-                GATHER_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                TAB16: tl.constexpr, ONES: tl.constexpr, GATHER_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """One program per (query tile, batch * head, group chunk); for every key tile
 
         A = fq fk^T                      one tensor-core dot for all groups of the chunk
-        r = R[AIX_i + NB2_j]             one vector load for 2 keys and all groups (pair table)
-        W_m = A r_m,  acc_m += W_m v_m,  den_m += W_m 1       (the row sums ride on a 16-column ones-dot)
+        r = R[AIX_i + NB2_j]             one vector load for 2 keys and all groups (pair table; with TAB16, R16)
+        W_m = A r_m,  acc_m += W_m v_m,  den_m += W_m 1       (the row sums ride on a 16-column ones-dot, or
+                                                               with ONES on v_m's column G, which holds 1)
         out_m = acc_m / (den_m + eps e^-max_m)                (acc_m e^max_m if not normalize)"""
     pid_m, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -293,6 +346,7 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
     tab = R + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
+    tab16 = R16 + (h * NCH + mc) * (NDK * TXP * 2 * MCP)
     ai = tl.load(AIX + offs_m)
     vbase = VP + (bh * NPAD * M + mc * MC) * BLOCK_G
     ones = tl.full((BLOCK_N, 16), 1.0, FQ.dtype.element_ty)
@@ -312,26 +366,32 @@ def _fwd_kernel(FQ, FK, VP, R, AIX, NB2, MX, Out, Res, Den,
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
         A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
         nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
-        r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
-        acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE)
+        if TAB16:
+            r0, r1, r2, r3 = _split_groups(_gather16(tab16, ai, nb2, MCP, GATHER_T), MCP)
+        else:
+            r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
+        acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE, ONES)
         if MC > 1:
-            acc1, den1 = _fwd_group(acc1, den1, A, r1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
+            acc1, den1 = _fwd_group(acc1, den1, A, r1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
+                                    ONES)
         if MC > 2:
-            acc2, den2 = _fwd_group(acc2, den2, A, r2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
+            acc2, den2 = _fwd_group(acc2, den2, A, r2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
+                                    ONES)
         if MC > 3:
-            acc3, den3 = _fwd_group(acc3, den3, A, r3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE)
+            acc3, den3 = _fwd_group(acc3, den3, A, r3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
+                                    ONES)
     m0 = mc * MC
     _fwd_store(acc0, den0, m0, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G, BLOCK_G,
-               NORMALIZE, RESIDUAL)
+               NORMALIZE, RESIDUAL, ONES)
     if MC > 1:
         _fwd_store(acc1, den1, m0 + 1, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
-                   BLOCK_G, NORMALIZE, RESIDUAL)
+                   BLOCK_G, NORMALIZE, RESIDUAL, ONES)
     if MC > 2:
         _fwd_store(acc2, den2, m0 + 2, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
-                   BLOCK_G, NORMALIZE, RESIDUAL)
+                   BLOCK_G, NORMALIZE, RESIDUAL, ONES)
     if MC > 3:
         _fwd_store(acc3, den3, m0 + 3, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G,
-                   BLOCK_G, NORMALIZE, RESIDUAL)
+                   BLOCK_G, NORMALIZE, RESIDUAL, ONES)
 
 # ------------------------------------------------------------ backward
 
@@ -381,7 +441,7 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
                      tl.where(c16[None, :] == 0, gd[:, None], 0.0).to(GDX.dtype.element_ty))
             tl.store(GD + slot, gd)
     else:
-        _pair_table(pid - n_feat, RPE, REX, RQ, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
+        _pair_table(pid - n_feat, RPE, REX, RQ, RQ, False, MX, DELTAS, False, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
                     L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
@@ -395,8 +455,14 @@ def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, GD_DOT: tl.constexpr):
     return _dot(gp, tl.trans(vt), zero, MODE) + tl.sum(gdx.to(tl.float32), 1)[:, None]
 
 @triton.jit
-def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr):
-    dv = _dot(At * rt, gp, dv, MODE)
+def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr, PACKED: tl.constexpr):
+    if PACKED:       # (bf16 dots, several groups: as _wmul, packed products of round(A^T) and round(r^T))
+        Wt = tl.inline_asm_elementwise("{ .reg .b32 a, r, z; cvt.rn.bf16x2.f32 a, $2, $1; cvt.rn.bf16x2.f32 r, $4, $3; "
+                                       "mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, a, r, z; }", "=r,r,r,r,r", [At, rt],
+                                       dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        Wt = At * rt
+    dv = _dot(Wt, gp, dv, MODE)
     if GD_DOT:
         Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
     else:
@@ -426,6 +492,7 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
     pid_n, bh, mc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     NCH: tl.constexpr = M // MC
+    PACKED: tl.constexpr = MODE == 0 and MC > 1     # (W'^T by _dkv_group; one group: the same count either way)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
     tab = RQ + (h * NCH + mc) * (NDQ * TXP * 2 * MCP)
@@ -458,16 +525,17 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
         ai2 = tl.load(AI2 + start_m // 2 + tl.arange(0, BLOCK_M // 2))
         r0, r1, r2, r3 = _split_groups(_gather(tab, nb, ai2, MCP, GATHER_T), MCP)
         dv0, dAt = _dkv_group(dv0, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), At, r0,
-                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, GD_DOT)
+                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, GD_DOT,
+                              PACKED)
         if MC > 1:
             dv1, dAt = _dkv_group(dv1, dAt, At, r1, _tile(gbase + BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, GD_DOT)
+                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, GD_DOT, PACKED)
         if MC > 2:
             dv2, dAt = _dkv_group(dv2, dAt, At, r2, _tile(gbase + 2 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, GD_DOT)
+                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, GD_DOT, PACKED)
         if MC > 3:
             dv3, dAt = _dkv_group(dv3, dAt, At, r3, _tile(gbase + 3 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, GD_DOT)
+                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, GD_DOT, PACKED)
         dfk = _dot(dAt, fq, dfk, MODE)
     offs_d = tl.arange(0, DKP)
     mask = (offs_n < N)[:, None] & (offs_d < DK)[None, :]
