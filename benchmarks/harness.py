@@ -201,12 +201,14 @@ def _child(case_json: str, conn) -> None:
 
 
 def measure_in_subprocess(case: Case, timeout: float) -> Dict:
-    """Measure one case in a fresh child process, forked from a server process that has imported torch and
-    lisa_kernels but run nothing (so each case starts clean, without paying the imports again)."""
+    """Measure one case in a fresh child process, forked from a server process that has imported torch but run
+    nothing (so each case starts clean, without paying torch's import again)."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "lisa_kernels", __name__])
+        # torch only: the server imports before it has the parent's sys.path, so a lisa_kernels preloaded there
+        # could be the current directory's rather than the one chosen (_library.py); each child imports it
+        _CONTEXT.set_forkserver_preload(["torch"])
     receive, send = _CONTEXT.Pipe(duplex=False)
     proc = _CONTEXT.Process(target=_child, args=(case.to_json(), send), daemon=True)
     proc.start()
