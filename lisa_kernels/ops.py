@@ -163,9 +163,11 @@ def direct_dense_first(p: Problem) -> bool:
     pairs = p.B * p.H * p.N * p.N
     if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
         return False
-    if _C_DIRECT is None or p.device.type != "cpu":   # (.type: torch 2.11's dynamo cannot compare devices)
+    if _C_DIRECT is None or pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK:
         return True
-    return pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK
+    # (last: reading .type costs a quarter of a microsecond, on every call of a tiny problem; comparing devices
+    # would cost less, but breaks torch 2.11's dynamo)
+    return p.device.type != "cpu"
 
 
 def _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype):
