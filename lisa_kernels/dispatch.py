@@ -260,9 +260,9 @@ _FFT_KINDS, _DIRECT_KINDS = ("fft",), ("direct",)
 
 def fft_crossover(p: Problem, backward: bool, device_class: Optional[str] = None,
                   names: Optional[tuple] = None) -> Optional[Tuple[int, ...]]:
-    """The smallest grid of p's shape (scaled uniformly, same D, dtype, batch, heads, options) on which the
-    cost model puts the best FFT-form backend at or below the best direct-form one; None if none up to 2^24
-    tokens. ``names`` (default: every modelled backend of the class that can run ``p``) are the candidates."""
+    """The smallest grid of p's shape (scaled uniformly, its largest side in steps of 2^(1/8); same D, dtype,
+    batch, heads, options) on which the cost model puts the best FFT-form backend at or below the best
+    direct-form one; None if none up to 2^24 tokens. ``names`` (default: every modelled backend of the class that can run ``p``) are the candidates."""
     cls = device_class or _device_class(p.device)
     kinds = model_backends(COST_MODEL[cls])
     if names is None:
