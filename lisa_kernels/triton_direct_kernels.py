@@ -78,20 +78,25 @@ def _split_groups(x, MCP: tl.constexpr):
         return x0, x1, x2, x3
 
 @triton.jit
+def _load_pairs(tab, ridx, cidx, W: tl.constexpr, TRANS: tl.constexpr):
+    """The W values at entry ridx_r + cidx_c of a pair table, (R, C, W). TRANS builds the pointers with the
+    columns first, then transposes: Triton 3.6 and 3.8 lay a gather out in opposite orders, and the launcher
+    picks the one whose per-iteration index is the cheap one."""
+    if TRANS:
+        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        return tl.permute(tl.load(ptr), (1, 0, 2))
+    else:
+        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
+        return tl.load(ptr)
+
+@triton.jit
 def _gather(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
     """The chunk's weights of pairs (row r, column c) from a pair table (see _prep_kernel): cidx indexes pairs
     of columns, the load at entry ridx_r + cidx_c brings the 2 MCP weights of columns 2c and 2c + 1; returns
-    (R, 2 C, MCP). TRANS builds the pointers with the columns first, then transposes: Triton 3.6 and 3.8 lay a
-    gather out in opposite orders, and the launcher picks the one whose per-iteration index is the cheap one."""
+    (R, 2 C, MCP)."""
     R: tl.constexpr = ridx.shape[0]
     C: tl.constexpr = cidx.shape[0]
-    W: tl.constexpr = 2 * MCP
-    if TRANS:
-        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
-        x = tl.permute(tl.load(ptr), (1, 0, 2))
-    else:
-        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
-        x = tl.load(ptr)
+    x = _load_pairs(tab, ridx, cidx, 2 * MCP, TRANS)
     return tl.reshape(x, (R, 2 * C, MCP))
 
 @triton.jit
@@ -100,13 +105,7 @@ def _gather16(tab, ridx, cidx, MCP: tl.constexpr, TRANS: tl.constexpr):
     and in fp32 where tests run that layout at other modes)."""
     R: tl.constexpr = ridx.shape[0]
     C: tl.constexpr = cidx.shape[0]
-    W: tl.constexpr = 2 * MCP
-    if TRANS:
-        ptr = (tab + cidx * W)[:, None, None] + (ridx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
-        x = tl.permute(tl.load(ptr), (1, 0, 2))
-    else:
-        ptr = (tab + ridx * W)[:, None, None] + (cidx * W)[None, :, None] + tl.arange(0, W)[None, None, :]
-        x = tl.load(ptr)
+    x = _load_pairs(tab, ridx, cidx, 2 * MCP, TRANS)
     x = tl.permute(tl.reshape(x, (R, C, MCP, 2)), (0, 1, 3, 2))
     return tl.reshape(x, (R, 2 * C, MCP))
 

@@ -6,13 +6,26 @@ Nothing here calls into lisa_kernels except through its public ``lisa_attention`
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 import lisa_kernels
 
 INPUT_NAMES = ("q", "k", "v", "rpe", "rpe_extra")
+
+
+def triton_test_device() -> str:
+    """The device of a Triton test module: "cuda" where torch sees a GPU, else "cpu" through Triton's interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported); skips the module where neither runs."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before importing triton)",
+                    allow_module_level=True)
+    return "cpu"
 
 
 def table_shape(grid: Sequence[int], boundary: str) -> Tuple[int, ...]:

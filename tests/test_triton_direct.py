@@ -6,21 +6,18 @@ device and a GPU-only test adds bf16 and larger sizes.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import lisa_kernels as L
 from lisa_kernels.triton_direct import HAS_TRITON
+from lisa_test_utils import triton_test_device
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before importing triton)",
-                allow_module_level=True)
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
 
 # relative error bound per dtype, against the float64 reference (issue: fp32 <= 1e-4, fp16 <= 1e-2)
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}

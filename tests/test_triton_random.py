@@ -23,15 +23,12 @@ import pytest
 import torch
 
 from lisa_kernels.triton_direct import HAS_TRITON
-from lisa_test_utils import errors, forward_backward, make_inputs
+from lisa_test_utils import errors, forward_backward, make_inputs, triton_test_device
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before importing triton)",
-                allow_module_level=True)
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
 
 SEED = int(os.environ.get("LISA_RANDOM_SEED", "19"))
 COUNT = int(os.environ.get("LISA_RANDOM_CONFIGS", "28"))

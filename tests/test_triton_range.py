@@ -8,20 +8,17 @@ ends), plus a floor of a quarter of the dtype's epsilon for errors at round-off 
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import lisa_kernels as L
 from lisa_kernels.triton_direct import HAS_TRITON
+from lisa_test_utils import triton_test_device
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before importing triton)",
-                allow_module_level=True)
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
 
 CASES = [
     # grid, E, M, causal, D, q/k scale, rpe range, normalize, feature map
