@@ -422,7 +422,7 @@ LISA_SIMD_CLONES void chain_feature(I* __restrict o, const T* __restrict s, cons
   for (int64_t d = 0; d < n; ++d) o[d] = static_cast<I>(s[d] * dphi<T>(f[d], elu1) * scale);
 }
 
-// ---------------------------------------------------------------- the extended tables
+// ---------------------------------------------------------------- per call: the cached pair index, the weight tables
 
 // The pair index of a (grid, num_extra, boundary, causal), with its table sources: built once and kept (a model
 // calls with the same few grids; the most recent 16 are kept).
