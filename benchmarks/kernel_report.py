@@ -20,7 +20,10 @@ FlashAttention-2 in Triton (``yardstick_fa2.py``), in the same run. From each cu
   SM per cycle (``--atomics-per-sm-clock``). This is an estimate: NVIDIA publishes no L2 atomic throughput and
   none was measured here; one operation per SM-cycle is the order of the L2's 32-byte sector rate per SM
   (132 SMs x 1.8 GHz x 32 B = 7.6 TB/s). A GPU run should replace it;
-* bound = the largest of the three: the floor on the loop's time that the report can see.
+* bound = the largest of the three: the floor on the loop's time that the report can see;
+* whether ptxas serializes the kernel's wgmma (sm_90a; its advisory, from ptxas -v on the kernel's PTX): every
+  wgmma then waits for the one before, a cost the counts above do not show, so the totals skip such configs
+  where the kernel has a spill-free one that is not serialized.
 
 A pass's total is the sum over its per-pair kernels (those whose loop runs over tiles of pairs); the O(N)
 kernels (feature and table preparation, the table-gradient fold) are listed with no per-pair figure. The
@@ -255,6 +258,27 @@ def resources(cubin: bytes):
     return regs, stack, sass
 
 
+_SERIAL = re.compile(r"wgmma\.mma_async instructions are serialized due to (.*?) in the function")
+
+
+def wgmma_serialized(ptx: str, arch: str) -> str:
+    """ptxas's reason for serializing a kernel's wgmma (its performance advisory C7515 / C7510: every wgmma then
+    waits for the one before, so the tensor cores idle through each one's latency, which issue counts do not
+    show), or "" if it does not. Triton compiles with the same ptxas, whose advisories it does not show."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    return serialization_reason(out.stdout + out.stderr)
+
+
+def serialization_reason(ptxas_log: str) -> str:
+    m = _SERIAL.search(ptxas_log)
+    return m.group(1) if m else ""
+
+
 # ---------------------------------------------------------------- the jobs
 
 @dataclasses.dataclass(frozen=True)
@@ -321,10 +345,12 @@ def run_job(job):
         rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return rec
     regs, stack, sass = resources(c.asm["cubin"])
+    serialized = wgmma_serialized(c.asm["ptx"], case.arch) if case.arch == "sm_90a" else ""
     ops = hot_loop(sass)
     mix = Counter(opclass(op) for op in ops)
     n = len(ops)
     rec.update(regs=regs, stack_bytes=stack, shared_bytes=int(c.metadata.shared), loop_instructions=n,
+               wgmma_serialized=serialized,
                loop_mix={k: mix.get(k, 0) for k in CLASSES}, tile_pairs=pairs,
                issue_cycles_per_1k_pairs=(reps * n * config["num_warps"] / 4 / (pairs / 1000)) if per_pair else None)
     if per_pair:
@@ -379,9 +405,12 @@ def pass_totals(records):
 
 def launcher_choices(recs):
     """The configs of one kernel the launcher may run: the spill-free ones (it prunes the others before
-    autotuning), or, if none is spill-free, the least-spilling one."""
+    autotuning), or, if none is spill-free, the least-spilling one. Among spill-free configs, those whose wgmma
+    ptxas serializes count only if all are: their issue cycles understate their time, so a GPU's autotuning
+    would not keep them."""
     free = [r for r in recs if r["stack_bytes"] == 0]
-    return free or [min(recs, key=lambda r: r["stack_bytes"])]
+    fast = [r for r in free if not r.get("wgmma_serialized")]
+    return fast or free or [min(recs, key=lambda r: r["stack_bytes"])]
 
 
 def _case_name(key):
@@ -403,21 +432,23 @@ def render(records, meta) -> str:
              "arch's dense rate; atomic cycles = its global atomics at an assumed "
              f"{meta['atomics_per_sm_clock']:g} per SM per cycle (an estimate, see the script's docstring); bound = "
              "the largest of the three. Atomics and bytes are per pair, from the SASS widths, every lane counted "
-             "(stored bytes include the atomics').", "",
-             "| case | pass | kernel | config | regs | stack | smem | loop insns | mma | mufu | load | store | "
+             "(stored bytes include the atomics'). wgmma: `serialized` where ptxas makes every wgmma wait for the one "
+             "before (its advisory C7515); such configs are not chosen where a spill-free one is not.", "",
+             "| case | pass | kernel | config | regs | stack | smem | wgmma | loop insns | mma | mufu | load | store | "
              "atomic | int | float | other | issue/1k | tensor/1k | atomics/pair | B loaded/pair | B stored/pair | "
              "bound/1k |",
-             "| --- | --- | --- | --- |" + " ---: |" * 18]
+             "| --- | --- | --- | --- |" + " ---: |" * 3 + " --- |" + " ---: |" * 15]
     for r in records:
         case = f"{r['arch']} {r['dtype']} D={r['D']} M={r['M']} " + _case_name(case_key(r))
         if "error" in r:
             lines.append(f"| {case} | {r['pass']} | {r['name']} | {r['config']} | compile error: {r['error']} |"
-                         + " |" * 17)
+                         + " |" * 18)
             continue
         mix = r["loop_mix"]
         bound = r.get("bound_cycles_per_1k_pairs")
         lines.append(f"| {case} | {r['pass']} | {r['name']} | {r['config']} | {r['regs']} | {r['stack_bytes']} | "
-                     f"{r['shared_bytes']} | {r['loop_instructions']} | "
+                     f"{r['shared_bytes']} | {'serialized' if r.get('wgmma_serialized') else '-'} | "
+                     f"{r['loop_instructions']} | "
                      + " | ".join(str(mix[k]) for k in CLASSES)
                      + f" | {_num(r['issue_cycles_per_1k_pairs'])} | {_num(r.get('tensor_cycles_per_1k_pairs'))} | "
                      f"{_num(r.get('atomics_per_pair'), '.3f')} | {_num(r.get('load_bytes_per_pair'), '.2f')} | "

@@ -314,7 +314,8 @@ def _triton_version() -> Tuple[int, int]:
 # program's live state (gpu_configs) and per Triton version: 3.6 and 3.8 compile the same kernels differently (3.6
 # wants the transposed gather, GATHER_T; see _gather). They are the spill-free shapes with the fewest issue cycles
 # found by compiling 50-80 candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each
-# version. Configs that spill are pruned before tuning (:func:`_spill_free`).
+# version, leaving out those whose wgmma ptxas serializes (benchmarks/kernel_report.py flags them). Configs
+# that spill are pruned before tuning (:func:`_spill_free`).
 # The walker's tiles are 64 x 64 (its fold assumes them); a program may take 64 x BLOCK_N of one. The
 # interpreter takes one small config (16 x 16; the walker 64 x 64).
 GPU_CONFIGS = {
@@ -331,15 +332,15 @@ GPU_CONFIGS = {
                    "dq": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)],
                    "dkv": [(32, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
-        "group4": {"fwd": [(128, 64, 8, 2, 0), (128, 32, 8, 1, 0)],
+        "group4": {"fwd": [(64, 32, 4, 1, 0), (128, 64, 8, 1, 1), (128, 32, 8, 1, 0)],
                    "dq": [(32, 64, 4, 2, 0), (64, 32, 4, 1, 0)],
-                   "dkv": [(32, 64, 4, 2, 0), (32, 128, 8, 2, 0)],
+                   "dkv": [(32, 64, 4, 2, 0), (32, 128, 8, 1, 1)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
     },
     "3.6": {
         "light": {"fwd": [(64, 128, 4, 2, 1), (128, 64, 8, 1, 1), (64, 64, 4, 2, 1)],
                   "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 2, 1), (64, 64, 4, 1, 0)],
-                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 2, 1)],
+                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 1, 1)],
                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
         "wide": {"fwd": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
                  "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
@@ -349,9 +350,9 @@ GPU_CONFIGS = {
                    "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
                    "dkv": [(32, 64, 4, 1, 1), (32, 128, 8, 1, 1)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
-        "group4": {"fwd": [(64, 64, 4, 2, 1), (128, 32, 8, 1, 1)],
+        "group4": {"fwd": [(64, 32, 4, 1, 1), (128, 32, 8, 1, 1), (128, 64, 8, 2, 0)],
                    "dq": [(32, 64, 4, 2, 1), (64, 32, 4, 2, 1)],
-                   "dkv": [(32, 64, 4, 2, 1), (32, 128, 8, 2, 1)],
+                   "dkv": [(32, 64, 4, 2, 1), (32, 128, 8, 1, 0)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 8, 1, 0)]},
     },
 }

@@ -360,6 +360,7 @@ def _fwd_kernel(FQ, FK, VP, R, R16, AIX, NB2, MX, Out, Res, Den,
     hi = N
     if CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    tl.assume(hi > 0)     # (N >= 1; without it ptxas serialized this loop's wgmma: kernel_report.py flags that)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
@@ -606,6 +607,7 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
     hi = N
     if CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    tl.assume(hi > 0)     # (as in _fwd_kernel: no serialized wgmma)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)

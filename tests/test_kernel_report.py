@@ -75,6 +75,16 @@ def test_opcodes_are_classified():
     assert kr.opclass("F2FP.BF16.F32.PACK_AB") == "float"
 
 
+def test_wgmma_serialization_advisory_is_read():
+    """ptxas's advisory (as ptxas 12.x / 13.x print it) gives the reason; a log without one gives ""."""
+    import kernel_report as kr
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+           "stage in the function '_fwd_kernel'\nptxas info    : Used 216 registers, used 1 barriers\n")
+    assert kr.serialization_reason(log).startswith("non wgmma instructions defining accumulator registers")
+    assert kr.serialization_reason("ptxas info    : Used 128 registers\n") == ""
+
+
 NO_TRITON_RUNTIME = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 NO_TRITON_REASON = ("no CUDA GPU and TRITON_INTERPRET is not 1: the yardstick cannot run (tests/conftest.py sets the "
                     "interpreter on CPU machines)")
@@ -133,6 +143,17 @@ def test_every_kernel_compiles_without_spills(ci_report):
                     "table_grad"}
     assert {r["arch"] for r in records} == {"sm_90a", "sm_80"}
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_no_candidate_serializes_its_wgmma(ci_report):
+    """sm_90a: ptxas serializes the wgmma of no candidate config of any kernel (each wgmma would wait for the one
+    before: tensor-core latency the issue counts do not show). The loops over key tiles tell the compiler they
+    run at least once (tl.assume), without which ptxas serialized most forward configs."""
+    records, _ = ci_report
+    serial = [(r["name"], r["dtype"], r["D"], r["M"], r["config"], r["wgmma_serialized"]) for r in records
+              if r["arch"] == "sm_90a" and not r["pass"].startswith("yardstick") and r.get("wgmma_serialized")]
+    assert not serial, serial
+    assert any("wgmma_serialized" in r for r in records if r["arch"] == "sm_90a" and "error" not in r)
 
 
 def _target(ci_report, prefix):
