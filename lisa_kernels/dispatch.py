@@ -23,9 +23,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import _device
 from . import fft as _fft_module
 from . import ops as _ops
 from ._compose import compose
+from ._device import COST_CLASSES
 from ._validate import Problem
 from .cuda_fft import cuda_extension_reason
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
@@ -46,18 +48,16 @@ with open(_MODEL_PATH) as _f:
 AUTO_CANDIDATES = ("cuda", "triton", "triton-fft", "direct", "fft")
 
 
-DEVICE_CLASSES = ("cpu", "sm_80", "sm_90")
+DEVICE_CLASSES = COST_CLASSES
 
 
 def _device_class(device: torch.device) -> str:
-    """The cost model's class of a device: "cpu" for anything but CUDA; for a CUDA GPU, by compute capability,
-    "sm_90" for major >= 9 (Hopper and later), else "sm_80". A GPU takes the nearest class at or below its own
-    (e.g. sm_86, sm_89 -> sm_80); GPUs older than Ampere have no class of their own and also fall to sm_80."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    major, _minor = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else "sm_80"
+    """The cost model's class of a device: "cpu" for anything but a GPU; for a GPU its
+    :attr:`~lisa_kernels._device.GPU.cost_class` ("sm_90" for NVIDIA capability >= 9, Hopper and later; else
+    "sm_80": a GPU takes the nearest class at or below its own, e.g. sm_86, sm_89 -> sm_80; older NVIDIA GPUs and
+    AMD GPUs also fall to sm_80)."""
+    gpu = _device.gpu_of(device)
+    return "cpu" if gpu is None else gpu.cost_class
 
 
 def backend_reason(name: str, p: Problem) -> Optional[str]:
@@ -71,7 +71,7 @@ def backend_reason(name: str, p: Problem) -> Optional[str]:
     if name == "triton-fft":
         return triton_fft_reason(p)
     if name == "cuda":
-        if p.device.type != "cuda":
+        if p.device.type != "cuda" and _device.gpu_of(p.device) is None:
             return f"inputs are on {p.device}, not a CUDA device"
         return cuda_extension_reason()
     raise ValueError(f"unknown backend {name!r}")

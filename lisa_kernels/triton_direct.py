@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +26,8 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
 
+from . import _device
+from ._device import GPU
 from ._validate import Problem
 
 __all__ = ["HAS_TRITON", "triton_direct_reason", "lisa_direct_fwd", "lisa_direct_bwd", "saved_table_shape",
@@ -38,11 +41,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _plain_interpreter(gpu: Optional[GPU]) -> bool:
+    """Triton's interpreter on CPU tensors that stand for no GPU: its bf16 dots and casts are not a GPU's, so the
+    kernels take fp32 dots and fp32 stores for bf16 there, and one small config (no autotuning). With a GPU (or a
+    simulated one: lisa_kernels.testing.fake_gpu) the host code takes the GPU's branches."""
+    return gpu is None and _interpreting()
+
+
 def triton_device_reason(p: Problem) -> Optional[str]:
     """None if Triton kernels can run on ``p``'s device (a GPU, or the CPU interpreter), else why not."""
     if not HAS_TRITON:
         return "triton is not installed"
-    if p.device.type != "cuda" and not (p.device.type == "cpu" and _interpreting()):
+    on_gpu = p.device.type == "cuda" or _device.gpu_of(p.device) is not None
+    if not on_gpu and not (p.device.type == "cpu" and _interpreting()):
         return f"inputs are on {p.device}: Triton needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
     return None
 
@@ -258,17 +269,17 @@ def _table_constexprs(lay: Layout) -> dict:
 
 # ---------------------------------------------------------------- dtypes of the dots
 
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels write a result in: the result's own, except bf16 under the interpreter, whose bf16
+def _store_dtype(dtype: torch.dtype, gpu: Optional[GPU]) -> torch.dtype:
+    """The dtype the kernels write a result in: the result's own, except bf16 in the plain interpreter, whose bf16
     casts truncate (a GPU rounds to nearest): there the kernels write fp32 and torch rounds."""
-    return torch.float32 if dtype == torch.bfloat16 and _interpreting() else dtype
+    return torch.float32 if dtype == torch.bfloat16 and _plain_interpreter(gpu) else dtype
 
 
-def _modes(dtype: torch.dtype) -> Tuple[torch.dtype, int]:
+def _modes(dtype: torch.dtype, gpu: Optional[GPU]) -> Tuple[torch.dtype, int]:
     """(feature dtype, dot mode). Mode 0: 16-bit dots (bf16); mode 1: fp16 features and values, the dots with a
-    weight- or gradient-side operand in tf32; mode 2: fp32 inputs, tf32x3 dots. The interpreter's bf16 dot is
-    broken (TOOLCHAIN.md), so bf16 runs in mode 2 there."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting()):
+    weight- or gradient-side operand in tf32; mode 2: fp32 inputs, tf32x3 dots. The plain interpreter's bf16 dot
+    is broken (TOOLCHAIN.md), so bf16 runs in mode 2 there."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _plain_interpreter(gpu)):
         return torch.float32, 2
     if dtype == torch.float16:
         return torch.float16, 1
@@ -400,12 +411,14 @@ class Launch:
     block_configs: Optional[list] = None     # (BLOCK_M, BLOCK_N, warps, stages) in place of GPU_CONFIGS[tuned]
     warps: int = 4                 # num_warps of an untuned launch
     pair_programs: int = 1         # programs that each process every (query, key) pair (group chunks and parts)
+    gpu: Optional[GPU] = None      # the GPU it runs on (None: the plain interpreter, or a placeholder device)
 
     def configs(self, interpreting: Optional[bool] = None) -> List[dict]:
-        """The launch options (and block sizes, for autotuned kernels) the launcher may use."""
+        """The launch options (and block sizes, for autotuned kernels) the launcher may use: the GPU's candidates,
+        or the interpreter's one small config (default: where the launch has no GPU)."""
         if self.tuned is None:
             return [dict(num_warps=self.warps, num_stages=1)]
-        if _interpreting() if interpreting is None else interpreting:
+        if (self.gpu is None) if interpreting is None else interpreting:
             blocks = [(WALK_TILE, WALK_TILE, 1, 1) if self.tuned == "walk" else INTERPRETER_CONFIG
                       + (int(_gather_transposed()),)]
         else:
@@ -420,47 +433,68 @@ class Launch:
         return out
 
 
-_TUNED: Dict[tuple, object] = {}
+def _for_gpu(launches: List[Launch], gpu: Optional[GPU]) -> List[Launch]:
+    for launch in launches:
+        launch.gpu = gpu
+    return launches
 
 
-def _spill_free(kernel):
-    """An ``early_config_prune`` for triton.autotune: compiles each config and keeps those that do not spill
-    (all, if none is spill-free, or if the spill count cannot be read)."""
+_TUNED: Dict[tuple, object] = {}           # (launch name, GPU, candidates) -> the autotuned kernel
+_AUTOTUNE_KEY = ("N", "B", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "TW", "MODE", "CAUSAL")
+_AUTOTUNER_OPTIONS = ("grid", "warmup")    # what Triton's autotuner adds to the arguments it gives early_config_prune
+
+log = logging.getLogger(__name__)
+
+
+def _spill_free(kernel, gpu: GPU):
+    """An ``early_config_prune`` for triton.autotune: compiles each candidate for the GPU in use (the JIT's own
+    ``warmup``, whose binary the launch then reuses) and keeps those that fit it and do not spill. A candidate that
+    does not fit (Triton's ``OutOfResources``: shared memory, threads) is dropped; if every one that fits spills,
+    the one that spills least is kept. Each drop is logged (logger ``lisa_kernels.triton_direct``, INFO)."""
+    from triton.runtime.errors import OutOfResources
+
     def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
+        args = {k: v for k, v in {**named_args, **kwargs}.items() if k not in _AUTOTUNER_OPTIONS}
         scored = []
         for cfg in configs:
+            compiled = kernel.warmup(**args, **cfg.all_kwargs(), grid=(1,))
             try:
-                compiled = kernel.warmup(**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                         grid=(1,))
                 compiled._init_handles()
-                spills = int(compiled.n_spills)
-            except Exception:      # (an API difference across Triton versions: do not prune)
-                return configs
-            scored.append((spills, cfg))
+            except OutOfResources as exc:
+                log.info("%s on %s: %s dropped, it does not fit: %s", kernel.__name__, gpu, cfg, exc)
+                continue
+            scored.append((int(compiled.n_spills), cfg))
+        if not scored:
+            raise RuntimeError(f"{kernel.__name__}: no candidate config fits {gpu} ({len(configs)} tried; "
+                               f"lisa_kernels.triton_direct.GPU_CONFIGS)")
         free = [cfg for spills, cfg in scored if spills == 0]
+        for spills, cfg in scored:
+            if spills and free:
+                log.info("%s on %s: %s dropped, it spills %d bytes", kernel.__name__, gpu, cfg, spills)
         return free or [min(scored, key=lambda sc: sc[0])[1]]
     return prune
 
 
 def _tuned_kernel(launch: Launch):
-    """The autotuned wrapper of a kernel (GPU only), one per kernel and candidate list."""
+    """The autotuned wrapper of a kernel (GPU only), one per kernel, GPU and candidate list."""
     configs = launch.configs()
-    key = (launch.name, tuple(tuple(sorted(c.items())) for c in configs))
-    fn = _TUNED.get(key)
+    cache_key = (launch.name, launch.gpu, tuple(tuple(sorted(c.items())) for c in configs))
+    fn = _TUNED.get(cache_key)
     if fn is None:
         tconfigs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                   num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
-        key = [a for a in ("N", "B", "DKP", "BLOCK_G", "MC", "NPAD", "TXP", "TW", "MODE", "CAUSAL")
-               if a in launch.kernel.arg_names]
-        fn = triton.autotune(configs=tconfigs, key=key,
-                             prune_configs_by={"early_config_prune": _spill_free(launch.kernel)})(launch.kernel)
-        _TUNED[key] = fn
+        tuning_key = [a for a in _AUTOTUNE_KEY if a in launch.kernel.arg_names]
+        fn = triton.autotune(configs=tconfigs, key=tuning_key,
+                             prune_configs_by={"early_config_prune": _spill_free(launch.kernel, launch.gpu)}
+                             )(launch.kernel)
+        _TUNED[cache_key] = fn
     return fn
 
 
 def _run(launch: Launch) -> None:
-    if launch.tuned is not None and not _interpreting():
+    """On a GPU, an autotuned launch goes through :func:`_tuned_kernel`; otherwise (the plain interpreter, untuned
+    kernels) the launch takes its first config."""
+    if launch.tuned is not None and launch.gpu is not None:
         _tuned_kernel(launch)[launch.grid](**launch.args)
         return
     cfg = launch.configs()[0]
@@ -468,9 +502,9 @@ def _run(launch: Launch) -> None:
     launch.kernel[grid](**launch.args, **cfg)
 
 
-def _common(p: Problem, lay: Layout) -> dict:
+def _common(p: Problem, lay: Layout, gpu: Optional[GPU]) -> dict:
     M, G = p.M, p.Dv // p.M
-    _, mode = _modes(p.dtype)
+    _, mode = _modes(p.dtype, gpu)
     DKP = max(16, triton.next_power_of_2(p.Dk))
     MC = _group_chunk(M, DKP)
     return dict(M=M, MC=MC, MCP=triton.next_power_of_2(MC), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)),
@@ -517,24 +551,25 @@ def _prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, r16, mx, p: Problem, la
     return Launch("prep", _prep_kernel, args, (n_feat + H * (p.M // c["MC"]),))
 
 
-def _token_buffers(q, lay: Layout, p: Problem, c: dict):
+def _token_buffers(q, lay: Layout, p: Problem, c: dict, gpu: Optional[GPU]):
     """fq, fk (B * H, NPAD, DKP) and the padded values (B * H, NPAD, M, BLOCK_G), in the dots' dtype."""
     B, H = q.shape[:2]
-    fdt, _ = _modes(p.dtype)
+    fdt, _ = _modes(p.dtype, gpu)
     mk = functools.partial(torch.empty, device=q.device, dtype=fdt)
     return mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, p.M, c["BLOCK_G"])
 
 
-def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
-    """The forward's launches and the tensors they write: (launches, out, res, den, r, mx)."""
+def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU]):
+    """The forward's launches for ``gpu`` (None: the plain interpreter, or no GPU) and the tensors they write:
+    (launches, out, res, den, r, mx)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
-    c = _common(p, lay)
+    c = _common(p, lay, gpu)
     # The row sums ride on the value dot where a padding column can hold 1 (G < BLOCK_G), or where widening the
     # value rows from 16 to 32 columns costs what the 16-column ones-dot does: ONES, BLOCK_G = the rows' width.
     ones = c["G"] < c["BLOCK_G"] or c["BLOCK_G"] == 16
     c = dict(c, BLOCK_G=max(c["BLOCK_G"], triton.next_power_of_2(c["G"] + 1)) if ones else c["BLOCK_G"])
-    fq, fk, vp = _token_buffers(q, lay, p, c)
+    fq, fk, vp = _token_buffers(q, lay, p, c, gpu)
     r = torch.empty(saved_table_shape(p.grid, p.num_extra, p.boundary, p.causal, H, p.M, Dk), device=q.device,
                     dtype=torch.float32)
     # the forward's bf16 copy of the table (bf16 dots: packed products, see _wmul); r itself serves the backward
@@ -542,7 +577,7 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     r16 = torch.empty(r.shape, device=q.device, dtype=torch.bfloat16 if c["MODE"] == 0 else torch.float32) \
         if tab16 else r
     mx = torch.empty(H * p.M, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=_store_dtype(q.dtype))
+    out = torch.empty(B, H, N, p.Dv, device=q.device, dtype=_store_dtype(q.dtype, gpu))
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
@@ -554,14 +589,15 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem):
     launches = [_prep_launch(q, k, v, rpe, rpe_extra, fq, fk, vp, r, r16, mx, p, lay, c, ti, ones),
                 Launch("fwd", _fwd_kernel, fwd, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H, chunks),
                        tuned="fwd", pair_programs=chunks)]
-    return launches, out, res, den, r, mx
+    return _for_gpu(launches, gpu), out, res, den, r, mx
 
 
 def lisa_direct_fwd(q, k, v, rpe, rpe_extra, p: Problem):
     """out (B, H, N, Dv) in q's dtype; for the backward: res = out - round(out) (16-bit inputs; else empty),
     den' (B, H, N, M) fp32, the interleaved extended table r' (:func:`saved_table_shape`) and its log-max mx."""
     launches, out, res, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
-                                                      None if rpe_extra is None else rpe_extra.contiguous(), p)
+                                                      None if rpe_extra is None else rpe_extra.contiguous(), p,
+                                                      _device.gpu_of(q.device))
     for launch in launches:
         _run(launch)
     if out.dtype != q.dtype:          # (interpreter, bf16: see _store_dtype)
@@ -582,19 +618,19 @@ def _table_grad_launch(dr, drpe, drex, p: Problem, lay: Layout) -> Launch:
 EXTRA_BLOCK = 64
 
 
-def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem):
-    """The backward's launches and the tensors they write: (launches, dq, dk, dv, drpe, drex)."""
+def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem, gpu: Optional[GPU]):
+    """The backward's launches for ``gpu`` and the tensors they write: (launches, dq, dk, dv, drpe, drex)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
-    c = _common(p, lay)
+    c = _common(p, lay, gpu)
     chunks = p.M // c["MC"]
-    fq, fk, vp = _token_buffers(q, lay, p, c)
+    fq, fk, vp = _token_buffers(q, lay, p, c, gpu)
     gdt = _grad_dtype(c["MODE"])
     gp = torch.empty(B * H, lay.NPAD, p.M, c["BLOCK_G"], device=q.device, dtype=gdt)
     gdx = torch.empty(B * H, lay.NPAD, p.M, 16, device=q.device, dtype=gdt)
     gd = torch.empty(B * H, lay.NPAD, p.M, device=q.device, dtype=torch.float32)
     dr = torch.empty(H * p.M, lay.TXP if lay.circular else 1, device=q.device, dtype=torch.float32)
-    sdt = _store_dtype(q.dtype)
+    sdt = _store_dtype(q.dtype, gpu)
     if chunks == 1:      # written in the input dtypes; several chunks write fp32 partial sums
         dq, dk = (torch.empty(B, H, N, Dk, device=q.device, dtype=sdt) for _ in range(2))
         sdc = 0
@@ -665,7 +701,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))
     if not final:             # circular tables: each entry sums linear offsets that different folds wrote
         launches.append(_table_grad_launch(dr, drpe, drex, p, lay))
-    return launches, dq, dk, dv, drpe, drex
+    return _for_gpu(launches, gpu), dq, dk, dv, drpe, drex
 
 
 def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem):
@@ -673,7 +709,8 @@ def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: 
     atomics: the table gradient is summed in a fixed order)."""
     rpe = rpe.contiguous()
     rpe_extra = None if rpe_extra is None else rpe_extra.contiguous()
-    launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p)
+    launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
+                                                         _device.gpu_of(q.device))
     for launch in launches:
         _run(launch)
     if dq.dim() == 5:
@@ -682,14 +719,16 @@ def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: 
     return dq, dk, dv, drpe, None if drex is None else drex.to(rpe_extra.dtype)
 
 
-def kernel_launches(p: Problem, device="meta") -> List[Tuple[str, Launch]]:
-    """Every launch of one forward and one backward of ``p`` (pass "fwd" or "bwd"), on placeholder tensors
-    of ``device`` (default "meta": nothing is allocated): what ``benchmarks/kernel_report.py`` compiles."""
+def kernel_launches(p: Problem, device="meta", gpu: Optional[GPU] = None) -> List[Tuple[str, Launch]]:
+    """Every launch of one forward and one backward of ``p`` (pass "fwd" or "bwd") for ``gpu`` (default: the
+    device's own, none for "meta"), on placeholder tensors of ``device`` (default "meta": nothing is allocated):
+    what ``benchmarks/kernel_report.py`` compiles."""
+    gpu = gpu or _device.gpu_of(device)
     B, H, N, Dk = p.B, p.H, p.N, p.Dk
     mk = functools.partial(torch.empty, device=device, dtype=p.dtype)
     q, k, v = mk(B, H, N, Dk), mk(B, H, N, Dk), mk(B, H, N, p.Dv)
     rpe = mk(p.H, p.M, *p.rpe_table_shape)
     rex = mk(p.H, p.M, 3) if p.num_extra else None
-    fl, out, res, den, r, mx = forward_launches(q, k, v, rpe, rex, p)
-    bl = backward_launches(q, k, v, rpe, rex, out, res, den, r, mx, mk(B, H, N, p.Dv), p)[0]
+    fl, out, res, den, r, mx = forward_launches(q, k, v, rpe, rex, p, gpu)
+    bl = backward_launches(q, k, v, rpe, rex, out, res, den, r, mx, mk(B, H, N, p.Dv), p, gpu)[0]
     return [("fwd", x) for x in fl] + [("bwd", x) for x in bl]
