@@ -1,0 +1,41 @@
+"""Coverage of lisa_kernels from a coverage.py JSON report: the total share of lines executed and every function
+that never ran (no executed line).
+
+    python .ci/coverage_check.py coverage.json [--min-lines 95] [--require-functions]
+
+Exits 1 where the total is below --min-lines, or (with --require-functions) where a function never ran.
+"""
+import argparse
+import json
+import sys
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("report")
+    ap.add_argument("--min-lines", type=float, default=0.0)
+    ap.add_argument("--require-functions", action="store_true")
+    args = ap.parse_args()
+    with open(args.report) as f:
+        data = json.load(f)
+    total = data["totals"]["percent_covered"]
+    never = []
+    for path, entry in sorted(data["files"].items()):
+        for name, fn in entry.get("functions", {}).items():
+            s = fn["summary"]
+            if name and s["num_statements"] > 0 and s["covered_lines"] == 0:
+                never.append(f"{path.split('lisa_kernels/')[-1]}:{fn['executed_lines'] or fn['missing_lines'][0]} "
+                             f"{name}")
+    print(f"lisa_kernels: {total:.1f}% of lines executed ({data['totals']['covered_lines']} of "
+          f"{data['totals']['num_statements']}); {len(never)} functions never ran")
+    for line in never:
+        print(f"   never ran: {line}")
+    failed = total < args.min_lines or (args.require_functions and never)
+    if failed:
+        print(f"coverage check FAILED (at least {args.min_lines}% of lines"
+              f"{', every function run' if args.require_functions else ''})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
