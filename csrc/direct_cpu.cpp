@@ -73,6 +73,9 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's thread count for the calling thread (0: back to the global one), its C interface (mkl_set_num_threads_local
+// is the Fortran one, which takes a pointer); absent where torch's BLAS is not MKL
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 // The elementwise loops below are compiled for three x86 levels (AVX-512, AVX2 + FMA, the baseline) and the
@@ -535,8 +538,13 @@ template <typename F>
 void run_tasks(int64_t ntasks, int64_t workers, F&& fn) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    // MKL on one thread inside a task, whatever torch's thread count: MKL splits a product by its thread count even
+    // where it then runs the parts on one thread (inside a parallel region), so on an AMD EPYC the same product
+    // summed in another order on 1, 2 or 3 threads. With this, a task's products do not depend on the thread count.
+    const int saved = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t w = begin; w < end; ++w)
       for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) fn(t, w);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved);
   });
 }
 
@@ -562,6 +570,12 @@ class OnceFlags {
  private:
   std::unique_ptr<std::atomic<int>[]> state_;
 };
+
+// A worker's scratch, in elements, rounded up to 16 (64 bytes at least): every worker's arrays then have the same
+// alignment, and so the same BLAS code path. MKL picks its kernels by the alignment of their operands on some CPUs
+// (seen on AMD EPYC): with workers whose scratch started at different alignments, a task's products summed in an
+// order that depended on which worker ran it, so on the number of threads.
+int64_t aligned_elems(int64_t n) { return (n + 15) / 16 * 16; }
 
 // A call's scratch memory (features, tiles, partial sums): one block, carved into 64-byte aligned arrays of the
 // given sizes in bytes, uninitialised. The block is kept from call to call up to kScratchKeepBytes (freshly mapped
@@ -679,7 +693,7 @@ void forward_impl(const Sizes& z, const PairIndex& ix, const WeightTables<T>& wt
   const int64_t ntasks = z.B * z.H * z.qb.count, workers = num_workers(ntasks, madds);
   const int64_t tile = z.BQ * z.LT + kLanes;         // (a run's last chunk may pass a tile's end)
   const int64_t rtile = kRowChunk * z.LT + kLanes;
-  const int64_t per_worker = (z.M > 1 ? 2 : 1) * tile + rtile + z.BQ * (z.Dk + z.Dv + z.M);
+  const int64_t per_worker = aligned_elems((z.M > 1 ? 2 : 1) * tile + rtile + z.BQ * (z.Dk + z.Dv + z.M));
   const Scratch scratch({z.B * z.H * z.N * z.Dk * int64_t(sizeof(T)), workers * per_worker * int64_t(sizeof(T))});
   T* fk = scratch.get<T>(0);                         // phi(k) of a (batch, head), by its first task
   T* work = scratch.get<T>(1);
@@ -808,7 +822,7 @@ struct BackwardInputs {
 // Elements of T one worker of the backward uses: its tiles (A / W, dW, dA, W of a group when M > 1), a chunk of
 // weight rows, and its keys' dk and dv sums.
 int64_t backward_worker_elems(const Sizes& z) {
-  return (z.M > 1 ? 4 : 3) * (z.BQ * z.LT + kLanes) + kRowChunk * z.LT + kLanes + z.BK * (z.Dk + z.Dv);
+  return aligned_elems((z.M > 1 ? 4 : 3) * (z.BQ * z.LT + kLanes) + kRowChunk * z.LT + kLanes + z.BK * (z.Dk + z.Dv));
 }
 
 int64_t backward_workers(const Sizes& z, const BackwardPlan& p) {
