@@ -16,12 +16,15 @@ Uninitialised memory is poisoned (torch.empty and friends return NaN-filled tens
 an unwritten output element fails. The error of a
 tensor is max|x - x_ref| / max|x_ref|; limits: float32 2e-3 (Triton's float32 dots may use tf32), float16
 1e-2, bfloat16 3e-2. Each case's result is appended to the --out file (one JSON line) as soon as it is known.
-``--tiny`` (the session's dry run on the CPU, Triton's interpreter) runs small shapes only.
+``--tiny`` (the session's dry run on the CPU, Triton's interpreter) runs small shapes only; ``--fake-gpu h100`` (the dry
+run) simulates that GPU (lisa_kernels.testing.fake_gpu), so that the GPU's host code runs, and records per case the
+autotune candidates compiled, the tuning keys benchmarked and the candidate runs (what a GPU would spend).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -222,15 +225,44 @@ def check_case(backend, dtype, case, seed) -> Dict:
             "limit": TOL[dtype], "seconds": seconds}
 
 
+def simulated(args):
+    """``lisa_kernels.testing.fake_gpu(args.fake_gpu)`` where asked (the dry run: the GPU's host code, autotuning
+    and its candidates included, on the CPU), else no simulation; yields the Simulation or None."""
+    if not getattr(args, "fake_gpu", None):
+        return contextlib.nullcontext(None)
+    from lisa_kernels.testing import fake_gpu
+    return fake_gpu(args.fake_gpu)
+
+
+# what a simulated GPU counts per case: compiles of autotune candidates (on a GPU each is a compile), tuning keys
+# benchmarked, candidate runs while tuning
+COUNTS = ("compiles", "autotunings", "candidates_run")
+
+
 def check(args) -> int:
     cases = TINY_CASES if args.tiny else CASES
     failed = 0
     out = open(args.out, "a") if args.out else None
     print(f"{'backend':<11} {'dtype':<9} {'case':<22} {'status':<6} worst error (limit)  [reason]")
+    with simulated(args) as sim:
+        failed = _check_all(args, cases, out, sim)
+    if sim is not None:
+        totals = sim.totals()
+        print(f"simulated {sim.device.name}: " + ", ".join(f"{totals[k]} {k}" for k in COUNTS))
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+def _check_all(args, cases, out, sim) -> int:
+    failed = 0
     for backend in args.backends:
         for dname in args.dtypes:
             for i, case in enumerate(cases):
+                before = sim.totals() if sim is not None else None
                 rec = check_case(backend, DTYPES[dname], case, seed=100 + i)
+                if sim is not None:
+                    after = sim.totals()
+                    rec.update({k: after[k] - before[k] for k in COUNTS})
                 failed += rec["status"] == "FAIL"
                 err = f"{rec['worst']:.2e} ({rec['limit']:.0e})" if "worst" in rec else ""
                 print(f"{backend:<11} {rec['dtype']:<9} {rec['case']:<22} {rec['status']:<6} {err:<20} "
@@ -238,12 +270,16 @@ def check(args) -> int:
                 if out:
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
-    print(f"{failed} failed")
-    return 1 if failed else 0
+    return failed
 
 
 def sanitize_one(args) -> int:
     """One small forward+backward call of each backend (gpu_session.sh runs this under compute-sanitizer)."""
+    with simulated(args):
+        return _sanitize_each(args)
+
+
+def _sanitize_each(args) -> int:
     status = 0
     grid, D = ((2, 3), 4) if args.tiny else ((6, 7), 16)
     for backend in args.backends:
@@ -325,9 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     c.add_argument("--tiny", action="store_true", help="small shapes only (the dry run)")
     c.add_argument("--out", help="append one JSON line per case here")
+    c.add_argument("--fake-gpu", help="simulate this GPU (a key of lisa_kernels.testing.DEVICES; the dry run)")
     s = sub.add_parser("sanitize-one", help="one small fwd+bwd call of each backend")
     s.add_argument("backends", nargs="+", choices=BACKENDS)
     s.add_argument("--tiny", action="store_true", help="a smaller call (the dry run)")
+    s.add_argument("--fake-gpu", help="simulate this GPU (a key of lisa_kernels.testing.DEVICES; the dry run)")
     m = sub.add_parser("summary", help="the targets table from benchmark.py results")
     m.add_argument("results", nargs="*")
     m.add_argument("--out")

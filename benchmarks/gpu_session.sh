@@ -125,7 +125,10 @@ echo "=== build started in the background (pid $BUILD_PID)"
 
 # ---------------------------------------------------------------- 3 correctness (Triton while the build runs)
 TINY=""
-[ $DRY = 1 ] && TINY="--tiny"
+# the dry run: tiny shapes, and an H100 simulated (lisa_kernels.testing.fake_gpu), so that the checks run the host
+# code the GPU run takes (autotuning over the H100's candidates, the GPU dot modes) and count its compiles
+[ $DRY = 1 ] && TINY="--tiny --fake-gpu h100"
+export TINY
 stage check 150 $PY benchmarks/gpu_check.py check --backends triton triton-fft $TINY --out "$WORK/check.jsonl"
 
 wait_build() {   # the rest of the build's own cap, at most the time left
@@ -150,7 +153,7 @@ memcheck() {
       $PY benchmarks/gpu_check.py sanitize-one triton triton-fft cuda
   else
     echo "no compute-sanitizer or no GPU: running the calls without it"
-    $PY benchmarks/gpu_check.py sanitize-one triton triton-fft cuda --tiny
+    $PY benchmarks/gpu_check.py sanitize-one triton triton-fft cuda $TINY
   fi
 }
 export -f memcheck

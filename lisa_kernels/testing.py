@@ -291,8 +291,8 @@ def _interpreter_patches():
 # ---------------------------------------------------------------- the simulation
 
 class Simulation:
-    """What a :func:`fake_gpu` block did: ``stats`` counts, per kernel name, "compiles" (candidates compiled for
-    the target), "autotunings" (tuning keys benchmarked), "candidates_run" (runs of a candidate while tuning) and
+    """What a :func:`fake_gpu` block did: ``stats`` counts, per kernel name, "compiles" (candidates the pruning
+    compiles for the target: a GPU compiles each; here they are compiled only with ``compile=True``), "autotunings" (tuning keys benchmarked), "candidates_run" (runs of a candidate while tuning) and
     "pruned" (candidates dropped by the pruning); ``winners`` lists (kernel, config) of each autotuning."""
 
     def __init__(self, device: FakeDevice, prefer: int, compile: bool):
@@ -313,9 +313,9 @@ class Simulation:
     def warmup(self, fn, args: dict, options: dict):
         """The spill pruning's compile of one candidate (an interpreted kernel's ``warmup``)."""
         name = fn.__name__
+        self.count(name, "compiles")          # (a GPU compiles each; here only with compile=True)
         if not self.compile:
             return _Binary(("ok", 0, 0, 0))
-        self.count(name, "compiles")
         spec = {k: ("tensor", str(v.dtype)) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         return _Binary(_helper().submit(_compile_in_helper, fn.fn.__module__, name, spec, options,
                                         self.device).result())

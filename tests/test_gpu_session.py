@@ -71,4 +71,7 @@ def test_dry_run_correctness_stage_checked_the_triton_backends(dry_run):
         for dtype in ("float32", "float16", "bfloat16"):
             assert (backend, dtype) in ran, sorted(ran)
     assert not [r for r in records if r["status"] == "FAIL"]
+    # the dry run simulates an H100 (lisa_kernels.testing.fake_gpu): the triton checks autotuned over its candidates
+    tuned = [r for r in records if r["backend"] == "triton" and r["status"] == "ok"]
+    assert tuned and all(r["autotunings"] >= 4 and r["compiles"] >= r["autotunings"] for r in tuned), tuned
     assert {r["status"] for r in records if r["backend"] == "cuda"} <= {"skip", "ok"}
