@@ -45,7 +45,7 @@ import subprocess
 import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 from unittest import mock
 
 import numpy as np

@@ -6,7 +6,7 @@ Shared notation. ``fq = phi(scale q)``, ``fk = phi(k)`` (zero-padded to (NPAD, D
 ``A = fq fk^T``. RPE groups m = 0..M-1 are handled in chunks of MC groups per program; group m owns the value
 columns ``v_m`` (G of them, padded to BLOCK_G). The weight of pair (i, j) in group m is
 ``r'_m[AIX_i + NBX_j]``, ``r'_m = exp(log r_m - max_m)`` on the extended table: the per-token indices of
-:func:`lisa_kernels.triton_direct.layout` make AIX_i + NBX_j the linear-table entry of offset p_i - p_j for grid
+:func:`lisa_kernels._triton_layout.layout` make AIX_i + NBX_j the linear-table entry of offset p_i - p_j for grid
 pairs, and send pairs with an extra token to three constant regions (the entries 0, 1, 2 of ``rpe_extra``, docs/operator.md; causal included).
 The gathers read *pair tables* (:func:`_pair_table`): one vector load brings the weights of two neighbouring
 tokens for all MC groups of a chunk. Padded tokens index a finite entry and have zero features, so no tile

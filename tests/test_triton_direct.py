@@ -253,14 +253,14 @@ def test_triton_walker_layout(grid, E):
     """The walkers' layout: rows padded to P3 >= S3 (and planes to P2 >= S2) so that the column pattern repeats
     every LW tiles of 64 (few phases where a small padding allows, the plane's own rows otherwise); every grid
     token has one place in it, and the rows it reads (up to E + 64 TW, and a zero row for padding) exist."""
-    import lisa_kernels.triton_direct as TD
-    lay = TD._layout_of(tuple(grid), E, False, False)
+    import lisa_kernels._triton_layout as TL
+    lay = TL._layout_of(tuple(grid), E, False, False)
     S = lay.S
     if lay.NDIM > 1:
         assert lay.P3 >= S[2] and (lay.NDIM == 2 or lay.P2 >= S[1])
     period = {1: 1, 2: lay.P3, 3: lay.P2 * lay.P3}[lay.NDIM]
     assert (64 * lay.LW) % period == 0 and lay.LW == period // math.gcd(period, 64)
-    wix = TD._token_index_cpu(lay)[2]
+    wix = TL._token_index_cpu(lay)[2]
     counts = torch.bincount(wix, minlength=lay.NPAD)
     assert (counts[E:lay.N] == 1).all() and counts[:E].sum() == 0
     assert lay.NPAD >= E + 64 * lay.TW
