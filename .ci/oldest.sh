@@ -4,7 +4,7 @@
 # extension against this torch's headers where nvcc exists (for sm_90a only, the GPU machine's arch, to save
 # time: the newest environment compiles both archs), then the tests that depend on the torch/triton version:
 # the Triton kernels under the interpreter, their compile for sm_90a and sm_80 (tests/test_kernel_report.py),
-# the extension, and gpu_session.sh --dry-run.
+# the extension, gpu_session.sh --dry-run, and the GPU host code under a simulated GPU (tests/test_fake_gpu.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${LISA_OLDEST_TORCH:-2.11.0}
@@ -28,4 +28,5 @@ print(f"torch {torch.__version__}, triton {triton.__version__}")
 assert torch.__version__.split("+")[0] == "$TORCH" and triton.__version__ == "$TRITON", "wrong versions installed"
 PY
 pytest -q tests/test_triton_direct.py tests/test_triton_range.py tests/test_triton_fft.py \
-  tests/test_kernel_report.py tests/test_cuda_extension.py tests/test_gpu_session.py tests/test_validation.py
+  tests/test_kernel_report.py tests/test_cuda_extension.py tests/test_gpu_session.py tests/test_validation.py \
+  tests/test_fake_gpu.py

@@ -104,7 +104,14 @@ class _NoLauncher:
         raise RuntimeError("lisa_kernels.testing: a compiled kernel cannot run on a simulated GPU")
 
 
+_INDEX: Dict[FakeDevice, int] = {}
+
+
 def _make_driver(device: FakeDevice, benchmarker):
+    # Each simulated GPU is a device index of its own: Triton's JIT keeps its target and compiled kernels per device
+    # index, and one helper process compiles for every simulated GPU.
+    index = _INDEX.setdefault(device, len(_INDEX))
+
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
 
@@ -130,7 +137,7 @@ def _make_driver(device: FakeDevice, benchmarker):
             return torch.device("cpu")
 
         def get_current_device(self):
-            return 0
+            return index
 
         def set_current_device(self, index):
             pass
