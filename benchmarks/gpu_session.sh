@@ -10,8 +10,8 @@
 # Stages (caps in seconds, GPU run):
 #   1 env       nvidia-smi, versions, the measured ceilings (bf16 matmul, device copy)              30
 #   2 build     the CUDA extension for sm_90a only, MAX_JOBS=16, in the background from the start  300
-#   3 check     triton and triton-fft against the reference (fp32, fp16, bf16; forward and every
-#               gradient; 1D/2D/3D grids, extra tokens, M > 1, causal; poisoned outputs)          150
+#   3 check     triton-fft, then triton (bf16, fp16, fp32) against the reference (forward and every
+#               gradient; 1D/2D/3D grids, extra tokens, M > 1, causal; poisoned outputs)          240
 #     check-cuda  the same for cuda, once the build is done                                         60
 #     memcheck  compute-sanitizer --tool memcheck on one small call of each compiled backend       90
 #   4 overhead  benchmarks/overhead.py: host time, kernel launches, 14x14+1 bf16 vs sdpa-flash      60
@@ -129,7 +129,11 @@ TINY=""
 # code the GPU run takes (autotuning over the H100's candidates, the GPU dot modes) and count its compiles
 [ $DRY = 1 ] && TINY="--tiny --fake-gpu h100"
 export TINY
-stage check 150 $PY benchmarks/gpu_check.py check --backends triton triton-fft $TINY --out "$WORK/check.jsonl"
+# triton-fft first (no autotuning: a few compiles), then triton bf16 first: simulated (gpu_check.py --fake-gpu h100,
+# 2026-12-07) the triton checks of the 8 cases x 3 dtypes compile 218 autotune candidates over 75 tuning keys and
+# run each once more to time it, besides the untuned kernels' compiles (about 5 per case and dtype)
+stage check 240 $PY benchmarks/gpu_check.py check --backends triton-fft triton --dtypes bfloat16 float16 float32 \
+  $TINY --out "$WORK/check.jsonl"
 
 wait_build() {   # the rest of the build's own cap, at most the time left
   local waited=0
