@@ -129,6 +129,34 @@ def test_one_case_in_a_child_process(tmp_path):
     assert result["calls"] == 2 and result["peak_mib"] >= 0
 
 
+def test_gpu_peak_memory_leaves_out_the_autotuning(monkeypatch):
+    """measure_cuda on a mocked torch.cuda allocator: the first call autotunes and allocates Triton's 256 MiB
+    benchmarking scratch; the peak reported is that of a later call alone (it counted the scratch before)."""
+    alloc = {"now": 0, "peak": 0}
+    calls = []
+
+    def call(i):
+        extra = 256 * harness.MIB if not calls else 0            # the first call: autotuning's scratch
+        calls.append(i)
+        alloc["peak"] = max(alloc["peak"], alloc["now"] + extra + 3 * harness.MIB)
+
+    def reset():
+        alloc["peak"] = alloc["now"]
+
+    monkeypatch.setattr(harness, "make_inputs", lambda case, i: None)
+    monkeypatch.setattr(harness, "make_call", lambda case, sets: call)
+    monkeypatch.setattr(harness, "time_calls_cuda", lambda c, case: [c(i) or 1e-3 for i in range(3)])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: alloc["peak"])
+    case = methods.Case(grid=(4, 4), D=8, dtype="bfloat16", mode="fwd", method="lisa-triton", B=1, H=2,
+                        device="cuda", repeats=3, warmup=1, min_time=0.0, rotate=1, seed=3)
+    result = harness.measure_cuda(case)
+    assert len(calls) == 4 and result["times_s"] == [1e-3] * 3
+    assert result["peak_mib"] == 3
+
+
 def test_compare_flags_a_slowdown(tiny_sweep, tmp_path):
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     shutil.copy(tiny_sweep, old)
