@@ -160,7 +160,8 @@ def _loop_args(grid=(6, 5), BH=2, Dk=3, M=1, G1=3, H=2, dtype=torch.float32):
     (dict(fk=torch.rand(2, 3, 30, dtype=torch.float64)), "one dtype"),
     (dict(sizes=[4, 9]), "must be >= the grid"),
     (dict(grid=[6, 5, 1, 1], sizes=[11, 9, 1, 1]), "1 to 3 axes"),
-], ids=lambda x: str(x)[:40])
+], ids=lambda x: str({k: f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+                     if isinstance(x, dict) else x)[:60])          # (shapes, not values: the same ids in every worker)
 def test_malformed_arguments_are_refused(change, message):
     args = _loop_args()
     args.update(change)
