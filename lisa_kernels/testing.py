@@ -54,7 +54,7 @@ import torch
 from . import _device, triton_direct
 from ._device import GPU
 
-__all__ = ["FakeDevice", "DEVICES", "fake_gpu", "Simulation"]
+__all__ = ["FakeDevice", "DEVICES", "fake_gpu", "Simulation", "stop_helper"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +210,14 @@ def _helper() -> ProcessPoolExecutor:
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return pool
+
+
+def stop_helper() -> None:
+    """Stop the compile helper process, if one was started (the next compile starts another). Coverage.py writes a
+    process's data when it ends: tests stop it before the measurement is reported."""
+    if _helper.cache_info().currsize:
+        _helper().shutdown(wait=True)
+        _helper.cache_clear()
 
 
 class _Binary:

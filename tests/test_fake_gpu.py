@@ -31,6 +31,15 @@ pytestmark = [pytest.mark.skipif(not TD.HAS_TRITON, reason="triton is not instal
 if TD.HAS_TRITON:
     from lisa_kernels.testing import DEVICES, fake_gpu
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_compile_helper():
+    """The compile helper process ends with this module, so that coverage.py (patch = subprocess in .coveragerc)
+    has its data before the report."""
+    yield
+    from lisa_kernels.testing import stop_helper
+    stop_helper()
+
+
 CLASSES = ("a100", "h100", "b200", "rtx5090", "rtx4090", "mi300x")
 FLOOR = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
