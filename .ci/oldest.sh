@@ -27,6 +27,6 @@ import torch, triton
 print(f"torch {torch.__version__}, triton {triton.__version__}")
 assert torch.__version__.split("+")[0] == "$TORCH" and triton.__version__ == "$TRITON", "wrong versions installed"
 PY
-pytest -q tests/test_triton_direct.py tests/test_triton_range.py tests/test_triton_fft.py \
+pytest -q -n 2 tests/test_triton_direct.py tests/test_triton_range.py tests/test_triton_fft.py \
   tests/test_kernel_report.py tests/test_cuda_extension.py tests/test_gpu_session.py tests/test_validation.py \
   tests/test_fake_gpu.py
