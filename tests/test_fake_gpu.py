@@ -144,6 +144,19 @@ def test_spill_pruning_compiles_for_the_gpu(caplog):
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+def test_pruning_drops_what_does_not_fit_and_says_when_nothing_does(caplog):
+    """A GPU with 1 KiB of shared memory a block: every candidate compiles for sm_90 but Triton's OutOfResources
+    rejects it; each is logged as dropped, and the launch fails with a RuntimeError that names the kernel."""
+    from lisa_kernels.testing import FakeDevice
+    tiny = FakeDevice(GPU("cuda", 90, 32), "a Hopper with 1 KiB of shared memory", max_shared_mem=1024)
+    q, k, v = (torch.randn(1, 1, 13, 16, dtype=torch.bfloat16) for _ in range(3))
+    rpe = torch.randn(1, 1, 5, 7, dtype=torch.bfloat16)
+    caplog.set_level(logging.INFO, logger="lisa_kernels.triton_direct")
+    with fake_gpu(tiny, compile=True), pytest.raises(RuntimeError, match="_fwd_kernel: no candidate config fits"):
+        lisa_kernels.lisa_attention(q, k, v, rpe, grid=(3, 4), num_extra=1, backend="triton")
+    assert any("does not fit" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_triton_bf16_with_compiled_candidates_on_hopper():
     """The whole bf16 path as an H100 takes it: every candidate compiled for sm_90 and pruned, then run."""
     c = dict(grid=(4, 5), E=1, M=1, Dk=16, Dv=16, boundary="zero", causal=False, normalize=True,
