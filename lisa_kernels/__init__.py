@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from typing import Optional, Sequence, Union
 
 import torch
@@ -44,6 +45,7 @@ def _needs_grad(*tensors) -> bool:
 
 _PLAN_CACHE_SIZE = 256
 _PLANS: "collections.OrderedDict" = collections.OrderedDict()
+_PLANS_LOCK = threading.Lock()
 _GRID_TYPES = (tuple, list, torch.Size)
 
 
@@ -127,17 +129,14 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
     if plan is None:
         plan = _plan(q, k, v, rpe, rpe_extra, grid, *options)
         if key is not None:
-            _PLANS[key] = plan
-            if len(_PLANS) > _PLAN_CACHE_SIZE:
-                try:
-                    _PLANS.popitem(last=False)
-                except KeyError:                # emptied by another thread meanwhile
-                    pass
+            with _PLANS_LOCK:
+                _PLANS[key] = plan
+                if len(_PLANS) > _PLAN_CACHE_SIZE:
+                    _PLANS.popitem(last=False)          # the least recently used
     else:
-        try:
-            _PLANS.move_to_end(key)
-        except KeyError:                        # evicted by another thread meanwhile
-            pass
+        with _PLANS_LOCK:
+            if key in _PLANS:                           # (another thread may have evicted it since the get)
+                _PLANS.move_to_end(key)
     p, name = plan
     return _dispatch._RUNNERS[name](q, k, v, rpe, rpe_extra, p)
 

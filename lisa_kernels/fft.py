@@ -192,10 +192,6 @@ def irfftn_cropped(X: torch.Tensor, sizes, grid) -> torch.Tensor:
     return x.narrow(-1, 0, grid[-1]) if grid[-1] < sizes[-1] else x
 
 
-def _rfft(x: torch.Tensor, sizes) -> torch.Tensor:
-    return rfftn_pruned(x, sizes)
-
-
 class PaddedBuffers:
     """The zero-padded buffers of one call's chunks, reused from chunk to chunk.
 
@@ -244,13 +240,6 @@ def rfftn_pruned_buffered(form_field, lead, grid, sizes, dtype, device, bufs: Pa
     return X
 
 
-def _irfft_crop(X: torch.Tensor, sizes, grid) -> torch.Tensor:
-    """:func:`irfftn_cropped`, flattened to (..., prod(grid))."""
-    d = len(grid)
-    x = irfftn_cropped(X, sizes, grid)
-    return x.reshape(x.shape[:-d] + (math.prod(grid),))
-
-
 def _field(a: torch.Tensor, b: torch.Tensor, grid) -> torch.Tensor:
     """a (bh, Ng, d) and b (bh, Ng, m, c) -> the product field (bh, d, m, c, S...) laid on the grid."""
     X = a.permute(0, 2, 1)[:, :, None, None, :] * b.permute(0, 2, 3, 1)[:, None]
@@ -281,7 +270,7 @@ class TorchPasses:
         sb, sd, sm, sc = chunk
         a, b = a[sb, :, sd], b[sb, :, sm, sc]
         if self.buffers is None:
-            return _rfft(_field(a, b, grid), sizes)
+            return rfftn_pruned(_field(a, b, grid), sizes)
         A = a.permute(0, 2, 1)[:, :, None, None, :].unflatten(-1, grid)       # (nb, nd, 1, 1, S...)
         Bf = b.permute(0, 2, 3, 1)[:, None].unflatten(-1, grid)               # (nb, 1, nm, nc, S...)
         lead = (a.shape[0], a.shape[2], b.shape[2], b.shape[3])

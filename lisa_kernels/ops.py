@@ -34,7 +34,7 @@ from .fft import TorchPasses, fft_core_backward, fft_core_forward
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd, saved_table_shape
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
-__all__ = ["direct_core", "direct_dense_fits", "direct_dense_first", "direct_dense_attention", "direct_cpu_reason",
+__all__ = ["direct_core", "direct_dense_first", "direct_dense_attention", "direct_cpu_reason",
            "direct_cpu_attention",
            "fft_core", "cuda_fft_core", "triton_fft_core", "triton_direct_attention"]
 
@@ -147,16 +147,10 @@ def _dense_backward_rule(ctx, grad_out):
 _direct_dense.register_autograd(_dense_backward_rule, setup_context=_dense_setup)
 
 
-def direct_dense_fits(p: Problem) -> bool:
-    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form: the (B, H, M, N, N) weights and the
-    backward's three more tiles of that size fit in ``direct_block_bytes`` (the blocked loop would run one block)."""
-    itemsize = 8 if p.dtype == torch.float64 else 4
-    return 4 * p.B * p.H * p.M * p.N * p.N * itemsize <= get_config().direct_block_bytes
-
-
 def direct_dense_first(p: Problem) -> bool:
     """Whether ``backend="direct"`` runs ``p`` in the dense single-block form (:func:`direct_dense_attention`): it
-    fits (:func:`direct_dense_fits`) and either the fused CPU kernel cannot run it (a GPU, or no extension) or it is
+    fits (the (B, H, M, N, N) weights and the backward's three more tiles of that size fit in
+    ``direct_block_bytes``: the blocked loop would run one block) and either the fused CPU kernel cannot run it (a GPU, or no extension) or it is
     tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
     forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
     itemsize = 8 if p.dtype == torch.float64 else 4

@@ -139,9 +139,6 @@ def _make_driver(device: FakeDevice, benchmarker):
         def get_current_device(self):
             return index
 
-        def set_current_device(self, index):
-            pass
-
         def get_current_stream(self, index=None):
             return 0
 

@@ -223,6 +223,32 @@ def test_convert_errors_name_the_module():
     assert isinstance(gated.blocks[0].attn, TimmAttention)     # a failed conversion leaves the model as it was
 
 
+def test_convert_argument_errors():
+    """The arguments convert_vit cannot use, and modules without timm's Attention interface, are named."""
+    with pytest.raises(ValueError, match="num_extra must be an int >= 0, got -1"):
+        convert_vit(_small_vit(), num_extra=-1)
+    with pytest.raises(TypeError, match="types must be classes"):
+        convert_vit(_small_vit(), types=("Attention",))
+    with pytest.raises(ValueError, match="cannot read the number of prefix tokens of Sequential"):
+        convert_vit(nn.Sequential(MyAttention(32, 2)), grid=(4, 4), types=(MyAttention,))
+    with pytest.raises(ValueError, match=r"0 \(Linear\): has no fused qkv/proj nn.Linear and num_heads"):
+        convert_vit(nn.Sequential(nn.Linear(8, 8)), grid=(2, 2), num_extra=0, types=(nn.Linear,))
+    odd = MyAttention(32, 2)
+    odd.proj = nn.Linear(32, 16)
+    with pytest.raises(ValueError, match=r"qkv 32->96, proj 32->16, 2 heads of 16: LiSAAttention needs"):
+        convert_vit(nn.Sequential(odd), grid=(4, 4), num_extra=0, types=(MyAttention,))
+    with pytest.raises(ValueError, match="features_only=True is not supported"):
+        timm.create_model("lisa_vit_tiny_patch16_224", depth=1, features_only=True)
+
+
+def test_set_model_grid_without_a_timm_vit():
+    seq = convert_vit(nn.Sequential(MyAttention(32, 2)), grid=(4, 4), num_extra=0, types=(MyAttention,))
+    with pytest.raises(ValueError, match="has no timm ViT with set_input_size"):
+        set_model_grid(seq, 64)
+    set_model_grid(seq, grid=(3, 5))
+    assert seq[0].grid == (3, 5) and "grid=(3, 5)" in repr(seq[0])
+
+
 class MyAttention(nn.Module):
     """Not timm's class, but timm's Attention interface (qkv, proj, num_heads, head_dim)."""
 
@@ -306,6 +332,15 @@ def test_registration_after_import(code):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "LiSAAttention"
+
+
+def test_registration_when_timm_is_already_imported():
+    """The in-process half of the two import orders: with timm in sys.modules the registration runs at once."""
+    import lisa_kernels
+    assert "timm" in sys.modules
+    lisa_kernels._register_timm_models_on_import()
+    assert "lisa_vit_tiny_patch16_224" in timm.list_models("lisa_vit_*")
+    assert not any(type(f).__name__ == "_TimmFinder" for f in sys.meta_path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -161,6 +161,55 @@ def test_the_cache_is_bounded():
     lisa_kernels.lisa_attention(x, x, x, torch.zeros(1, 1, 1), grid=(1,))
 
 
+def test_the_cache_under_threads_stays_bounded_and_right():
+    """Four threads call with more signatures than the cache holds, each reusing its own: eviction and reuse race,
+    and every result still matches the reference."""
+    import threading
+    lisa_kernels.clear_cache()
+    size = lisa_kernels._PLAN_CACHE_SIZE
+    g = torch.Generator().manual_seed(11)
+    inputs = [(torch.randn(1, 1, n, 2, generator=g), torch.randn(1, 1, 2 * n - 1, generator=g))
+              for n in range(1, size // 3 + 2)]
+    failures = []
+
+    def work(offset):
+        for i in range(len(inputs)):
+            for x, rpe in (inputs[(i + offset) % len(inputs)], inputs[0]):
+                n = x.shape[2]
+                out = lisa_kernels.lisa_attention(x, x, x, rpe, grid=(n,), backend="direct", scale=1.0 + offset)
+                ref = lisa_kernels.lisa_attention(x, x, x, rpe, grid=(n,), backend="reference", scale=1.0 + offset)
+                if not torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
+                    failures.append((offset, n))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert len(lisa_kernels._PLANS) == size            # 4 threads x (size//3 + 1) x 2 backends signatures > size
+    lisa_kernels.clear_cache()
+
+
+def test_the_traced_path_matches_the_cached_one(monkeypatch):
+    """Under torch.compile lisa_attention checks and dispatches without the plan cache (dynamo traces it); the same
+    path run eagerly gives the cached path's results, and "auto" picks the same backend."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=g) for _ in range(3))
+    rpe = 0.3 * torch.randn(2, 1, 3, 5, generator=g)
+    for backend in ("auto", "direct", "fft", "reference"):
+        want = lisa_kernels.lisa_attention(q, k, v, rpe, grid=(2, 3), num_extra=1, backend=backend)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            got = lisa_kernels.lisa_attention(q, k, v, rpe, grid=(2, 3), num_extra=1, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        with pytest.raises(ValueError, match="backend='triton' cannot run this input"):
+            lisa_kernels.lisa_attention(q.double(), k.double(), v.double(), rpe.double(), grid=(2, 3), num_extra=1,
+                                        backend="triton")
+
+
 # ------------------------------------------------------------------------------------------ the dense form
 
 DENSE_CASES = [((5,), 0, 1, dict(causal=True)), ((7,), 2, 2, dict(causal=True, feature_map="relu")),

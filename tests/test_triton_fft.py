@@ -155,6 +155,15 @@ def test_small_workspace_many_chunks(grid, E, M, boundary, causal, mode):
         lisa_kernels.set_config(fft_workspace_bytes=old.fft_workspace_bytes)
 
 
+@pytest.mark.parametrize("grid,boundary", [((5, 3), "zero"), ((3, 4, 5), "circular")])
+def test_unpruned_transforms(monkeypatch, grid, boundary):
+    """PRUNED = False: the plain torch.fft transforms of the padded field (the pruned ones' baseline) give the same
+    results, forward and every gradient."""
+    monkeypatch.setattr(triton_fft, "PRUNED", False)
+    tensors, opts = make(grid, 2, 2, boundary, False, True, seed=4)
+    check_against_fft_and_reference(tensors, opts)
+
+
 def _nan_empty(*shape, device, dtype):
     return torch.full(shape, float("nan"), device=device, dtype=dtype)
 

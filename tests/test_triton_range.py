@@ -70,3 +70,45 @@ def test_low_precision_range(grid, E, M, causal, D, qs, rng, normalize, fm, dtyp
     names = ["out", "dq", "dk", "dv", "drpe", "drpe_extra"]
     over = {n: (t, d) for n, t, d in zip(names, errors["triton"], errors["direct"]) if t > 2 * d + floor}
     assert not over, f"triton error over 2x direct's (triton, direct): {over}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton36_interpreter_patch(monkeypatch):
+    """lisa_kernels._triton_compat on a simulated Triton 3.6 interpreter (CI's oldest stage runs the real one):
+    the per-launch tensor patching is wrapped so that __index__ reads a one-element array the way 3.8 does, once;
+    Triton 3.7+, a compiled run, or other interpreter internals are left alone."""
+    import types
+
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    from lisa_kernels import _triton_compat as compat
+
+    calls = []
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            calls.append((obj, name, value))
+
+    def original(tensor, scope, *args, **kwargs):
+        calls.append(("original", tensor, args, kwargs))
+
+    monkeypatch.setattr(compat, "_PATCHED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    assert not compat.patch_interpreter()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", None, raising=False)
+    assert not compat.patch_interpreter()                      # internals not the ones described
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", original)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not compat.patch_interpreter()                      # compiled: nothing to patch
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert compat.patch_interpreter() and compat.patch_interpreter()
+    patched = interpreter._patch_lang_tensor
+    assert patched is not original
+    patched("T", Scope(), 1, k=2)
+    assert calls[0] == ("original", "T", (1,), {"k": 2}) and calls[1][:2] == ("T", "__index__")
+    index = calls[1][2]
+    assert index(types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([7], dtype=np.int32)))) == 7

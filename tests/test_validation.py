@@ -224,6 +224,20 @@ def test_triton_backends_refuse_float64_on_cpu(backend):
         call(lisa_kernels.lisa_attention, args)
 
 
+def test_config_from_the_environment(monkeypatch):
+    """LISA_*_BYTES: a number of bytes (float notation allowed), positive; blank means the default."""
+    from lisa_kernels._config import Config
+    monkeypatch.setenv("LISA_REFERENCE_MAX_BYTES", "1.5e3")
+    monkeypatch.setenv("LISA_FFT_WORKSPACE_BYTES", " ")
+    c = Config()
+    assert c.reference_max_bytes == 1500 and c.fft_workspace_bytes == 256 * 2**20
+    for bad, match in (("lots", "must be a number of bytes, got 'lots'"), ("-1", "must be positive, got '-1'"),
+                       ("0.2", "must be positive")):
+        monkeypatch.setenv("LISA_FFT_WORKSPACE_BYTES", bad)
+        with pytest.raises(ValueError, match=f"LISA_FFT_WORKSPACE_BYTES {match}"):
+            Config()
+
+
 def test_set_config_checks_its_arguments():
     with pytest.raises(ValueError, match="unknown setting 'fft_budget'"):
         lisa_kernels.set_config(fft_budget=1)
