@@ -19,9 +19,21 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["GPU", "gpu_of", "COST_CLASSES"]
+__all__ = ["GPU", "gpu_of", "COST_CLASSES", "ARCHITECTURES"]
 
 COST_CLASSES = ("cpu", "sm_80", "sm_90")      # the device classes of cost_model.json
+
+# The architectures the package knows: NVIDIA by compute capability (major * 10 + minor), AMD by gfx name.
+# (family, name, the cost class fitted to this architecture or None). A GPU of an architecture without fitted
+# constants borrows a class (GPU.cost_class) and says so (GPU.fitted).
+ARCHITECTURES = {
+    80: ("ampere", "Ampere", "sm_80"), 86: ("ampere", "Ampere (consumer)", None),
+    87: ("ampere", "Ampere (Orin)", None), 89: ("ada", "Ada", None), 90: ("hopper", "Hopper", "sm_90"),
+    100: ("blackwell", "Blackwell", None), 103: ("blackwell", "Blackwell Ultra", None),
+    110: ("blackwell", "Blackwell (Thor)", None), 120: ("blackwell-consumer", "consumer Blackwell", None),
+    121: ("blackwell-consumer", "consumer Blackwell (GB10)", None),
+    "gfx90a": ("cdna2", "CDNA 2", None), "gfx942": ("cdna3", "CDNA 3", None), "gfx950": ("cdna4", "CDNA 4", None),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +49,36 @@ class GPU:
     warp_size: int
 
     @property
+    def family(self) -> str:
+        """The architecture family: "ampere", "ada", "hopper", "blackwell", "blackwell-consumer", "cdna2", "cdna3",
+        "cdna4"; for one the package does not know, "nvidia-sm_<arch>" or "amd-<gfx name>"."""
+        known = ARCHITECTURES.get(self.arch)
+        if known is not None:
+            return known[0]
+        return f"nvidia-sm_{self.arch}" if self.backend == "cuda" else f"amd-{self.arch}"
+
+    @property
+    def architecture(self) -> str:
+        """The architecture by name, with its target: "Hopper (sm_90)", "CDNA 3 (gfx942)"."""
+        vendor, target = ("NVIDIA", f"sm_{self.arch}") if self.backend == "cuda" else ("AMD", str(self.arch))
+        known = ARCHITECTURES.get(self.arch)
+        return f"{vendor} {known[1] if known else 'unknown architecture'} ({target})"
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the cost model has constants fitted to this architecture (else it borrows :attr:`cost_class`)."""
+        known = ARCHITECTURES.get(self.arch)
+        return known is not None and known[2] is not None
+
+    @property
     def cost_class(self) -> str:
-        """The cost model's class: "sm_90" for NVIDIA capability >= 9 (Hopper and later), else "sm_80" (Ampere,
-        Ada and older, and AMD GPUs: no class of their own yet, the A100-class guess)."""
-        if self.backend == "cuda" and self.arch >= 90:
+        """The cost model's class: the one fitted to this architecture (Ampere sm_80: "sm_80"; Hopper: "sm_90");
+        else borrowed: "sm_90" for NVIDIA capability >= 9 (Blackwell), "sm_80" for the rest (Ada, consumer Ampere,
+        and AMD GPUs). A borrowed class is a guess, and :attr:`fitted` says so."""
+        known = ARCHITECTURES.get(self.arch)
+        if known is not None and known[2] is not None:
+            return known[2]
+        if self.backend == "cuda" and self.arch >= 90 and self.family != "blackwell-consumer":
             return "sm_90"
         return "sm_80"
 

@@ -37,7 +37,7 @@ from .reference import reference_lisa_attention, reference_reason
 from .triton_direct import triton_direct_reason
 from .triton_fft import triton_fft_reason
 
-__all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_among", "choose_backend",
+__all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_among",
            "run_backend", "DEVICE_CLASSES"]
 
 _MODEL_PATH = os.path.join(os.path.dirname(__file__), "cost_model.json")
@@ -53,9 +53,9 @@ DEVICE_CLASSES = COST_CLASSES
 
 def _device_class(device: torch.device) -> str:
     """The cost model's class of a device: "cpu" for anything but a GPU; for a GPU its
-    :attr:`~lisa_kernels._device.GPU.cost_class` ("sm_90" for NVIDIA capability >= 9, Hopper and later; else
-    "sm_80": a GPU takes the nearest class at or below its own, e.g. sm_86, sm_89 -> sm_80; older NVIDIA GPUs and
-    AMD GPUs also fall to sm_80)."""
+    :attr:`~lisa_kernels._device.GPU.cost_class`: the class fitted to its architecture (Ampere sm_80, Hopper sm_90),
+    else a borrowed one (Blackwell: sm_90; Ada, consumer Ampere and Blackwell, AMD: sm_80), which
+    :class:`Explanation` names as borrowed."""
     gpu = _device.gpu_of(device)
     return "cpu" if gpu is None else gpu.cost_class
 
@@ -183,14 +183,18 @@ class Explanation:
 
     chosen: str
     backward: bool
-    device_class: str
+    device_class: str             # the cost model's class whose constants made the estimates
     estimates: Dict[str, Estimate]
     crossover: str = ""           # where the FFT form starts to win for this D, dtype and device class
     precision: str = ""           # what this input's rpe table means for the fft backend's precision (explain())
+    device: str = "CPU"           # the device's architecture by name ("NVIDIA Hopper (sm_90)", "AMD CDNA 3 (gfx942)")
+    fitted: bool = True           # whether device_class was fitted to that architecture (else borrowed)
 
     def __str__(self) -> str:
         guess = "" if COST_MODEL[self.device_class].get("measured") else " (unmeasured guess)"
-        lines = [f"auto -> {self.chosen!r} (device class {self.device_class}{guess}, "
+        cls = (f"device class {self.device_class}{guess}" if self.fitted else
+               f"no cost constants fitted to it: estimates borrow class {self.device_class}{guess}")
+        lines = [f"auto -> {self.chosen!r} ({self.device}, {cls}; "
                  f"{'forward + backward' if self.backward else 'forward only'})"]
         for e in self.estimates.values():
             est = "   n/a   " if e.seconds is None else f"{e.seconds * 1e3:9.2f} ms"
@@ -244,7 +248,8 @@ def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explana
     """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones.
     ``details=False`` (the choice alone, as ``auto`` needs it) leaves out the texts that only ``explain()`` prints:
     which implementation the direct path runs, and the fft crossover (a search over grid sizes)."""
-    cls = _device_class(p.device)
+    gpu = _device.gpu_of(p.device)
+    cls = "cpu" if gpu is None else gpu.cost_class
     estimates = {}
     for name in ("reference",) + AUTO_CANDIDATES:
         estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p),
@@ -252,7 +257,8 @@ def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explana
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
     chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
-    return Explanation(chosen, backward, cls, estimates, fft_crossover_text(p, backward, cls) if details else "")
+    return Explanation(chosen, backward, cls, estimates, fft_crossover_text(p, backward, cls) if details else "",
+                       device="CPU" if gpu is None else gpu.architecture, fitted=gpu is None or gpu.fitted)
 
 
 _FFT_KINDS, _DIRECT_KINDS = ("fft",), ("direct",)
@@ -285,10 +291,7 @@ def fft_crossover(p: Problem, backward: bool, device_class: Optional[str] = None
 
 def fft_crossover_text(p: Problem, backward: bool, device_class: str) -> str:
     """One line for :class:`Explanation`: the crossover grid, and when a float32 FFT runs in float64."""
-    try:
-        grid = fft_crossover(p, backward, device_class)
-    except Exception as exc:   # never let the explanation break a call
-        return f"fft crossover: not computed ({type(exc).__name__})"
+    grid = fft_crossover(p, backward, device_class)
     what = (f"D={p.Dk}, {dtype_name(p.dtype)}, {'fwd+bwd' if backward else 'fwd'}, class {device_class}")
     head = ("fft crossover: none up to 2^24 tokens" if grid is None else
             f"fft crossover: the FFT form wins from grid {'x'.join(map(str, grid))} (N={math.prod(grid)})")
@@ -297,10 +300,6 @@ def fft_crossover_text(p: Problem, backward: bool, device_class: str) -> str:
         note = (f"; float32 FFTs switch to float64 (about 2x the time) where the rpe table spreads the rows' "
                 f"weight masses over {FLOAT32_MAX_ROW_RANGE:g} nats (fft.fft_needs_float64), and causal ones always")
     return f"{head} ({what}){note}"
-
-
-def choose_backend(p: Problem, backward: bool) -> str:
-    return explain_problem(p, backward, details=False).chosen
 
 
 def _fft_path(core):

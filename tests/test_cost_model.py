@@ -100,7 +100,7 @@ def test_every_device_class_has_a_source():
 
 @pytest.mark.parametrize("capability,cls", [((7, 0), "sm_80"), ((7, 5), "sm_80"), ((8, 0), "sm_80"),
                                             ((8, 6), "sm_80"), ((8, 9), "sm_80"), ((9, 0), "sm_90"),
-                                            ((10, 0), "sm_90"), ((12, 0), "sm_90")])
+                                            ((10, 0), "sm_90"), ((12, 0), "sm_80")])
 def test_device_class_of_a_gpu_follows_its_capability(capability, cls, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert dispatch._device_class(torch.device("cuda", 0)) == cls

@@ -194,17 +194,43 @@ def test_first_autotuned_launch_on_a_gpu_caches_its_wrapper():
     assert sim.stats["_fwd_kernel"]["autotunings"] == 1, sim.stats
 
 
-@pytest.mark.parametrize("device,cls", [("a100", "sm_80"), ("h100", "sm_90"), ("b200", "sm_90"),
-                                        ("rtx4090", "sm_80"), ("rtx5090", "sm_90"), ("mi300x", "sm_80")])
-def test_explain_sees_the_simulated_gpu(device, cls):
+@pytest.mark.parametrize("device,cls,name", [
+    ("a100", "sm_80", "NVIDIA Ampere (sm_80)"), ("h100", "sm_90", "NVIDIA Hopper (sm_90)"),
+    ("b200", "sm_90", "NVIDIA Blackwell (sm_100)"), ("rtx4090", "sm_80", "NVIDIA Ada (sm_89)"),
+    ("rtx5090", "sm_80", "NVIDIA consumer Blackwell (sm_120)"), ("mi300x", "sm_80", "AMD CDNA 3 (gfx942)")])
+def test_explain_sees_the_simulated_gpu(device, cls, name):
+    """explain() names the architecture, and where the cost model has no constants fitted to it (all but Ampere
+    sm_80 and Hopper), says that its estimates borrow another class's."""
     q, k, v = (torch.randn(2, 2, 50, 16) for _ in range(3))
     rpe = torch.randn(2, 1, 13, 13)
     with fake_gpu(device):
         ex = lisa_kernels.explain(q, k, v, rpe, grid=(7, 7), num_extra=1)
-        assert ex.device_class == cls
+        assert ex.device_class == cls and ex.device == name
+        assert ex.fitted is (device in ("a100", "h100"))
+        head = str(ex).splitlines()[0]
+        assert name in head and ("borrow" in head) is (not ex.fitted), head
         assert ex.estimates["triton"].reason is None
         assert (ex.estimates["cuda"].reason is None) == (cuda_extension_reason() is None)
     assert lisa_kernels.explain(q, k, v, rpe, grid=(7, 7), num_extra=1).device_class == "cpu"
+
+
+@pytest.mark.parametrize("device,target", [("h100", ("cuda", 90, 32)), ("mi300x", ("hip", "gfx942", 64))])
+def test_the_simulated_driver_runs_nothing_real(device, target):
+    """Triton sees the simulated GPU's target through the active driver, which is never picked by Triton on its own,
+    builds no launcher, and refuses to run a binary; and the previous driver is back afterwards."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    before = driver._active            # None on a machine without a GPU
+    with fake_gpu(device):
+        fake = driver.active
+        assert type(fake).is_active() is False
+        assert fake.get_current_target() == GPUTarget(*target)
+        assert fake.get_active_torch_device() == torch.device("cpu")
+        with pytest.raises(NotImplementedError, match="builds no launcher"):
+            fake.map_python_to_cpp_type("i32")
+        with pytest.raises(RuntimeError, match="cannot run on a simulated GPU"):
+            fake.launcher_cls(None, None)()
+    assert driver._active is before
 
 
 def test_fake_gpu_needs_the_interpreter(monkeypatch):
