@@ -151,10 +151,6 @@ def direct_core_backward(fq, fk, v, logtab, gnum, gden, p: Problem):
     r = torch.exp(logtab).contiguous()
     B, H, ng, Dk = fq.shape
     M, G = p.M, p.Dv // p.M
-    if gnum is None:
-        gnum = fq.new_zeros(B, H, ng, p.Dv)
-    if gden is None:
-        gden = fq.new_zeros(B, H, ng, M)
     ge = torch.cat([gnum.reshape(B, H, ng, M, G).transpose(2, 3), gden.transpose(2, 3)[..., None]], dim=-1)
     fk_rev = fk.flip(2)
     ve_rev = _ones_column(v, M).flip(3)

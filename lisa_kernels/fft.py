@@ -508,10 +508,6 @@ def fft_core_backward(fq, fk, v, logtab, below, gnum, gden, p: Problem, circular
     shift = _max_shift(logtab, H, M)
     r = torch.exp(logtab - shift.view(shift.shape + (1,) * (logtab.dim() - 2)))
     Khat = _kernel_spectrum(r, p.grid, sizes, circular)
-    if gnum is None:
-        gnum = fq.new_zeros(B, H, ng, p.Dv)
-    if gden is None:
-        gden = fq.new_zeros(B, H, ng, M)
     fq_, fk_ = fq.reshape(B * H, ng, Dk), fk.reshape(B * H, ng, Dk)
     ve = _ones_column(v, M)
     ge = torch.cat([gnum.reshape(B, H, ng, M, G1 - 1), gden[..., None]], -1).reshape(B * H, ng, M, G1)

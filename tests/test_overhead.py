@@ -163,23 +163,30 @@ def test_the_cache_is_bounded():
 
 def test_the_cache_under_threads_stays_bounded_and_right():
     """Four threads call with more signatures than the cache holds, each reusing its own: eviction and reuse race,
-    and every result still matches the reference."""
+    and every result is bitwise the one the same call gives alone."""
     import threading
     lisa_kernels.clear_cache()
     size = lisa_kernels._PLAN_CACHE_SIZE
     g = torch.Generator().manual_seed(11)
     inputs = [(torch.randn(1, 1, n, 2, generator=g), torch.randn(1, 1, 2 * n - 1, generator=g))
               for n in range(1, size // 3 + 2)]
+
+    def calls(offset):
+        for i in range(len(inputs)):
+            for x, rpe in (inputs[(i + offset) % len(inputs)], inputs[0]):
+                for backend in ("direct", "reference"):
+                    yield (offset, i, x.shape[2], backend), lambda x=x, rpe=rpe, backend=backend: \
+                        lisa_kernels.lisa_attention(x, x, x, rpe, grid=(x.shape[2],), backend=backend,
+                                                    scale=1.0 + offset)
+
+    alone = {key: call() for t in range(4) for key, call in calls(t)}
+    lisa_kernels.clear_cache()
     failures = []
 
     def work(offset):
-        for i in range(len(inputs)):
-            for x, rpe in (inputs[(i + offset) % len(inputs)], inputs[0]):
-                n = x.shape[2]
-                out = lisa_kernels.lisa_attention(x, x, x, rpe, grid=(n,), backend="direct", scale=1.0 + offset)
-                ref = lisa_kernels.lisa_attention(x, x, x, rpe, grid=(n,), backend="reference", scale=1.0 + offset)
-                if not torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
-                    failures.append((offset, n))
+        for key, call in calls(offset):
+            if not torch.equal(call(), alone[key]):
+                failures.append(key)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads:

@@ -121,6 +121,32 @@ def test_triton_refuses_float64_with_reason():
                          backend="triton")
 
 
+def test_triton_reasons_name_the_limit(monkeypatch):
+    """What the triton backend cannot run, said before any kernel: a head dim over MAX_HEAD_DIM, a table-gradient
+    workspace over WALK_MAX_WORKSPACE, no triton at all. (Meta tensors: the sizes alone.)"""
+    from lisa_kernels import triton_direct as TD
+    from lisa_kernels._validate import check_inputs
+
+    def reason(grid, Dk, Dv, M=1):
+        n = math.prod(grid)
+        q, k = (torch.empty(1, 1, n, Dk, device="meta") for _ in range(2))
+        rpe = torch.empty(1, M, *(2 * s - 1 for s in grid), device="meta")
+        return TD.triton_direct_reason(check_inputs(q, k, torch.empty(1, 1, n, Dv, device="meta"), rpe, grid=grid))
+
+    monkeypatch.setattr(TD, "triton_device_reason", lambda p: None)      # meta tensors: the limits only
+    assert reason((4, 4), 256, 256) is None
+    assert reason((4, 4), 257, 8) == "head dim 257 is over the kernel's limit of 256"
+    assert reason((4, 4), 8, 2 * 300, M=2) == "head dim 300 is over the kernel's limit of 256"
+    work = reason((64, 512, 512), 8, 8)
+    assert work.startswith("the table gradient's workspace would be") and "use 'fft'" in work
+    monkeypatch.undo()
+    monkeypatch.setattr(TD, "HAS_TRITON", False)
+    x = torch.randn(1, 1, 4, 8)
+    assert L.available_backends("cpu")["triton"] == "triton is not installed"
+    with pytest.raises(ValueError, match="triton is not installed"):
+        L.lisa_attention(x, x, x, torch.zeros(1, 1, 7), grid=(4,), backend="triton")
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: bf16 tl.dot and large sizes are GPU-only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("grid,E", [((14, 14), 1), ((32, 32), 0), ((4, 16, 16), 0), ((1000,), 1)])

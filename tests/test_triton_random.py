@@ -87,6 +87,17 @@ def test_triton_random_config_matches_reference(cfg):
     assert not bad, f"relative errors over {TOL:g} and 2x float32 reference's (triton, reference): {bad}"
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(grid=(3, 4), E=1, rpe_extra=True, M=6, Dk=3, Dv=6, boundary="zero", causal=False, normalize=True,
+         feature_map="elu1", scale=1.0, B=1, H=2, seed=3),
+    dict(grid=(9,), E=0, rpe_extra=False, M=5, Dk=2, Dv=10, boundary="circular", causal=False, normalize=True,
+         feature_map="relu", scale=1.0, B=2, H=1, seed=4)], ids=_id)
+def test_triton_group_chunks(cfg):
+    """M over MAX_FUSED_GROUPS: the groups split over several programs per pair (M = 6: 2 chunks of 3; M = 5:
+    5 chunks of 1), whose q and k gradients are fp32 partial sums added up after the kernels."""
+    test_triton_random_config_matches_reference(cfg)
+
+
 def _float32(inputs, device):
     return {n: None if t is None else t.detach().to(device, torch.float32).requires_grad_() for n, t in inputs.items()}
 
