@@ -28,6 +28,7 @@ on the CPU tensors. Nothing in the code under test knows about it; it is built o
   widened to fp32 (the interpreter multiplied their bit patterns), fp32 -> bf16 casts round to nearest even (it
   truncated), and the package's inline PTX, packed bf16x2 products (``cvt.rn.bf16x2.f32``, ``fma.rn.bf16x2`` with
   a -0 addend), is emulated: round(round(a) * round(b)); bf16 constants get the method the interpreter lacks.
+  (On a simulated AMD GPU the kernels take their portable form of those products instead, which runs as is.)
 
 What it cannot show: speed, a real device's memory model (races between programs, which the interpreter runs one
 after another), and code that only a GPU driver runs (CUDA streams, synchronisation); ``.coveragerc`` lists those
@@ -75,6 +76,7 @@ DEVICES: Dict[str, FakeDevice] = {
     "rtx4090": FakeDevice(GPU("cuda", 89, 32), "NVIDIA RTX 4090 (Ada, consumer, sm_89)", 101376),
     "rtx5090": FakeDevice(GPU("cuda", 120, 32), "NVIDIA RTX 5090 (consumer Blackwell, sm_120)", 101376),
     "mi300x": FakeDevice(GPU("hip", "gfx942", 64), "AMD Instinct MI300X (CDNA 3, gfx942)", 65536),
+    "mi355x": FakeDevice(GPU("hip", "gfx950", 64), "AMD Instinct MI355X (CDNA 4, gfx950)", 163840),
 }
 
 
@@ -248,7 +250,7 @@ def _round_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(nan, 0x7FC0, rounded).astype(np.uint16)
 
 
-# the package's inline PTX (triton_direct_kernels: _wmul, _dkv_group), its text with whitespace collapsed. Each is
+# the package's inline PTX (triton_direct_kernels._bf16_products), its text with whitespace collapsed. Each is
 # round(round(a) * round(b)) of its two operands (bf16 or fp32), a bf16 result; any other asm is not emulated.
 _PACKED_BF16_PRODUCTS = (
     "{ .reg .b32 t, z; cvt.rn.bf16x2.f32 t, $2, $1; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, t, $3, z; }",

@@ -97,6 +97,15 @@ def _modes(dtype: torch.dtype, gpu: Optional[GPU]) -> Tuple[torch.dtype, int]:
     return torch.bfloat16, 0
 
 
+def _isa(gpu: Optional[GPU]) -> int:
+    """The kernels' ISA constexpr (triton_direct_kernels): 0 NVIDIA, or no GPU (the interpreter): inline PTX and
+    tf32x3 dots; 1 AMD gfx942 (the one AMD target with tf32 dots): portable products, exact fp32 dots for fp32;
+    2 other AMD GPUs: the same, with exact fp32 dots for fp16's tf32 ones too."""
+    if gpu is None or gpu.backend != "hip":
+        return 0
+    return 1 if gpu.arch == "gfx942" else 2
+
+
 BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker, the forward's
                        # table layout R16) at any mode
 
@@ -319,7 +328,7 @@ def _common(p: Problem, lay: Layout, gpu: Optional[GPU]) -> dict:
     DKP = max(16, triton.next_power_of_2(p.Dk))
     MC = _group_chunk(M, DKP)
     return dict(M=M, MC=MC, MCP=triton.next_power_of_2(MC), G=G, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                DKP=DKP, NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode)
+                DKP=DKP, NPAD=lay.NPAD, TXP=lay.TXP, CAUSAL=p.causal, MODE=mode, ISA=_isa(gpu))
 
 
 def _gather_transposed() -> bool:
@@ -482,7 +491,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
                 LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay), WT=WALK_TILE,
-                CAUSAL=p.causal, MODE=c["MODE"], GD_DOT=gd_dot)
+                CAUSAL=p.causal, MODE=c["MODE"], ISA=c["ISA"], GD_DOT=gd_dot)
     extra = lay.E > 0 and rpe_extra is not None
     identity0 = extra and p.normalize and not p.causal
     nt = lay.NPAD // EXTRA_BLOCK
@@ -506,7 +515,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     if extra:
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
                   MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
-                  EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"],
+                  EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], ISA=c["ISA"],
                   GD_DOT=_gd_dot(c["MODE"]), BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
     launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))

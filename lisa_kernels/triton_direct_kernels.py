@@ -19,6 +19,9 @@ gradient-side operand (MODE 1), whose range fp16 lacks; fp32 takes tf32x3 (MODE 
 With bf16 dots the weights that enter a dot as an operand (the forward's W_m, dK/dV's W'^T) are packed bf16x2
 products round(round(A) round(r'_m)) (:func:`_wmul`): two pairs per instruction and no conversion per group, at
 the cost of rounding A and r' to bf16 first (the forward reads a bf16 copy of its pair table, R16).
+The constexpr ISA, set by the launcher from the GPU, picks what only some targets have: 0 NVIDIA (and the
+interpreter): those products in inline PTX, tf32x3; 1 AMD gfx942 and 2 other AMD GPUs: the same products in
+portable Triton, exact fp32 dots ("ieee") for MODE 2, and for MODE 1 too where the GPU has no tf32 (2) (:func:`_dot`).
 
 Backward units (``normalize`` folded in): ``s = 1 / (den' + eps e^-max)``, ``g' = s g`` (the upstream gradient of
 a group, scaled), ``gd = -s g . out``; then ``dW'_ij = g'_i . v_j + gd_i`` is the gradient of the weight
@@ -50,15 +53,37 @@ def _dphi(x, FEATURE: tl.constexpr):
         return tl.where(x > 0, 1.0, 0.0)
 
 @triton.jit
-def _dot(a, b, acc, MODE: tl.constexpr):
-    """acc + a @ b, fp32 accumulation: a cast to b's 16-bit dtype (MODE 0), or both in tf32 (1) or tf32x3 (2,
-    fp32-accurate). MODE // 2 * 2 is the mode of the products of two feature operands."""
+def _dot(a, b, acc, MODE: tl.constexpr, ISA: tl.constexpr):
+    """acc + a @ b, fp32 accumulation: a cast to b's 16-bit dtype (MODE 0), or both in tf32 (1) or fp32-accurate
+    (2): tf32x3 on NVIDIA (ISA 0), exact fp32 products on AMD ("ieee": CDNA's fp32 MFMA). AMD GPUs without tf32
+    (ISA 2: all but gfx942) take ieee in MODE 1 too. MODE // 2 * 2 is the mode of the products of two feature
+    operands."""
     if MODE == 0:
         return tl.dot(a.to(b.dtype), b, acc)
-    elif MODE == 1:
+    elif MODE == 1 and ISA < 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-    else:
+    elif ISA == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+@triton.jit
+def _bf16_products(a, b, ISA: tl.constexpr):
+    """round(round(a) round(b)) in bf16, elementwise (a fp32, b fp32 or bf16; round: to nearest even). NVIDIA
+    (ISA 0): inline PTX, packed bf16x2 (cvt.rn.bf16x2.f32 of each operand pair, then fma.rn.bf16x2 with a -0
+    addend: the product of two bf16 rounded once, signed zeros kept; unlike mul.bf16x2 (sm_90) it exists on
+    sm_80). Elsewhere the same value portably: the product of two bf16 is exact in fp32 (above its subnormals),
+    then rounded once."""
+    if ISA == 0:
+        if b.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise("{ .reg .b32 t, z; cvt.rn.bf16x2.f32 t, $2, $1; mov.b32 z, 0x80008000; "
+                                             "fma.rn.bf16x2 $0, t, $3, z; }",
+                                             "=r,r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise("{ .reg .b32 a, r, z; cvt.rn.bf16x2.f32 a, $2, $1; "
+                                         "cvt.rn.bf16x2.f32 r, $4, $3; mov.b32 z, 0x80008000; "
+                                         "fma.rn.bf16x2 $0, a, r, z; }", "=r,r,r,r,r", [a, b],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    return (a.to(tl.bfloat16).to(tl.float32) * b.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
 
 @triton.jit
 def _split_groups(x, MCP: tl.constexpr):
@@ -282,24 +307,21 @@ def _pair_table(hc, RPE, REX, R, R16, TAB16: tl.constexpr, MX, DELTAS, WRITE_MAX
 # ------------------------------------------------------------ forward
 
 @triton.jit
-def _wmul(A, r, MODE: tl.constexpr):
-    """The weights W = A r of a group in the dtype of the dots. bf16 dots (MODE 0; r in bf16): packed bf16x2
-    products of round(A) and r, two pairs per instruction and no conversion (ptxas computes round(A) once for all
-    groups; fma with a -0 addend is the rounded product, and unlike mul.bf16x2 (sm_90) it exists on sm_80);
-    else the fp32 product."""
+def _wmul(A, r, MODE: tl.constexpr, ISA: tl.constexpr):
+    """The weights W = A r of a group in the dtype of the dots. bf16 dots (MODE 0; r in bf16): round(round(A) r)
+    (_bf16_products; on NVIDIA two pairs per instruction and no conversion: ptxas computes round(A) once for all
+    groups); else the fp32 product."""
     if MODE == 0:
-        return tl.inline_asm_elementwise("{ .reg .b32 t, z; cvt.rn.bf16x2.f32 t, $2, $1; mov.b32 z, 0x80008000; "
-                                         "fma.rn.bf16x2 $0, t, $3, z; }",
-                                         "=r,r,r,r", [A, r], dtype=tl.bfloat16, is_pure=True, pack=2)
+        return _bf16_products(A, r, ISA)
     else:
         return A * r
 
 @triton.jit
-def _fwd_group(acc, den, A, r, vt, ones, MODE: tl.constexpr, ONES: tl.constexpr):
-    W = _wmul(A, r, MODE)
+def _fwd_group(acc, den, A, r, vt, ones, MODE: tl.constexpr, ISA: tl.constexpr, ONES: tl.constexpr):
+    W = _wmul(A, r, MODE, ISA)
     if ONES:         # (the row sums come with the values: vt's column G is 1)
-        return _dot(W, vt, acc, MODE), den
-    return _dot(W, vt, acc, MODE), _dot(W, ones, den, MODE)
+        return _dot(W, vt, acc, MODE, ISA), den
+    return _dot(W, vt, acc, MODE, ISA), _dot(W, ones, den, MODE, ISA)
 
 @triton.jit
 def _fwd_store(acc, den, gm, Out, Res, Den, MX, b, h, bh, N, M: tl.constexpr, sob, soh, son, sod, eps, offs_m,
@@ -331,7 +353,7 @@ def _fwd_kernel(FQ, FK, VP, R, R16, AIX, NB2, MX, Out, Res, Den,
                 DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr,
                 CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr, RESIDUAL: tl.constexpr,
                 TAB16: tl.constexpr, ONES: tl.constexpr, GATHER_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, ISA: tl.constexpr):
     """One program per (query tile, batch * head, group chunk); for every key tile
 
         A = fq fk^T                      one tensor-core dot for all groups of the chunk
@@ -364,22 +386,22 @@ def _fwd_kernel(FQ, FK, VP, R, R16, AIX, NB2, MX, Out, Res, Den,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
-        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
+        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2, ISA)
         nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
         if TAB16:
             r0, r1, r2, r3 = _split_groups(_gather16(tab16, ai, nb2, MCP, GATHER_T), MCP)
         else:
             r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
-        acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE, ONES)
+        acc0, den0 = _fwd_group(acc0, den0, A, r0, _tile(vbase, offs_n * M, BLOCK_G), ones, MODE, ISA, ONES)
         if MC > 1:
             acc1, den1 = _fwd_group(acc1, den1, A, r1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
-                                    ONES)
+                                    ISA, ONES)
         if MC > 2:
             acc2, den2 = _fwd_group(acc2, den2, A, r2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
-                                    ONES)
+                                    ISA, ONES)
         if MC > 3:
             acc3, den3 = _fwd_group(acc3, den3, A, r3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), ones, MODE,
-                                    ONES)
+                                    ISA, ONES)
     m0 = mc * MC
     _fwd_store(acc0, den0, m0, Out, Res, Den, MX, b, h, bh, N, M, sob, soh, son, sod, eps, offs_m, G, BLOCK_G,
                NORMALIZE, RESIDUAL, ONES)
@@ -445,28 +467,27 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
                     L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
 
 @triton.jit
-def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, GD_DOT: tl.constexpr):
+def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, ISA: tl.constexpr, GD_DOT: tl.constexpr):
     """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With GD_DOT (bf16 dots) gd rides on a second
     16-deep dot through the ones row; with fp32 operands (fp16, fp32 inputs) that dot would cost more registers
     than the add it saves, so gd (column 0 of gdx) is added."""
     zero = tl.zeros((gp.shape[0], vt.shape[0]), tl.float32)
     if GD_DOT:
-        return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE), MODE)
-    return _dot(gp, tl.trans(vt), zero, MODE) + tl.sum(gdx.to(tl.float32), 1)[:, None]
+        return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE, ISA), MODE, ISA)
+    return _dot(gp, tl.trans(vt), zero, MODE, ISA) + tl.sum(gdx.to(tl.float32), 1)[:, None]
 
 @triton.jit
-def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, GD_DOT: tl.constexpr, PACKED: tl.constexpr):
-    if PACKED:       # (bf16 dots, several groups: as _wmul, packed products of round(A^T) and round(r^T))
-        Wt = tl.inline_asm_elementwise("{ .reg .b32 a, r, z; cvt.rn.bf16x2.f32 a, $2, $1; cvt.rn.bf16x2.f32 r, $4, $3; "
-                                       "mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, a, r, z; }", "=r,r,r,r,r", [At, rt],
-                                       dtype=tl.bfloat16, is_pure=True, pack=2)
+def _dkv_group(dv, dAt, At, rt, gp, gdx, vt, onesx, MODE: tl.constexpr, ISA: tl.constexpr, GD_DOT: tl.constexpr,
+               PACKED: tl.constexpr):
+    if PACKED:       # (bf16 dots, several groups: as _wmul, round(round(A^T) round(r^T)))
+        Wt = _bf16_products(At, rt, ISA)
     else:
         Wt = At * rt
-    dv = _dot(Wt, gp, dv, MODE)
+    dv = _dot(Wt, gp, dv, MODE, ISA)
     if GD_DOT:
-        Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE), MODE)
+        Dt = _dot(vt, tl.trans(gp), _dot(onesx, tl.trans(gdx), tl.zeros(At.shape, tl.float32), MODE, ISA), MODE, ISA)
     else:
-        Dt = _dot(vt, tl.trans(gp), tl.zeros(At.shape, tl.float32), MODE) + tl.sum(gdx.to(tl.float32), 1)[None, :]
+        Dt = _dot(vt, tl.trans(gp), tl.zeros(At.shape, tl.float32), MODE, ISA) + tl.sum(gdx.to(tl.float32), 1)[None, :]
     return dv, dAt + Dt * rt
 
 @triton.jit
@@ -481,7 +502,7 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
                     FEATURE: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, G: tl.constexpr,
                     BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
                     NDQ: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
-                    GATHER_T: tl.constexpr,
+                    GATHER_T: tl.constexpr, ISA: tl.constexpr,
                     BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dK and dV of one key tile (all groups of a chunk), looping over query tiles:
@@ -521,22 +542,22 @@ def _bwd_dkv_kernel(FQ, FK, VP, GP, GDX, K, RQ, AI2, NBX, DKB, DV,
     for start_m in range(lo, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         fq = _tile(FQ + bh * NPAD * DKP, offs_m, DKP)
-        At = _dot(fk, tl.trans(fq), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), MODE // 2 * 2)
+        At = _dot(fk, tl.trans(fq), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), MODE // 2 * 2, ISA)
         ai2 = tl.load(AI2 + start_m // 2 + tl.arange(0, BLOCK_M // 2))
         r0, r1, r2, r3 = _split_groups(_gather(tab, nb, ai2, MCP, GATHER_T), MCP)
         dv0, dAt = _dkv_group(dv0, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), At, r0,
-                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, GD_DOT,
-                              PACKED)
+                              _tile(gbase, offs_m * M, BLOCK_G), _tile(xbase, offs_m * M, 16), v0, onesx, MODE, ISA,
+                              GD_DOT, PACKED)
         if MC > 1:
             dv1, dAt = _dkv_group(dv1, dAt, At, r1, _tile(gbase + BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, GD_DOT, PACKED)
+                                  _tile(xbase + 16, offs_m * M, 16), v1, onesx, MODE, ISA, GD_DOT, PACKED)
         if MC > 2:
             dv2, dAt = _dkv_group(dv2, dAt, At, r2, _tile(gbase + 2 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, GD_DOT, PACKED)
+                                  _tile(xbase + 32, offs_m * M, 16), v2, onesx, MODE, ISA, GD_DOT, PACKED)
         if MC > 3:
             dv3, dAt = _dkv_group(dv3, dAt, At, r3, _tile(gbase + 3 * BLOCK_G, offs_m * M, BLOCK_G),
-                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, GD_DOT, PACKED)
-        dfk = _dot(dAt, fq, dfk, MODE)
+                                  _tile(xbase + 48, offs_m * M, 16), v3, onesx, MODE, ISA, GD_DOT, PACKED)
+        dfk = _dot(dAt, fq, dfk, MODE, ISA)
     offs_d = tl.arange(0, DKP)
     mask = (offs_n < N)[:, None] & (offs_d < DK)[None, :]
     kk = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask,
@@ -570,7 +591,7 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
                    BLOCK_G: tl.constexpr, DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr,
                    NDK: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr,
                    NORMALIZE: tl.constexpr,
-                   GATHER_T: tl.constexpr,
+                   GATHER_T: tl.constexpr, ISA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile (all groups of a chunk), looping over key tiles; A itself is not needed:
 
@@ -613,14 +634,14 @@ def _bwd_dq_kernel(FQ, FK, VP, GP, GDX, GD, MX, Q, R, AIX, NB2, DQ,
         fk = _tile(FK + bh * NPAD * DKP, offs_n, DKP)
         nb2 = tl.load(NB2 + start_n // 2 + tl.arange(0, BLOCK_N // 2))
         r0, r1, r2, r3 = _split_groups(_gather(tab, ai, nb2, MCP, GATHER_T), MCP)
-        dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE, GD_DOT) * r0
+        dA = _dW(g0, _tile(vbase, offs_n * M, BLOCK_G), x0, onesT, MODE, ISA, GD_DOT) * r0
         if MC > 1:
-            dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE, GD_DOT) * r1
+            dA += _dW(g1, _tile(vbase + BLOCK_G, offs_n * M, BLOCK_G), x1, onesT, MODE, ISA, GD_DOT) * r1
         if MC > 2:
-            dA += _dW(g2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), x2, onesT, MODE, GD_DOT) * r2
+            dA += _dW(g2, _tile(vbase + 2 * BLOCK_G, offs_n * M, BLOCK_G), x2, onesT, MODE, ISA, GD_DOT) * r2
         if MC > 3:
-            dA += _dW(g3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), x3, onesT, MODE, GD_DOT) * r3
-        dfq = _dot(dA, fk, dfq, MODE)
+            dA += _dW(g3, _tile(vbase + 3 * BLOCK_G, offs_n * M, BLOCK_G), x3, onesT, MODE, ISA, GD_DOT) * r3
+        dfq = _dot(dA, fk, dfq, MODE, ISA)
     if NORMALIZE:
         row = (bh * NPAD + offs_m) * M + mc * MC
         par = -_eps_gd(GD, MX, row, mc * MC, h, M, eps)
@@ -656,7 +677,7 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
                      DKP: tl.constexpr, NPAD: tl.constexpr, TW: tl.constexpr, LW: tl.constexpr,
                      E: tl.constexpr, IDENT: tl.constexpr, WT: tl.constexpr,
                      CAUSAL: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ISA: tl.constexpr):
     """The table gradient's sums, without atomics. Grid tokens (extra tokens left out; a padded layout where
     :func:`layout` chose one, WIX maps it to token rows) are cut into 64-token tiles. The pairs that share a table
     entry have the same token difference k = i - j, so they lie on one token diagonal of tiles: tiles (I, I - D)
@@ -733,17 +754,17 @@ def _bwd_walk_kernel(FQ, FK, VP, GP, GDX, WIX, SCR, B, H, n_walk,
             gp0 = tl.load(GP + gq[:, None] + tl.arange(0, BLOCK_G)[None, :])
             v0 = tl.load(VP + vk[:, None] + tl.arange(0, BLOCK_G)[None, :])
             x0 = tl.load(GDX + xq[:, None] + c16[None, :])
-        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2)
-        acc0 += A * _dW(gp0, v0, x0, onesT, MODE, GD_DOT)
+        A = _dot(fq, tl.trans(fk), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), MODE // 2 * 2, ISA)
+        acc0 += A * _dW(gp0, v0, x0, onesT, MODE, ISA, GD_DOT)
         if MCW > 1:
             acc1 += A * _dW(_shifted(GP, gq, off_g, BLOCK_G, IDENT), _shifted(VP, vk, off_v, BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE, GD_DOT)
+                            _shifted(GDX, xq, off_x, 16, IDENT), onesT, MODE, ISA, GD_DOT)
         if MCW > 2:
             acc2 += A * _dW(_shifted(GP, gq, off_g, 2 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 2 * BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE, GD_DOT)
+                            _shifted(GDX, xq, off_x, 32, IDENT), onesT, MODE, ISA, GD_DOT)
         if MCW > 3:
             acc3 += A * _dW(_shifted(GP, gq, off_g, 3 * BLOCK_G, IDENT), _shifted(VP, vk, off_v, 3 * BLOCK_G, IDENT),
-                            _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE, GD_DOT)
+                            _shifted(GDX, xq, off_x, 48, IDENT), onesT, MODE, ISA, GD_DOT)
         it += 1
         wrap = it == n_it
         b = tl.where(wrap, b + 1, b)
@@ -763,7 +784,8 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
                       H, M: tl.constexpr, MC: tl.constexpr, MCP: tl.constexpr, BLOCK_G: tl.constexpr,
                       DKP: tl.constexpr, NPAD: tl.constexpr, TXP: tl.constexpr, NDK: tl.constexpr, E: tl.constexpr,
                       EP: tl.constexpr,
-                      KIND0: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK: tl.constexpr):
+                      KIND0: tl.constexpr, MODE: tl.constexpr, GD_DOT: tl.constexpr, BLOCK: tl.constexpr,
+                      ISA: tl.constexpr):
     """The rpe_extra gradient's sums over the pairs with an extra token: one program per (batch * head, chunk,
     token tile) writes SX[.., kind, m] = sum of A r' (g' . v + gd) over the tile's pairs of each kind (0: extra
     query, grid key (only with KIND0: otherwise the fold takes it from the row identity); 1: grid query, extra
@@ -784,7 +806,7 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
     ones_t = tl.where(c16[:, None] == 0, 1.0, tl.zeros((16, BLOCK), tl.float32)).to(GP.dtype.element_ty)
     # kinds 1 and 2: the tile's queries with the extra keys
     A = _dot(_tile(fbase_q, offs, DKP), tl.trans(_tile(fbase_k, xrow, DKP)), tl.zeros((BLOCK, EP), tl.float32),
-             MODE // 2 * 2)
+             MODE // 2 * 2, ISA)
     r = _lookup(tab, tl.load(AIX + offs)[:, None] + tl.load(NBX + xrow)[None, :], MCP)
     r0, r1, r2, r3 = _split_groups(r, MCP)
     key_x = (ex < E)[None, :]
@@ -795,20 +817,20 @@ def _bwd_extra_kernel(FQ, FK, VP, GP, GDX, R, AIX, NBX, SX, N,
         rj = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
         X = A * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
                          _tile(VP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
-                         _tile(GDX + (slot0 + j) * 16, offs * M, 16), ones_x, MODE, GD_DOT)
+                         _tile(GDX + (slot0 + j) * 16, offs * M, 16), ones_x, MODE, ISA, GD_DOT)
         tl.store(out + MCP + j, tl.sum(tl.sum(tl.where(k1, X, 0.0), 1), 0))
         tl.store(out + 2 * MCP + j, tl.sum(tl.sum(tl.where(k2, X, 0.0), 1), 0))
     # kind 0: the extra queries with the tile's grid keys
     for j in tl.static_range(MC):
         if KIND0:
             A0 = _dot(_tile(fbase_q, xrow, DKP), tl.trans(_tile(fbase_k, offs, DKP)),
-                      tl.zeros((EP, BLOCK), tl.float32), MODE // 2 * 2)
+                      tl.zeros((EP, BLOCK), tl.float32), MODE // 2 * 2, ISA)
             q0, q1, q2, q3 = _split_groups(_lookup(tab, tl.load(AIX + xrow)[:, None] + tl.load(NBX + offs)[None, :],
                                                    MCP), MCP)
             rj = q0 if j == 0 else (q1 if j == 1 else (q2 if j == 2 else q3))
             X0 = A0 * rj * _dW(_tile(GP + (slot0 + j) * BLOCK_G, xrow * M, BLOCK_G),
                                _tile(VP + (slot0 + j) * BLOCK_G, offs * M, BLOCK_G),
-                               _tile(GDX + (slot0 + j) * 16, xrow * M, 16), ones_t, MODE, GD_DOT)
+                               _tile(GDX + (slot0 + j) * 16, xrow * M, 16), ones_t, MODE, ISA, GD_DOT)
             k0 = (ex < E)[:, None] & (offs >= E)[None, :] & (offs < N)[None, :]
             tl.store(out + j, tl.sum(tl.sum(tl.where(k0, X0, 0.0), 1), 0))
         else:

@@ -40,7 +40,7 @@ def _stop_the_compile_helper():
     stop_helper()
 
 
-CLASSES = ("a100", "h100", "b200", "rtx5090", "rtx4090", "mi300x")
+CLASSES = ("a100", "h100", "b200", "rtx5090", "rtx4090", "mi300x", "mi355x")
 FLOOR = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
@@ -63,9 +63,10 @@ def _options(c):
                 normalize=c["normalize"], feature_map=c["feature_map"])
 
 
-def _check(backend, c, dtype, **fake):
+def _check(backend, c, dtype, results=None, **fake):
     """Forward and every gradient of ``backend`` under fake_gpu(**fake), against the float64 reference, within
-    max(FLOOR[dtype], 4x the error of the reference on the inputs rounded to ``dtype``). Returns the Simulation."""
+    max(FLOOR[dtype], 4x the error of the reference on the inputs rounded to ``dtype``). Returns the Simulation
+    (and appends the forward and gradients to ``results``, if given)."""
     inputs = make_inputs(c["grid"], E=c["E"], M=c["M"], Dk=c["Dk"], Dv=c["Dv"], B=c["B"], H=c["H"],
                          boundary=c["boundary"], seed=c["seed"])
     opts = _options(c)
@@ -81,6 +82,8 @@ def _check(backend, c, dtype, **fake):
     errs = errors(result, expected, floor=1e-3)
     bad = {n: (e, own[n]) for n, e in errs.items() if not e <= max(FLOOR[dtype], 4 * own[n])}
     assert not bad, f"{backend} on {fake.get('device')} {dtype} {c}: errors (this, reference in {dtype}): {bad}"
+    if results is not None:
+        results.append(result)
     return sim
 
 
@@ -104,6 +107,40 @@ def test_every_autotune_candidate_matches_the_reference(prefer, dtype):
     sim = _check("triton", c, dtype, device="h100", prefer=prefer)
     chosen = {name: cfg for name, cfg in sim.winners}
     assert len(chosen) == 4, sim.winners
+
+
+@pytest.mark.parametrize("device,isa", [("a100", 0), ("h100", 0), ("rtx5090", 0), ("mi300x", 1), ("mi355x", 2)])
+def test_each_gpu_gets_its_kernel_forms(device, isa):
+    """The launcher sets the kernels' ISA constexpr from the GPU: 0 NVIDIA (inline PTX products, tf32x3 dots), 1
+    AMD gfx942 (portable products, ieee dots for fp32, tf32 ones for fp16), 2 other AMD (ieee for both); 0 with no
+    GPU (the plain interpreter)."""
+    p = lisa_kernels.check_inputs(*(torch.randn(1, 1, 17, 8, dtype=torch.bfloat16) for _ in range(3)),
+                                  torch.randn(1, 2, 7, 7, dtype=torch.bfloat16), grid=(4, 4), num_extra=1,
+                                  rpe_extra=torch.randn(1, 2, 3, dtype=torch.bfloat16))
+    for gpu, want in ((DEVICES[device].gpu, isa), (None, 0)):
+        dots = {launch.name: launch.args["ISA"] for _, launch in TD.kernel_launches(p, device="meta", gpu=gpu)
+                if "ISA" in launch.args}
+        assert set(dots) == {"fwd", "bwd_dkv", "bwd_dq", "bwd_walk", "bwd_extra"}, dots
+        assert set(dots.values()) == {want}, dots
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_nvidia_and_amd_kernel_forms_agree(dtype, monkeypatch):
+    """Each form of what only some targets have (ISA 0: inline PTX bf16x2 products, emulated by testing.py as
+    round(round(a) round(b)), tf32x3 dots; 1 and 2: the portable products and ieee dots of AMD GPUs) on one
+    simulated GPU, a random configuration with 4 groups per program (dK/dV's packed products too): each matches the
+    reference, and they agree bitwise (the interpreter's dots are fp32 whatever their precision)."""
+    c = _draw(zlib.crc32(f"forms {dtype}".encode()))
+    c.update(M=4, Dv=4 * (c["Dv"] // c["M"]))
+    results = []
+    for isa in (0, 1, 2):
+        monkeypatch.setattr(TD, "_isa", lambda gpu, isa=isa: isa)
+        _check("triton", c, dtype, results=results, device="mi300x")
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert grads.keys() == results[0][1].keys()
+        for name, g in grads.items():
+            assert torch.equal(g, results[0][1][name]), name
 
 
 @pytest.mark.parametrize("device", CLASSES)
@@ -165,20 +202,15 @@ def test_triton_bf16_with_compiled_candidates_on_hopper():
     assert sim.totals()["compiles"] >= 8, sim.stats
 
 
-AMD_KNOWN = {torch.bfloat16: "the bf16 kernels' packed products are inline PTX, which an AMD GPU cannot assemble",
-             torch.float32: "the fp32 dots ask for input_precision='tf32x3', which Triton's AMD backend does not have"}
-
-
-@pytest.mark.parametrize("dtype", [
-    torch.float16,
-    *(pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=f"issue 29: {why}")) for d, why in AMD_KNOWN.items())],
-    ids=str)
-def test_triton_on_amd_with_compiled_candidates(dtype):
-    """Compiled for gfx942 (MI300X): fp16 compiles and runs; bf16 and fp32 do not compile for AMD (issue 29), and
-    the compile error reaches the caller instead of being swallowed by the pruning."""
-    c = dict(grid=(3, 3), E=0, M=1, Dk=8, Dv=8, boundary="zero", causal=False, normalize=True,
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("device", ["mi300x", "mi355x"])
+def test_triton_on_amd_with_compiled_candidates(device, dtype):
+    """Compiled for gfx942 (MI300X) and gfx950 (MI355X), every candidate, then run: no NVIDIA-only code reaches an
+    AMD target (issue 29: the bf16 kernels' packed products were inline PTX, the fp32 dots tf32x3, and gfx950 has
+    no tf32 dots either). Two groups per program, so that dK/dV's packed products are compiled too."""
+    c = dict(grid=(3, 3), E=0, M=2, Dk=8, Dv=8, boundary="zero", causal=False, normalize=True,
              feature_map="elu1", B=1, H=1, seed=5)
-    sim = _check("triton", c, dtype, device="mi300x", compile=True)
+    sim = _check("triton", c, dtype, device=device, compile=True)
     assert sim.totals()["compiles"] >= 8, sim.stats
 
 
