@@ -42,6 +42,7 @@ x D), by default under benchmarks/results/. ``benchmarks/compare.py`` compares t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -146,6 +147,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", help="output JSON path; .csv, .md and .png files are written next to it "
                                   "[default: benchmarks/results/<device>_<date>[_full|_quick].json]")
     ap.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
+    ap.add_argument("--fake-gpu", metavar="NAME",
+                    help="simulate this GPU (a key of lisa_kernels.testing.DEVICES, e.g. h100; needs --device cpu, "
+                         "--in-process and TRITON_INTERPRET=1 set before the start): the GPU's host code runs, its "
+                         "Triton autotuning included, the kernels in Triton's interpreter; the times mean nothing. "
+                         "The meta records what the simulated GPU counted (gpu_session.sh --dry-run)")
     ap.add_argument("--report", metavar="RESULTS.json",
                     help="measure nothing: rewrite the CSV, markdown and plots (and the targets) of a saved run")
     args = ap.parse_args(argv)
@@ -187,9 +193,22 @@ def resolve_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> a
     args.methods = list(dict.fromkeys([args.baseline] + list(args.methods or default_methods(args.device))))
     if args.baseline not in METHODS:
         ap.error(f"--baseline must be one of the methods, got {args.baseline!r}")
+    if args.fake_gpu and (on_cuda or not args.in_process or os.environ.get("TRITON_INTERPRET") != "1"):
+        ap.error("--fake-gpu needs --device cpu, --in-process and TRITON_INTERPRET=1 in the environment")
     if min(args.batch, args.heads, args.repeats, args.rotate, *args.dims) < 1 or args.warmup < 0:
         ap.error("--batch, --heads, --repeats, --rotate and --dims must be positive, --warmup at least 0")
     return args
+
+
+SIMULATED_COUNTS = ("compiles", "autotunings", "candidates_run")     # lisa_kernels.testing.Simulation.stats
+
+
+def simulated(name: Optional[str]):
+    """``lisa_kernels.testing.fake_gpu(name)`` (--fake-gpu), else no simulation; yields the Simulation or None."""
+    if not name:
+        return contextlib.nullcontext(None)
+    from lisa_kernels.testing import fake_gpu
+    return fake_gpu(name)
 
 
 def default_methods(device: str) -> List[str]:
@@ -219,8 +238,14 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
           f"B={args.batch}, H={args.heads}, {args.repeats} repeats, --max-seconds {args.max_seconds:g}{budget}; "
           f"{meta['library']})", flush=True)
     t0 = time.perf_counter()
-    records = run_sweep(cases, args, meta, json_path + ".tmp", started)
+    with simulated(args.fake_gpu) as sim:
+        records = run_sweep(cases, args, meta, json_path + ".tmp", started)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    if sim is not None:
+        totals = sim.totals()
+        meta["simulated_gpu"] = {"device": sim.device.name, **{k: totals[k] for k in SIMULATED_COUNTS},
+                                 "by_kernel": {k: dict(v) for k, v in sim.stats.items()}}
+        print(f"simulated {sim.device.name}: " + ", ".join(f"{totals[k]} {k}" for k in SIMULATED_COUNTS))
     finish(records, meta, json_path, args.no_plot)
     os.remove(json_path + ".tmp")
     print(f"sweep took {meta['elapsed_s']:.0f} s")

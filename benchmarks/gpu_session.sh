@@ -5,21 +5,36 @@
 #
 #   bash benchmarks/gpu_session.sh             # on the GPU machine; results in $OUT (or benchmarks/results/)
 #   bash benchmarks/gpu_session.sh --dry-run   # the same stages on the CPU: Triton interpreter, tiny sizes,
-#                                              # caps scaled down; under 3 minutes (tests/test_gpu_session.py)
+#                                              # caps scaled down; 2.5-4 minutes (tests/test_gpu_session.py)
 #
-# Stages (caps in seconds, GPU run):
+# Stages (caps in seconds, GPU run; GPU_STAGES below holds them):
 #   1 env       nvidia-smi, versions, the measured ceilings (bf16 matmul, device copy)              30
 #   2 build     the CUDA extension for sm_90a only, MAX_JOBS=16, in the background from the start  300
+#     warm      gpu_check.py warm, in the background from the start: the run's Triton kernels compiled
+#               into Triton's disk cache by 10 processes, in the stages' order (see "Sizing" below); its
+#               log (warm.log) and plan.json hold the plan of the run
 #   3 check     triton-fft, then triton (bf16, fp16, fp32) against the reference (forward and every
 #               gradient; 1D/2D/3D grids, extra tokens, M > 1, causal; poisoned outputs)          240
-#     check-cuda  the same for cuda, once the build is done                                         60
+#     check-cuda  the same for cuda and direct, once the build is done                              60
 #     memcheck  compute-sanitizer --tool memcheck on one small call of each compiled backend       90
 #   4 overhead  benchmarks/overhead.py: host time, kernel launches, 14x14+1 bf16 vs sdpa-flash      60
 #     timing    benchmarks/benchmark.py, bf16, D=64, fwd and fwd+bwd, 14x14 .. 256x256 and 16x64x64
 #               at batches that fill the GPU, vs sdpa-flash, sdpa-cudnn, sdpa-efficient, flash-attn;
-#               peak memory; the Triton autotune choices (TRITON_PRINT_AUTOTUNING); D=128 if time is left
+#               peak memory; the Triton autotune choices (TRITON_PRINT_AUTOTUNING)        90, 90, 120
+#               D=128 (32x32, 64x64) if more than 100 s are left                                     75
 #   5 fit       benchmarks/fit_cost_model.py --device-class sm_90 --dry-run on the timings          30
 # The whole run stops starting stages when its budget (LISA_SESSION_SECONDS, 530) is nearly spent.
+#
+# Sizing (gpu_check.py plan, which the dry run runs first; plan.json in the results; benchmarks/README.md): the
+# stages' Triton work, counted for the GPU run's real cases and Triton 3.6 (2026-12-07): check 358 compiles (218
+# autotune candidates over 75 tuning keys, 90 untuned kernels, 50 triton-fft specializations) and 35 gcc-built C
+# launchers; overhead 29; timing-d64-a 15, -b 123, -c 313 (the triton-fft kernels specialize on their chunk
+# offsets and sizes: 285 of the 313), d128 47: 885 compiles. At 0.5-1.2 s each (measured on a 2-core AMD EPYC,
+# gpu_check.py compile-time; the GPU machine's CPU unknown) that is ~830 s in one process: more than the whole
+# budget, the check stage alone ~480 s against its 240 s cap. So the warm-up compiles them first on 10 of the 16
+# cores (the build's 5 sources take ~5), done at ~140 s; the stages then find most kernels in Triton's disk cache
+# (a cache hit ~0.05 s). Estimated with it: check ~115 s, the timing stages 19-91 s, the whole run ~470 s of 530;
+# without it the stages would need ~1120 s (cut at their caps: check, overhead, timing-b and -c cut short).
 #
 # What comes back (at most 8 files): $OUT/gpu_session.tar.gz (every log and result), $OUT/summary.txt (the
 # stage table and the targets table, also printed last). benchmarks/README.md says how to commit them.
@@ -37,7 +52,7 @@ mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ $DRY = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
-  BUDGET=${LISA_SESSION_SECONDS:-170}
+  BUDGET=${LISA_SESSION_SECONDS:-240}
   SCALE=2          # caps divided by this
   TAG=dryrun
 else
@@ -46,6 +61,23 @@ else
   TAG=gpu
 fi
 export TRITON_PRINT_AUTOTUNING=1
+# The GPU run's stages after env, in order, with their caps (s): NAME:CAP, a timing stage NAME:CAP:D:B:GRIDS
+# (benchmark.py at head dim D, batch B, H = 8) and :if-time-S for one that runs only if more than S s are left.
+# gpu_check.py plan and warm take the same list (with env first), so the plan counts what the stages run.
+# Estimated (plan, 10 warm-up processes): env 20, check 115, build wait 35, check-cuda 22, memcheck 41, overhead
+# 33, timing 19 / 34 / 91, d128 45, fit 13: d128 starts at ~411 s with ~119 s left (its threshold: 100 s, so that
+# its cap, 75 s, and fit's 30 s fit within the budget).
+GPU_STAGES=(check:240 build:300 check-cuda:60 memcheck:90 overhead:60
+            timing-d64-a:90:64:256:14x14 timing-d64-b:90:64:16:32x32,64x64
+            timing-d64-c:120:64:1:128x128,256x256,16x64x64 timing-d128:75:128:16:32x32,64x64:if-time-100 fit:30)
+GPU_METHODS="sdpa-flash sdpa-cudnn sdpa-efficient flash-attn lisa-auto lisa-triton lisa-triton-fft lisa-cuda"
+GPU_BENCH="--repeats 10 --warmup 3 --min-time 0.1 --max-seconds 2"
+PLAN_ARGS="--stages env:30 ${GPU_STAGES[*]} --budget $BUDGET --methods $GPU_METHODS $GPU_BENCH"
+[ $DRY = 1 ] && PLAN_ARGS="--stages env:30 ${GPU_STAGES[*]} --budget 530 --methods $GPU_METHODS $GPU_BENCH"
+cap() {   # cap NAME: the stage's cap in GPU_STAGES
+  local s; for s in "${GPU_STAGES[@]}"; do [ "${s%%:*}" = "$1" ] && { s=${s#*:}; echo "${s%%:*}"; return; }; done
+  echo 60
+}
 SUMMARY="$WORK/summary.txt"
 : > "$WORK/stages.txt"
 echo "lisa_kernels GPU session ($TAG), $(date -u +%FT%TZ), budget ${BUDGET}s, work dir $WORK" | tee "$WORK/session.log"
@@ -58,7 +90,7 @@ pack() {   # everything so far into $DEST (two files), after every stage
   { head -1 "$WORK/session.log"; grep -m1 -E '"gpu"|"torch"' "$WORK/env.json" 2> /dev/null
     cat "$WORK/stages.txt"; echo; [ -f "$WORK/targets.txt" ] && cat "$WORK/targets.txt"; } > "$SUMMARY"
   cp "$SUMMARY" "$DEST/summary.txt"
-  tar -czf "$DEST/gpu_session.tar.gz.part" -C "$WORK" --exclude=build . 2>/dev/null \
+  tar -czf "$DEST/gpu_session.tar.gz.part" -C "$WORK" --exclude=build --exclude=triton-cache . 2>/dev/null \
     && mv "$DEST/gpu_session.tar.gz.part" "$DEST/gpu_session.tar.gz"
 }
 
@@ -85,6 +117,20 @@ stage() {
   return 0
 }
 
+start_warm() {   # gpu_check.py warm in the background: the run's Triton kernels into Triton's disk cache
+  ( $PY benchmarks/gpu_check.py warm $PLAN_ARGS "$@" > "$WORK/warm.log" 2>&1 &
+    echo $! > "$WORK/warm.pid"; wait $!; echo $? > "$WORK/warm.rc" ) &
+  echo "=== warm-up started in the background"
+}
+
+# ---------------------------------------------------------------- the plan (dry run, first)
+if [ $DRY = 1 ]; then
+  # the GPU run's plan, for the GPU machine's Triton (3.6): compiles, autotune keys and estimated time per stage
+  # (the GPU run's warm-up writes the same, for the installed Triton, into warm.log and plan.json)
+  TAIL=16 stage plan 60 $PY benchmarks/gpu_check.py plan $PLAN_ARGS --triton 3.6 --out "$WORK/plan.json"
+  export TRITON_CACHE_DIR="$WORK/triton-cache"        # (the dry warm-up's compile: not into ~/.triton)
+fi
+
 # ---------------------------------------------------------------- 1 env
 env_stage() {
   if command -v nvidia-smi > /dev/null; then
@@ -101,6 +147,10 @@ env_stage() {
 }
 export -f left env_stage
 TAIL=3 stage env 30 env_stage
+
+# ---------------------------------------------------------------- the warm-up (background)
+# the GPU run: the warm-up from here, on 10 of the 16 cores (the build takes ~5); the dry run: after the check
+[ $DRY = 0 ] && start_warm --jobs 10 --plan-out "$WORK/plan.json"
 
 # ---------------------------------------------------------------- 2 build (background)
 BUILD_RC="$WORK/build.rc"
@@ -129,11 +179,16 @@ TINY=""
 # code the GPU run takes (autotuning over the H100's candidates, the GPU dot modes) and count its compiles
 [ $DRY = 1 ] && TINY="--tiny --fake-gpu h100"
 export TINY
-# triton-fft first (no autotuning: a few compiles), then triton bf16 first: simulated (gpu_check.py --fake-gpu h100,
-# 2026-12-07) the triton checks of the 8 cases x 3 dtypes compile 218 autotune candidates over 75 tuning keys and
-# run each once more to time it, besides the untuned kernels' compiles (about 5 per case and dtype)
-stage check 240 $PY benchmarks/gpu_check.py check --backends triton-fft triton --dtypes bfloat16 float16 float32 \
-  $TINY --out "$WORK/check.jsonl"
+# triton-fft first (no autotuning: 50 compiles), then triton bf16 first: the triton checks of the 8 cases x 3 dtypes
+# compile 218 autotune candidates over 75 tuning keys (the simulated GPU's count, 2026-12-07, and the plan's) and run
+# each once more to time it, besides 90 untuned kernels; the warm-up compiles them in parallel (see Sizing)
+# (the dry run's cap: 180 s, not 240 / 2: its 36 interpreted checks take 95-125 s on the 2-core machine under load)
+CHECK_CAP=$(cap check); [ $DRY = 1 ] && CHECK_CAP=360
+stage check $CHECK_CAP $PY benchmarks/gpu_check.py check --backends triton-fft triton \
+  --dtypes bfloat16 float16 float32 $TINY --out "$WORK/check.jsonl"
+# the dry run: the warm-up's mechanics, one real compile for sm_90a (started after the check, which the 2-core machine
+# runs at its cap's edge)
+[ $DRY = 1 ] && start_warm --jobs 1 --limit 1
 
 wait_build() {   # the rest of the build's own cap, at most the time left
   local waited=0
@@ -147,9 +202,10 @@ wait_build() {   # the rest of the build's own cap, at most the time left
   [ "$rc" = 0 ]
 }
 export -f wait_build
-TAIL=4 stage build 300 wait_build
+TAIL=4 stage build $(cap build) wait_build
 
-stage check-cuda 60 $PY benchmarks/gpu_check.py check --backends cuda direct $TINY --out "$WORK/check.jsonl"
+stage check-cuda $(cap check-cuda) $PY benchmarks/gpu_check.py check --backends cuda direct $TINY \
+  --out "$WORK/check.jsonl"
 
 memcheck() {
   if [ $DRY = 0 ] && command -v compute-sanitizer > /dev/null; then
@@ -161,42 +217,47 @@ memcheck() {
   fi
 }
 export -f memcheck
-stage memcheck 90 memcheck
+stage memcheck $(cap memcheck) memcheck
 
 # ---------------------------------------------------------------- 4 overhead and timings
 if [ $DRY = 1 ]; then
-  stage overhead 60 $PY benchmarks/overhead.py --quick --out "$WORK/overhead_cpu"
+  stage overhead $(cap overhead) $PY benchmarks/overhead.py --quick --out "$WORK/overhead_cpu"
 else
-  stage overhead 60 $PY benchmarks/overhead.py --batches 9 --calls 100 --out "$WORK/overhead_cuda"
+  stage overhead $(cap overhead) $PY benchmarks/overhead.py --batches 9 --calls 100 --out "$WORK/overhead_cuda"
 fi
 
 # benchmark.py with one batch per group of grids, so that each fills the GPU (B*H*N ~ 2^19 .. 2^20, H = 8)
 timing() {   # timing NAME D B GRIDS...
   local name=$1 D=$2 B=$3; shift 3
   if [ $DRY = 1 ]; then
+    # the first dry timing stage simulates the H100 (benchmark.py --fake-gpu): the GPU run's LiSA methods (lisa-auto
+    # picks triton there, so lisa-triton's host code runs; itself left out: 8 s more), their host code and Triton
+    # autotuning, kernels interpreted (about 20 s, against 8 s unsimulated); the second runs the CPU's methods
+    local methods="sdpa lisa-direct lisa-auto" fake=""
+    [ "$name" = timing_d64_a ] && methods="sdpa lisa-auto lisa-triton-fft lisa-cuda" fake="--fake-gpu h100"
     $PY benchmarks/benchmark.py --device cpu --grids "$@" --dims "$D" --batch "$B" --heads 1 --modes fwd fwd+bwd \
-      --methods sdpa lisa-direct lisa-auto --repeats 1 --warmup 0 --min-time 0 --rotate 1 \
+      --methods $methods $fake --repeats 1 --warmup 0 --min-time 0 --rotate 1 \
       --in-process --no-plot --out "$WORK/$name.json"
   else
     $PY benchmarks/benchmark.py --device cuda --grids "$@" --dims "$D" --batch "$B" --heads 8 --dtypes bfloat16 \
-      --modes fwd fwd+bwd --methods sdpa-flash sdpa-cudnn sdpa-efficient flash-attn lisa-auto lisa-triton \
-      lisa-triton-fft lisa-cuda --repeats 10 --warmup 3 --min-time 0.1 --rotate 2 --max-seconds 2 --no-plot \
-      --out "$WORK/$name.json"
+      --modes fwd fwd+bwd --methods $GPU_METHODS $GPU_BENCH --rotate 2 --no-plot --out "$WORK/$name.json"
   fi
 }
 export -f timing
+export GPU_METHODS GPU_BENCH
 if [ $DRY = 1 ]; then
   stage timing-d64-a 60 timing timing_d64_a 8 1 3x3
   stage timing-d64-b 60 timing timing_d64_b 8 1 2x2x2
 else
-  stage timing-d64-a 90 timing timing_d64_a 64 256 14x14
-  stage timing-d64-b 90 timing timing_d64_b 64 16 32x32 64x64
-  stage timing-d64-c 120 timing timing_d64_c 64 1 128x128 256x256 16x64x64
-  if [ "$(left)" -gt 120 ]; then
-    stage timing-d128 90 timing timing_d128 128 16 32x32 64x64
-  else
-    printf '%-12s %-8s %5ss  %s\n' timing-d128 skipped 0 "too little time left" | tee -a "$WORK/stages.txt"
-  fi
+  for spec in "${GPU_STAGES[@]}"; do
+    case $spec in timing-*) ;; *) continue ;; esac
+    IFS=: read -r name cap D B grids when <<< "$spec"
+    if [ -n "$when" ] && [ "$(left)" -le "${when#if-time-}" ]; then
+      printf '%-12s %-8s %5ss  %s\n' "$name" skipped 0 "too little time left" | tee -a "$WORK/stages.txt"
+      continue
+    fi
+    stage "$name" "$cap" timing "${name//-/_}" "$D" "$B" ${grids//,/ }
+  done
 fi
 
 # ---------------------------------------------------------------- 5 the cost-model fit (dry run), the targets
@@ -209,7 +270,14 @@ for f in "$WORK"/timing_*.json "$WORK"/timing_*.json.tmp; do
 done
 $PY benchmarks/gpu_check.py summary $RESULTS --merge "$WORK/timings_merged.json" --out "$WORK/targets.txt" \
   > /dev/null 2>&1
-stage fit 30 $PY benchmarks/fit_cost_model.py "$WORK/timings_merged.json" --device-class sm_90 --dry-run
+stage fit $(cap fit) $PY benchmarks/fit_cost_model.py "$WORK/timings_merged.json" --device-class sm_90 --dry-run
+if [ -f "$WORK/warm.pid" ] && [ ! -f "$WORK/warm.rc" ]; then   # (it ends long before; never past the session)
+  kill "$(cat "$WORK/warm.pid")" 2> /dev/null && sleep 2 && echo "warm-up stopped at the end of the session" \
+    >> "$WORK/warm.log"
+fi
+printf '%-12s %-8s %5s   %s\n' warm "rc=$(cat "$WORK/warm.rc" 2> /dev/null || echo stopped)" - \
+  "$(grep -E '^warm-up' "$WORK/warm.log" 2> /dev/null | tail -1)" \
+  | tee -a "$WORK/stages.txt"
 pack
 echo
 echo "=== stages (total ${SECONDS}s of ${BUDGET}s); results: $DEST/gpu_session.tar.gz, $DEST/summary.txt"

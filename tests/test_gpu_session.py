@@ -3,6 +3,7 @@ caps scaled down), so that the script a GPU session runs in one command cannot b
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -11,7 +12,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("env", "check", "build", "check-cuda", "memcheck", "overhead", "timing-d64-a", "timing-d64-b", "fit")
+STAGES = ("env", "plan", "check", "build", "check-cuda", "memcheck", "overhead", "timing-d64-a", "timing-d64-b", "fit")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_dry_run_brings_back_few_files_and_ends_with_the_targets(dry_run):
     assert sorted(os.listdir(out)) == ["gpu_session.tar.gz", "summary.txt"]
     with tarfile.open(out / "gpu_session.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    for name in ("env.json", "check.jsonl", "overhead_cpu.json", "timing_d64_a.json", "fit.log", "memcheck.log"):
+    for name in ("env.json", "plan.json", "check.jsonl", "overhead_cpu.json", "timing_d64_a.json", "fit.log",
+                 "memcheck.log", "warm.log"):
         assert name in names, sorted(names)
     tail = proc.stdout.strip().splitlines()[-6:]
     assert any(line.startswith("Targets") for line in tail), tail
@@ -75,3 +77,79 @@ def test_dry_run_correctness_stage_checked_the_triton_backends(dry_run):
     tuned = [r for r in records if r["backend"] == "triton" and r["status"] == "ok"]
     assert tuned and all(r["autotunings"] >= 4 and r["compiles"] >= r["autotunings"] for r in tuned), tuned
     assert {r["status"] for r in records if r["backend"] == "cuda"} <= {"skip", "ok"}
+
+
+def _plan(work):
+    with open(work / "plan.json") as f:
+        return json.load(f)
+
+
+def test_plan_counts_the_gpu_runs_triton_work_and_fits_the_budget(dry_run):
+    """gpu_check.py plan (the dry run's plan stage): the GPU run's stages, from gpu_session.sh's GPU_STAGES, with
+    their Triton compiles and autotunings counted for the real cases (Triton 3.6's candidates), each stage's
+    estimate within its cap and the whole run within the 530 s budget, the checks of every backend first."""
+    _, _, work, _ = dry_run
+    plan = _plan(work)
+    rows = {r["stage"]: r for r in plan["stages"]}
+    with open(os.path.join(ROOT, "benchmarks", "gpu_session.sh")) as f:
+        script = f.read()
+    listed = re.search(r"GPU_STAGES=\(([^)]*)\)", script).group(1).split()
+    assert [r["stage"] for r in plan["stages"]] == ["env"] + [s.split(":")[0] for s in listed]
+    assert {r["stage"]: r["cap_s"] for r in plan["stages"][1:]} == {s.split(":")[0]: int(s.split(":")[1])
+                                                                     for s in listed}
+    # the triton checks: the real cases' autotune keys and candidates (8 cases x 3 dtypes), and triton-fft's kernels
+    check = rows["check"]
+    assert check["autotune_keys"] >= 24 and check["candidates_run"] >= 2 * check["autotune_keys"], check
+    assert check["compiles_by_kernel"].get("_fwd_kernel", 0) > 0, check
+    assert any(k.startswith("lisa_fft_") for k in check["compiles_by_kernel"]), check
+    timings = [r for r in plan["stages"] if r["stage"].startswith("timing")]
+    assert len(timings) >= 3
+    for r in timings:
+        assert r["autotune_keys"] > 0 and r["compiles"] + r["cache_hits"] > 0, r
+        assert r["auto"], r          # lisa-auto's backend per grid and mode
+    # checks of every backend first: triton-fft and triton (check), cuda and direct (check-cuda), then the timings
+    order = [r["stage"] for r in plan["stages"]]
+    assert max(order.index("check"), order.index("check-cuda")) < min(order.index(r["stage"]) for r in timings)
+    assert plan["triton"] == "3.6" and plan["budget_s"] == 530
+    assert plan["fits_budget"] and plan["needed_s"] <= plan["budget_s"], plan["needed_s"]
+    assert not [r for r in plan["stages"] if r["skipped"]], plan["stages"]      # D = 128 included
+    assert plan["every_stage_fits_its_cap"], [(r["stage"], r["estimate_s"], r["cap_s"]) for r in plan["stages"]]
+    # why the warm-up: the compiles in one process alone would take more than the budget
+    assert plan["warm"]["jobs"] > 1 and plan["compile_seconds_one_process"] > plan["budget_s"]
+
+
+def test_plan_counts_what_the_simulated_gpu_counted(dry_run):
+    """The plan's static count (no kernel run) of the dry run's own check stage equals what its simulated H100
+    recorded while running it (check.jsonl): autotune keys, candidates compiled, candidates timed."""
+    _, _, work, _ = dry_run
+    with open(work / "check.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    simulated = {k: sum(r[k] for r in records if r["backend"] == "triton" and r["status"] == "ok")
+                 for k in ("autotunings", "compiles", "candidates_run")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "plan", "--tiny",
+                           "--backends", "triton", "--dtypes", "bfloat16", "float16", "float32"],
+                          env={**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counted = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert simulated["autotunings"] > 0
+    assert {k: counted[k] for k in simulated} == simulated
+
+
+def test_dry_run_warm_up_compiled_for_the_gpu_and_timing_simulated_it(dry_run):
+    """The warm-up's mechanics (a background job, one real sm_90a compile into the session's Triton cache), and the
+    first timing stage under the simulated H100 (benchmark.py --fake-gpu): lisa-auto ran triton, autotuned."""
+    _, _, work, _ = dry_run
+    with open(work / "warm.rc") as f:
+        assert f.read().strip() == "0"
+    with open(work / "warm.log") as f:
+        log = f.read()
+    assert "warm-up done: 1 compiled, 0 failed" in log, log[-2000:]
+    assert any(files for _, _, files in os.walk(work / "triton-cache"))
+    with open(work / "timing_d64_a.json") as f:
+        timing = json.load(f)
+    sim = timing["meta"]["simulated_gpu"]
+    assert sim["autotunings"] > 0 and sim["candidates_run"] > 0, sim
+    auto = [r for r in timing["records"] if r["method"] == "lisa-auto"]
+    assert auto and all(r["status"] == "ok" and r["backend"] == "triton" for r in auto), auto
+    assert [r for r in timing["records"] if r["method"] == "lisa-triton-fft" and r["status"] == "ok"]
