@@ -303,6 +303,8 @@ BAD = [
     (lambda a: a.__setitem__(12, 0.0), ValueError, "scale"),
     (lambda a: a.__setitem__(11, True), ValueError, "causal needs a 1D grid"),
     (lambda a: a.__setitem__(10, True), ValueError, "entries per axis"),
+    (lambda a: [a.__setitem__(i, a[i][:0]) for i in range(3)], ValueError, "empty inputs: q \\[0, 2, 13, 4\\]"),
+    (lambda a: [a.__setitem__(i, a[i][:, :0]) for i in range(5)], ValueError, "empty inputs: q \\[1, 0, 13, 4\\]"),
 ]
 
 

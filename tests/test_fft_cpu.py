@@ -178,3 +178,14 @@ def test_backward_refuses_a_mismatched_gradient():
     with pytest.raises(RuntimeError, match="ge must be"):
         F._C_FFT_CPU.fft_cpu_backward(args["fk"], args["ve"], args["fq"], torch.rand(2, 1, 2, 30), args["khat"],
                                       args["grid"], args["sizes"])
+
+
+def test_an_empty_batch_gives_empty_results():
+    """No (batch, head) rows: the loops run no task and return empty outputs, and a zero gradient of the table."""
+    args = _loop_args(BH=0)
+    out = F._C_FFT_CPU.fft_cpu_forward(**args)
+    assert out.shape == (0, 1, 3, 30)
+    grads = F._C_FFT_CPU.fft_cpu_backward(args["fk"], args["ve"], args["fq"], torch.rand_like(args["ve"]),
+                                          args["khat"], args["grid"], args["sizes"])
+    assert [tuple(g.shape) for g in grads[:3]] == [(0, 3, 30), (0, 3, 30), (0, 1, 3, 30)]
+    assert grads[3].shape == args["khat"].shape and not grads[3].abs().any()
