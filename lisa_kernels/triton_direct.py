@@ -188,11 +188,29 @@ GPU_CONFIGS = {
     },
 }
 # fp16 and fp32 inputs take tf32 / tf32x3 dots on fp32 operands, which need more registers: small tiles (and a
-# walker 16 keys wide), GATHER_T left to the version's default.
-FP32_DOT_CONFIGS = {"fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 4, 1)],
-                    "dq": [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1)],
-                    "dkv": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)],
-                    "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]}
+# walker 16 keys wide), GATHER_T left to the version's default. Per family of matrix instructions, since what fits
+# changes with them (benchmarks/kernel_report.py --matrix; benchmarks/results/kernel_matrix_*): wgmma (Hopper) and
+# tcgen05 (datacenter Blackwell) take tiles of 64 rows (32-row tiles fall back to mma.sync), and tcgen05's fp32
+# tiles fit without spills at 8 warps; mma.sync (Ampere, Ada, consumer Blackwell) spills in the dK/dV and walker
+# kernels at 4 warps where 8 warps or 16-key tiles do not; CDNA's MFMA fits the base list.
+FP32_DOT_CONFIGS = {
+    "mma": {"fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (64, 32, 8, 1)],
+            "dq": [(32, 32, 4, 1), (32, 32, 4, 2), (64, 16, 4, 1)],
+            "dkv": [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
+            "walk": [(64, 16, 8, 1), (64, 16, 4, 2), (64, 16, 4, 1)]},
+    "wgmma": {"fwd": [(64, 32, 4, 2), (64, 64, 4, 1), (32, 32, 4, 1)],
+              "dq": [(64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 2)],
+              "dkv": [(32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 2)],
+              "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]},
+    "tcgen05": {"fwd": [(64, 32, 8, 1), (64, 32, 4, 2), (32, 32, 4, 1)],
+                "dq": [(64, 32, 8, 1), (32, 32, 4, 1)],
+                "dkv": [(32, 64, 8, 1), (32, 64, 8, 2), (32, 32, 4, 1)],
+                "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]},
+    "mfma": {"fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 4, 1)],
+             "dq": [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1)],
+             "dkv": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1)],
+             "walk": [(64, 16, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)]},
+}
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 
@@ -200,11 +218,20 @@ def _family() -> str:
     return "3.6" if _triton_version() < (3, 7) else "3.8"
 
 
-def gpu_configs(kind: str, DKP: int, MC: int, MODE: int = 0) -> list:
+def _matrix_family(gpu: Optional[GPU]) -> str:
+    """The family of matrix instructions a GPU's dots compile to (the key of FP32_DOT_CONFIGS)."""
+    if gpu is not None and gpu.backend == "hip":
+        return "mfma"
+    family = gpu.family if gpu is not None else "hopper"
+    return {"hopper": "wgmma", "blackwell": "tcgen05"}.get(family, "mma")
+
+
+def gpu_configs(kind: str, DKP: int, MC: int, MODE: int = 0, gpu: Optional[GPU] = None) -> list:
     """The candidates of a kernel: by the program's live state (one group at head dim <= 64 or above; 2 groups;
-    3 or 4), the Triton version, and for fp16 / fp32 inputs (MODE 1, 2) FP32_DOT_CONFIGS."""
+    3 or 4), the Triton version, and for fp16 / fp32 inputs (MODE 1, 2) FP32_DOT_CONFIGS of the GPU's family of
+    matrix instructions (default: Hopper's)."""
     if MODE != 0:
-        return FP32_DOT_CONFIGS[kind]
+        return FP32_DOT_CONFIGS[_matrix_family(gpu)][kind]
     cls = ("light" if DKP <= 64 else "wide") if MC == 1 else ("group2" if MC == 2 else "group4")
     return GPU_CONFIGS[_family()][cls][kind]
 
@@ -243,7 +270,7 @@ class Launch:
                       + (int(_gather_transposed()),)]
         else:
             blocks = self.block_configs or gpu_configs(self.tuned, self.args["DKP"], self.args["MC"],
-                                                       self.args.get("MODE", 0))
+                                                       self.args.get("MODE", 0), self.gpu)
         out = []
         for bm, bn, w, s, *gt in blocks:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)

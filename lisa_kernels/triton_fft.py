@@ -132,14 +132,18 @@ if HAS_TRITON:
     @triton.jit
     def lisa_fft_spectral_kernel(
         X, K, b0, m0, ND, NM, NC, H, M, PF, total,
-        CONJ: tl.constexpr, BLOCK: tl.constexpr,
+        CONJ: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """X[bi, di, mi, ci, f] *= Khat[h, m, f]  (or conj(Khat[h, m, f]) with CONJ), in place.
 
         X: the chunk's spectrum as interleaved (re, im) float32, PF complex frequencies per channel;
-        K: Khat (H, M, PF) as interleaved (re, im); h = (b0 + bi) mod H, m = m0 + mi.
+        K: Khat (H, M, PF) as interleaved (re, im); h = (b0 + bi) mod H, m = m0 + mi. Indices in int32 unless
+        the chunk has 2^31 elements or more (IDX64): 64-bit divisions cost registers (ptxas spilled around them).
         """
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if IDX64:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
         f = offs % PF
         t = offs // PF // NC
@@ -372,7 +376,7 @@ def _spectral(Xhat, Kr, ch: _Chunk, p: Problem, conj: bool):
     total = Xhat.numel()
     lisa_fft_spectral_kernel[(triton.cdiv(total, _BLOCK_FLAT),)](
         torch.view_as_real(Xhat), Kr, ch.b0, ch.m0, ch.nd, ch.nm, ch.nc, p.H, p.M, pf, total,
-        CONJ=conj, BLOCK=_BLOCK_FLAT)
+        CONJ=conj, IDX64=2 * total + _BLOCK_FLAT >= 2**31, BLOCK=_BLOCK_FLAT)
 
 
 def _contract(Fld, a, num, den, ch: _Chunk, p: Problem, sizes):
