@@ -3,7 +3,7 @@
 # the H100/H200 machine benchmarks/gpu_session.sh runs on. In a fresh venv: install the package, building the
 # extension against this torch's headers where nvcc exists (for sm_90a only, the GPU machine's arch, to save
 # time: the newest environment compiles both archs), then the tests that depend on the torch/triton version:
-# the Triton kernels under the interpreter, their compile for sm_90a and sm_80 (tests/test_kernel_report.py),
+# the Triton kernels under the interpreter, their compile for every target (tests/test_kernel_report.py),
 # the extension, gpu_session.sh --dry-run, and the GPU host code under a simulated GPU (tests/test_fake_gpu.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
