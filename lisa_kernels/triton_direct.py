@@ -66,6 +66,10 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
         return reason
     if p.dtype == torch.float64:
         return "float64 is not supported by the Triton kernels (use 'direct' or 'fft')"
+    gpu = _device.gpu_of(p.device)
+    if p.num_extra and gpu is not None and gpu.family == "blackwell" and _triton_version() < (3, 7):
+        return (f"triton {triton.__version__} cannot compile the extra tokens' gradient kernel for {gpu.architecture} "
+                f"(a compiler error fixed in triton 3.7; benchmarks/results/kernel_matrix_*): use triton >= 3.7")
     if max(p.Dk, p.Dv // p.M) > MAX_HEAD_DIM:
         return f"head dim {max(p.Dk, p.Dv // p.M)} is over the kernel's limit of {MAX_HEAD_DIM}"
     work = _walk_workspace(p)

@@ -265,6 +265,21 @@ def test_the_simulated_driver_runs_nothing_real(device, target):
     assert driver._active is before
 
 
+def test_triton_36_on_blackwell_refuses_extra_tokens(monkeypatch):
+    """Triton 3.6 fails to compile bwd_extra for sm_100a (the kernel matrix): the backend says so before any
+    kernel, for problems with extra tokens, and auto goes elsewhere; 3.7 and later, or no extra tokens, run."""
+    q, k, v = (torch.randn(1, 1, 10, 4) for _ in range(3))
+    rpe = torch.randn(1, 1, 5, 5)
+    with fake_gpu("b200"):
+        monkeypatch.setattr(TD, "_triton_version", lambda: (3, 6))
+        reason = lisa_kernels.explain(q, k, v, rpe, grid=(3, 3), num_extra=1).estimates["triton"].reason
+        assert reason.startswith("triton") and "Blackwell (sm_100)" in reason and "triton >= 3.7" in reason
+        assert lisa_kernels.explain(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], rpe, grid=(3, 3)).estimates[
+            "triton"].reason is None
+        monkeypatch.setattr(TD, "_triton_version", lambda: (3, 8))
+        assert lisa_kernels.explain(q, k, v, rpe, grid=(3, 3), num_extra=1).estimates["triton"].reason is None
+
+
 def test_fake_gpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
