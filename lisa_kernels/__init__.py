@@ -182,7 +182,7 @@ def _register_timm_models_on_import() -> None:
     def register() -> None:
         try:
             from . import models  # noqa: F401
-        except Exception as e:  # timm too old or broken: warn, keep timm usable
+        except (ImportError, AttributeError, TypeError) as e:  # timm too old or broken: warn, keep timm usable
             warnings.warn(f"lisa_kernels: could not register the LiSA models with timm: {e}", stacklevel=2)
 
     if "timm" in sys.modules:

@@ -307,12 +307,14 @@ def _interpreter_patches():
 class Simulation:
     """What a :func:`fake_gpu` block did: ``stats`` counts, per kernel name, "compiles" (candidates the pruning
     compiles for the target: a GPU compiles each; here they are compiled only with ``compile=True``), "autotunings" (tuning keys benchmarked), "candidates_run" (runs of a candidate while tuning) and
-    "pruned" (candidates dropped by the pruning); ``winners`` lists (kernel, config) of each autotuning."""
+    "pruned" (candidates dropped by the pruning); ``winners`` lists (kernel, config) of each autotuning and
+    ``candidates`` each kernel's candidate configs."""
 
     def __init__(self, device: FakeDevice, prefer: int, compile: bool):
         self.device, self.prefer, self.compile = device, prefer, compile
         self.stats: Dict[str, Counter] = {}
         self.winners = []
+        self.candidates = {}        # kernel name -> its candidate configs (the autotuner's list, in order)
 
     def count(self, kernel: str, what: str, n: int = 1) -> None:
         self.stats.setdefault(kernel, Counter())[what] += n
@@ -377,6 +379,7 @@ def fake_gpu(device="h100", *, prefer: int = 0, compile: bool = False) -> Iterat
     def noted_run(self, *args, **kwargs):
         out = run(self, *args, **kwargs)
         sim.winners.append((self.base_fn.__name__, self.best_config))
+        sim.candidates[self.base_fn.__name__] = list(self.configs)
         return out
 
     def warmup(self, *args, grid, **kwargs):

@@ -137,8 +137,9 @@ if HAS_TRITON:
         """X[bi, di, mi, ci, f] *= Khat[h, m, f]  (or conj(Khat[h, m, f]) with CONJ), in place.
 
         X: the chunk's spectrum as interleaved (re, im) float32, PF complex frequencies per channel;
-        K: Khat (H, M, PF) as interleaved (re, im); h = (b0 + bi) mod H, m = m0 + mi. Indices in int32 unless
-        the chunk has 2^31 elements or more (IDX64): 64-bit divisions cost registers (ptxas spilled around them).
+        K: Khat (H, M, PF) as interleaved (re, im); h = (b0 + bi) mod H, m = m0 + mi. The chunk's indices in
+        int32 unless its float offsets reach 2^31 (IDX64): 64-bit divisions cost registers (ptxas spilled around
+        them); K's index is widened to int64 for its multiply (Khat may be larger than the chunk).
         """
         if IDX64:
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -150,7 +151,7 @@ if HAS_TRITON:
         mi = t % NM
         bi = t // NM // ND
         h = (b0 + bi) % H
-        kidx = (h * M + m0 + mi) * PF + f
+        kidx = (h * M + m0 + mi).to(tl.int64) * PF + f
         xr = tl.load(X + 2 * offs, mask=mask, other=0.0)
         xi = tl.load(X + 2 * offs + 1, mask=mask, other=0.0)
         kr = tl.load(K + 2 * kidx, mask=mask, other=0.0)
@@ -370,13 +371,16 @@ def _form(U, a, x, last, ch: _Chunk, p: Problem, sizes):
         HAS_LAST=last is not None, BLOCK=_BLOCK_FLAT)
 
 
+_INT32_LIMIT = 2**31      # float offsets from here on take int64 indices (lisa_fft_spectral_kernel's IDX64)
+
+
 def _spectral(Xhat, Kr, ch: _Chunk, p: Problem, conj: bool):
     """Kernel 2: Xhat *= Khat (or conj(Khat)) in place; Kr = view_as_real(Khat), contiguous."""
     pf = math.prod(ch.spec_shape[4:])
     total = Xhat.numel()
     lisa_fft_spectral_kernel[(triton.cdiv(total, _BLOCK_FLAT),)](
         torch.view_as_real(Xhat), Kr, ch.b0, ch.m0, ch.nd, ch.nm, ch.nc, p.H, p.M, pf, total,
-        CONJ=conj, IDX64=2 * total + _BLOCK_FLAT >= 2**31, BLOCK=_BLOCK_FLAT)
+        CONJ=conj, IDX64=2 * (total + _BLOCK_FLAT) >= _INT32_LIMIT, BLOCK=_BLOCK_FLAT)
 
 
 def _contract(Fld, a, num, den, ch: _Chunk, p: Problem, sizes):

@@ -164,6 +164,13 @@ def test_unpruned_transforms(monkeypatch, grid, boundary):
     check_against_fft_and_reference(tensors, opts)
 
 
+def test_int64_spectral_indices(monkeypatch):
+    """The spectral kernel's int64 form (chunks of 2^30 complex values and more), forced on a small problem."""
+    monkeypatch.setattr(triton_fft, "_INT32_LIMIT", 1)
+    tensors, opts = make((5, 3), 2, 2, "zero", False, True, seed=6)
+    check_against_fft_and_reference(tensors, opts)
+
+
 def _nan_empty(*shape, device, dtype):
     return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
