@@ -149,3 +149,12 @@ def test_explicit_device_class_and_choose_among():
     assert choose_among(["reference", "fft"], p, False, "cpu") == "fft"        # unmodelled names are ignored
     with pytest.raises(ValueError, match="no cost model"):
         choose_among(["reference"], p, False, "cpu")
+
+
+def test_an_unknown_architecture_says_so():
+    """A GPU the package does not know is named as such and borrows a class (NVIDIA Turing here; an AMD RDNA)."""
+    from lisa_kernels._device import GPU
+    turing, rdna = GPU("cuda", 75, 32), GPU("hip", "gfx1100", 32)
+    assert turing.family == "nvidia-sm_75" and turing.architecture == "NVIDIA unknown architecture (sm_75)"
+    assert rdna.family == "amd-gfx1100" and rdna.architecture == "AMD unknown architecture (gfx1100)"
+    assert not turing.fitted and not rdna.fitted and turing.cost_class == rdna.cost_class == "sm_80"
