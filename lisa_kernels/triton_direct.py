@@ -110,13 +110,25 @@ def _isa(gpu: Optional[GPU]) -> int:
     return 1 if gpu.arch == "gfx942" else 2
 
 
-BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot, 2 groups per walker, the forward's
-                       # table layout R16) at any mode
+BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a dot where _gd_dot says so, 2 groups
+                       # per walker, the forward's table layout R16) at any mode
 
 
-def _gd_dot(mode: int) -> bool:
-    """gd added through a 16-deep ones dot (bf16 dots), and the walker taking WALK_GROUPS groups per program."""
-    return mode == 0 or BF16_SHAPES
+def _gd_dot(mode: int, kind: str = "extra", MC: int = 4, DKP: int = 64) -> bool:
+    """Whether kernel ``kind`` ("dkv", "dq", "walk", "extra") adds gd to dW' = g' v^T through a 16-deep ones dot
+    (bf16 dots only) rather than one add per pair. Chosen by the loop's bound on sm_90a (benchmarks/kernel_report.py,
+    both Triton versions): with one or two groups per program the loops are tensor-bound, and the dot's 16 extra
+    depth costs 7.8 tensor cycles per 1k pairs and group where the add costs issue cycles they have to spare; with
+    four they are issue-bound and the dot is the cheaper. dK/dV with two groups at head dims over 64 spills with the
+    add (triton 3.8), so it keeps the dot. The extra-token sums (O(N E) pairs) keep the dot."""
+    if mode != 0 and not BF16_SHAPES:
+        return False
+    return kind == "extra" or MC > 2 or (kind == "dkv" and MC == 2 and DKP > 64)
+
+
+def _walk_groups(mode: int) -> int:
+    """Groups per walker program: WALK_GROUPS with bf16 dots, 1 with fp32 operands (they take more registers)."""
+    return WALK_GROUPS if mode == 0 or BF16_SHAPES else 1
 
 
 def _tab16(mode: int) -> bool:
@@ -147,25 +159,26 @@ def _triton_version() -> Tuple[int, int]:
 
 # Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages, GATHER_T) per kernel, autotuned on a GPU, by the
 # program's live state (gpu_configs) and per Triton version: 3.6 and 3.8 compile the same kernels differently (3.6
-# wants the transposed gather, GATHER_T; see _gather). They are the spill-free shapes with the fewest issue cycles
-# found by compiling 50-80 candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each
-# version, leaving out those whose wgmma ptxas serializes (benchmarks/kernel_report.py flags them). Configs
-# that spill are pruned before tuning (:func:`_spill_free`).
+# wants the transposed gather, GATHER_T; see _gather). They are spill-free shapes found by compiling 50-80
+# candidates per kernel for sm_90a, bf16 (D = 64 and 128, M = 1 and 4) with each version, leaving out those whose
+# wgmma ptxas serializes, and listed best first by benchmarks/kernel_report.py's ranking: the loop's bound (the
+# largest of its issue, tensor and atomic cycles), then its issue cycles (tests/test_kernel_report.py checks the
+# first of the CI's cases). Configs that spill are pruned before tuning (:func:`_spill_free`).
 # The walker's tiles are 64 x 64 (its fold assumes them); a program may take 64 x BLOCK_N of one. The
 # interpreter takes one small config (16 x 16; the walker 64 x 64).
 GPU_CONFIGS = {
     "3.8": {
         "light": {"fwd": [(64, 128, 4, 2, 0), (128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
                   "dq": [(128, 64, 8, 1, 0), (128, 32, 4, 1, 0), (64, 64, 4, 1, 0)],
-                  "dkv": [(64, 64, 4, 1, 0), (64, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                  "dkv": [(64, 128, 8, 1, 0), (64, 64, 4, 1, 0), (32, 64, 4, 1, 0)],
                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
         "wide": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
                  "dq": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
                  "dkv": [(64, 128, 8, 1, 1), (32, 64, 4, 1, 0)],
                  "walk": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)]},
         "group2": {"fwd": [(128, 64, 8, 1, 0), (64, 64, 4, 1, 0)],
-                   "dq": [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0)],
-                   "dkv": [(32, 128, 8, 1, 0), (32, 64, 4, 1, 0)],
+                   "dq": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)],
+                   "dkv": [(32, 64, 4, 1, 0), (32, 128, 8, 1, 0)],
                    "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
         "group4": {"fwd": [(64, 32, 4, 1, 0), (128, 64, 8, 1, 1), (128, 32, 8, 1, 0)],
                    "dq": [(32, 64, 4, 2, 0), (64, 32, 4, 1, 0)],
@@ -175,7 +188,7 @@ GPU_CONFIGS = {
     "3.6": {
         "light": {"fwd": [(64, 128, 4, 2, 1), (128, 64, 8, 1, 1), (64, 64, 4, 2, 1)],
                   "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 2, 1), (64, 64, 4, 1, 0)],
-                  "dkv": [(64, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 1, 1)],
+                  "dkv": [(64, 128, 8, 1, 1), (64, 64, 4, 1, 1), (32, 64, 4, 1, 1)],
                   "walk": [(64, 64, 4, 1, 0), (64, 64, 4, 2, 0)]},
         "wide": {"fwd": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
                  "dq": [(128, 64, 8, 1, 1), (64, 64, 4, 1, 1)],
@@ -510,15 +523,16 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"]), **c)
+               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"], "dkv", c["MC"], c["DKP"]),
+               **c)
     dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
                **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
-               NDK=ndk, GD_DOT=_gd_dot(c["MODE"]), **c)
+               NDK=ndk, GD_DOT=_gd_dot(c["MODE"], "dq", c["MC"], c["DKP"]), **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
-    gd_dot = _gd_dot(c["MODE"])
-    mcw = min(c["MC"], WALK_GROUPS if gd_dot else 1)
+    gd_dot = _gd_dot(c["MODE"], "walk", c["MC"], c["DKP"])
+    mcw = min(c["MC"], _walk_groups(c["MODE"]))
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
                 LW=lay.LW, E=lay.E, IDENT=_walk_ident(lay), WT=WALK_TILE,

@@ -468,9 +468,9 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
 
 @triton.jit
 def _dW(gp, vt, gdx, onesT, MODE: tl.constexpr, ISA: tl.constexpr, GD_DOT: tl.constexpr):
-    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With GD_DOT (bf16 dots) gd rides on a second
-    16-deep dot through the ones row; with fp32 operands (fp16, fp32 inputs) that dot would cost more registers
-    than the add it saves, so gd (column 0 of gdx) is added."""
+    """dW' = g' v^T + gd 1^T for a (rows of g', columns of v) tile. With GD_DOT gd rides on a second 16-deep dot
+    through the ones row (no instruction per pair; bf16 dots, where the loop is issue-bound: the launcher's
+    _gd_dot); else gd (column 0 of gdx) is added, one add per pair and no tensor work."""
     zero = tl.zeros((gp.shape[0], vt.shape[0]), tl.float32)
     if GD_DOT:
         return _dot(gp, tl.trans(vt), _dot(gdx, onesT, zero, MODE, ISA), MODE, ISA)
