@@ -105,6 +105,16 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def _max_sm_clock_mhz() -> Optional[float]:
+    """GPU 0's maximum SM clock (nvidia-smi), the clock benchmarks/predict.py turns cycles into time at."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return float(out.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def env(args) -> Dict:
     dev = device()
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -124,7 +134,7 @@ def env(args) -> Dict:
         prop = torch.cuda.get_device_properties(0)
         info.update(gpu=prop.name, capability=list(torch.cuda.get_device_capability(0)),
                     multiprocessors=prop.multi_processor_count, memory_gib=prop.total_memory / 2**30,
-                    l2_mib=getattr(prop, "L2_cache_size", 0) / 2**20)
+                    l2_mib=getattr(prop, "L2_cache_size", 0) / 2**20, sm_clock_mhz=_max_sm_clock_mhz())
         n, copy_bytes = 8192, 2 * 2**30
     else:
         info["gpu"] = None

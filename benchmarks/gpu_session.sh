@@ -23,6 +23,8 @@
 #               peak memory; the Triton autotune choices (TRITON_PRINT_AUTOTUNING)        90, 90, 120
 #               D=128 (32x32, 64x64) if more than 100 s are left                                     75
 #   5 fit       benchmarks/fit_cost_model.py --device-class sm_90 --dry-run on the timings          30
+#     predict   benchmarks/predict.py: per pass (fwd, bwd) of triton, sdpa-flash and flash-attn, kernel_report.py's
+#               bound at the GPU's clock against the measured time (predicted.txt, in summary.txt)
 # The whole run stops starting stages when its budget (LISA_SESSION_SECONDS, 530) is nearly spent.
 #
 # Sizing (gpu_check.py plan, which the dry run runs first; plan.json in the results; benchmarks/README.md): the
@@ -88,7 +90,8 @@ export ROOT PY DRY WORK BUDGET SCALE START
 
 pack() {   # everything so far into $DEST (two files), after every stage
   { head -1 "$WORK/session.log"; grep -m1 -E '"gpu"|"torch"' "$WORK/env.json" 2> /dev/null
-    cat "$WORK/stages.txt"; echo; [ -f "$WORK/targets.txt" ] && cat "$WORK/targets.txt"; } > "$SUMMARY"
+    cat "$WORK/stages.txt"; echo; [ -f "$WORK/targets.txt" ] && cat "$WORK/targets.txt"
+    [ -f "$WORK/predicted.txt" ] && { echo; cat "$WORK/predicted.txt"; }; } > "$SUMMARY"
   cp "$SUMMARY" "$DEST/summary.txt"
   tar -czf "$DEST/gpu_session.tar.gz.part" -C "$WORK" --exclude=build --exclude=triton-cache . 2>/dev/null \
     && mv "$DEST/gpu_session.tar.gz.part" "$DEST/gpu_session.tar.gz"
@@ -270,6 +273,12 @@ for f in "$WORK"/timing_*.json "$WORK"/timing_*.json.tmp; do
 done
 $PY benchmarks/gpu_check.py summary $RESULTS --merge "$WORK/timings_merged.json" --out "$WORK/targets.txt" \
   > /dev/null 2>&1
+# predicted (kernel_report.py's bound per pass at the GPU's clock) against measured, triton and FlashAttention-2
+# (the dry run: its CPU's float32 timings against SDPA, at an assumed H100's clock: the mechanics only)
+PREDICT_ARGS=""; [ $DRY = 1 ] && PREDICT_ARGS="--dtype float32 --flash sdpa"
+$PY benchmarks/predict.py $RESULTS --env "$WORK/env.json" $PREDICT_ARGS --out "$WORK/predicted.txt" \
+  --json "$WORK/predicted.json" > "$WORK/predict.log" 2>&1 \
+  || echo "predict.py failed: see predict.log" >> "$WORK/predicted.txt"
 stage fit $(cap fit) $PY benchmarks/fit_cost_model.py "$WORK/timings_merged.json" --device-class sm_90 --dry-run
 if [ -f "$WORK/warm.pid" ] && [ ! -f "$WORK/warm.rc" ]; then   # (it ends long before; never past the session)
   kill "$(cat "$WORK/warm.pid")" 2> /dev/null && sleep 2 && echo "warm-up stopped at the end of the session" \
@@ -284,3 +293,5 @@ echo "=== stages (total ${SECONDS}s of ${BUDGET}s); results: $DEST/gpu_session.t
 cat "$WORK/stages.txt"
 echo
 cat "$WORK/targets.txt" 2> /dev/null || echo "(no targets table)"
+echo
+cat "$WORK/predicted.txt" 2> /dev/null || echo "(no predicted / measured table)"

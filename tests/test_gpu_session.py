@@ -153,3 +153,63 @@ def test_dry_run_warm_up_compiled_for_the_gpu_and_timing_simulated_it(dry_run):
     auto = [r for r in timing["records"] if r["method"] == "lisa-auto"]
     assert auto and all(r["status"] == "ok" and r["backend"] == "triton" for r in auto), auto
     assert [r for r in timing["records"] if r["method"] == "lisa-triton-fft" and r["status"] == "ok"]
+
+
+def test_dry_run_wrote_the_predicted_against_measured_table(dry_run):
+    """benchmarks/predict.py ran after the timings: it found a committed kernel report of the installed Triton that
+    holds sm_90a, and its table is in summary.txt (the dry run's timings are float32 at head dim 8, which the
+    report does not cover: the arithmetic is tested below)."""
+    proc, out, work, _ = dry_run
+    with open(work / "predicted.json") as f:
+        data = json.load(f)
+    assert data["device"]["arch"] == "sm_90a" and data["report"].startswith("kernel_report_"), data
+    with open(out / "summary.txt") as f:
+        assert "Predicted (the report's bf16 bound" in f.read()
+
+
+def _report_record(pas, name, bound, issue, D=64, stack=0, config="c0", index=0):
+    return {"arch": "sm_90a", "dtype": "bfloat16", "D": D, "M": 1, "grid": [32, 32], "E": 0, "causal": False,
+            "boundary": "zero", "pass": pas, "name": name, "config": config, "config_index": index,
+            "issue_cycles_per_1k_pairs": issue, "tensor_cycles_per_1k_pairs": bound,
+            "bound_cycles_per_1k_pairs": bound, "atomic_cycles_per_1k_pairs": 0.0, "stack_bytes": stack,
+            "spills": stack > 0, "wgmma_serialized": ""}
+
+
+def _timing(method, backend, mode, ms, dtype="bfloat16"):
+    return {"grid": [32, 32], "N": 1024, "D": 64, "B": 4, "H": 8, "dtype": dtype, "mode": mode, "method": method,
+            "backend": backend, "status": "ok", "median_ms": ms}
+
+
+def test_predicted_is_the_bound_at_the_gpus_clock(tmp_path):
+    """predict.py: per pass, predicted = the pass's bound (the sum of its kernels' lowest spill-free bounds; the
+    yardstick's for FlashAttention) x B H N^2 / 1000 / (SMs x clock), measured backward = fwd+bwd - fwd; records of
+    another dtype, or of lisa-auto where it did not run triton, are left out."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import predict
+    report = [_report_record("fwd", "fwd", 70.0, 35.0),
+              _report_record("bwd", "bwd_dkv", 120.0, 60.0), _report_record("bwd", "bwd_dkv", 100.0, 50.0, stack=8,
+                                                                            config="c1", index=1),
+              _report_record("bwd", "bwd_dq", 60.0, 40.0), _report_record("bwd", "bwd_walk", 64.0, 30.0),
+              _report_record("yardstick-fwd", "fa2_fwd", 75.0, 75.0),
+              _report_record("yardstick-bwd", "fa2_dkdv", 125.0, 70.0),
+              _report_record("yardstick-bwd", "fa2_dq", 94.0, 56.0)]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    timings = [_timing("lisa-triton", "triton", "fwd", 1.0), _timing("lisa-triton", "triton", "fwd+bwd", 3.5),
+               _timing("sdpa-flash", "sdpa", "fwd", 0.8), _timing("sdpa-flash", "sdpa", "fwd+bwd", 2.6),
+               _timing("lisa-auto", "fft", "fwd", 9.0), _timing("lisa-triton", "triton", "fwd", 5.0, "float32")]
+    (tmp_path / "timing.json").write_text(json.dumps({"meta": {}, "records": timings}))
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "multiprocessors": 132, "sm_clock_mhz": 1980.0,
+           "triton": "3.6.0"}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    assert predict.main([str(tmp_path / "timing.json"), "--env", str(tmp_path / "env.json"), "--report",
+                         str(tmp_path / "report.json"), "--json", str(tmp_path / "p.json")]) == 0
+    rows = {(r["method"], r["pas"]): r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
+    assert set(rows) == {("lisa-triton", "fwd"), ("lisa-triton", "bwd"), ("sdpa-flash", "fwd"), ("sdpa-flash", "bwd")}
+    seconds_per_cycle_1k = 4 * 8 * 1024 ** 2 / 1000 / (132 * 1980e6) * 1e3     # ms per (cycle per 1k pairs)
+    for key, bound, measured in ((("lisa-triton", "fwd"), 70.0, 1.0), (("lisa-triton", "bwd"), 244.0, 2.5),
+                                 (("sdpa-flash", "fwd"), 75.0, 0.8), (("sdpa-flash", "bwd"), 219.0, 1.8)):
+        r = rows[key]
+        assert r["bound_cycles_per_1k_pairs"] == pytest.approx(bound)
+        assert r["predicted_ms"] == pytest.approx(bound * seconds_per_cycle_1k)
+        assert r["measured_ms"] == pytest.approx(measured)
+        assert r["measured_over_predicted"] == pytest.approx(measured / (bound * seconds_per_cycle_1k))
