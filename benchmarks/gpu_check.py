@@ -415,13 +415,13 @@ def _as_gpu(triton_version: str):
     """CPU problems stand for the simulated GPU's (the package's one device question, ``_device.gpu_of``), the
     Triton launcher takes ``triton_version``'s candidate lists, and ``backend="cuda"`` counts as built (the build
     stage's work), so that lisa-auto's choice is the GPU run's."""
-    from lisa_kernels import _device, dispatch, triton_direct
+    from lisa_kernels import _device, cuda_fft, triton_direct
     version = tuple(int(x) for x in triton_version.split(".")[:2])
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(_device, "gpu_of", lambda d: SIMULATED_GPU
                                               if torch.device(d).type == "cpu" else None))
         stack.enter_context(mock.patch.object(triton_direct, "_triton_version", lambda: version))
-        stack.enter_context(mock.patch.object(dispatch, "cuda_extension_reason", lambda: None))
+        stack.enter_context(mock.patch.object(cuda_fft, "cuda_extension_reason", lambda: None))
         yield
 
 

@@ -302,7 +302,7 @@ def _count_calls(monkeypatch, module, name):
     ((5, 4), 3, 4, "circular", False), ((3, 4, 3), 1, 2, "zero", False), ((2, 3, 4), 0, 1, "circular", False),
 ], ids=str)
 def test_small_block_budget_direct(small_budgets, monkeypatch, grid, E, M, boundary, causal):
-    monkeypatch.setattr(lisa_kernels.ops, "_C_DIRECT", None)   # the blocked loop (the fused kernel: test_direct_cpu.py)
+    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)   # the blocked loop (the fused kernel: test_direct_cpu.py)
     matmuls = _count_calls(monkeypatch, torch, "matmul")
     inputs = make_inputs(grid, E=E, M=M, Dk=3, Dv=8, B=2, H=2, boundary=boundary, seed=27)
     assert_close_to_reference(inputs, "direct", 1e-9, grid=grid, num_extra=E, boundary=boundary, causal=causal)
@@ -584,7 +584,7 @@ def test_poison_reaches_the_backends(monkeypatch):
     inputs = make_inputs(grid, E=1, M=2, seed=36)
     # the blocked direct loop (it allocates its tiles; the dense one-block form builds everything from ops, and the
     # extension's fused kernel allocates in C++)
-    monkeypatch.setattr(lisa_kernels.ops, "_C_DIRECT", None)
+    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)
     lisa_kernels.set_config(direct_block_bytes=4096)
     for backend in ("direct", "fft"):
         forward_backward(inputs, backend, grid=grid, num_extra=1)
