@@ -93,7 +93,8 @@ def test_docs_table_has_a_row_per_record():
     """docs/backends.md's table of backends: one row per record, in the registry's order, then auto."""
     with open(DOCS, encoding="utf-8") as f:
         text = f.read()
-    table = text.split("## The backends", 1)[1].split("\n\n")[1]
+    section = text.split("## The backends", 1)[1].split("\n## ", 1)[0]
+    table = next(block for block in section.split("\n\n") if block.startswith("| backend |"))
     rows = [re.match(r"\| `([^`]+)` \|", line).group(1) for line in table.splitlines()[2:]]
     assert rows == list(NAMES) + ["auto"]
 
