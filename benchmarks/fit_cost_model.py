@@ -50,8 +50,9 @@ import torch  # noqa: E402
 
 from lisa_kernels import dispatch  # noqa: E402
 from lisa_kernels._validate import Problem  # noqa: E402
+from lisa_kernels.backends import REGISTRY  # noqa: E402
 
-FAST = ("direct", "fft", "triton", "triton-fft", "cuda")        # the exact fast backends, as in AUTO_CANDIDATES
+FAST = tuple(b.name for b in REGISTRY if b.cost is not None)     # the backends with constants (each under its name)
 PARAMS = {"direct": ("flops_per_s", "overhead_s"), "fft": ("s_per_plogp", "s_per_point", "overhead_s")}
 BASE_DTYPE = "float32"
 MODES = {"fwd": False, "fwd+bwd": True}                        # mode -> backward

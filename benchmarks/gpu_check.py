@@ -2,7 +2,7 @@
 backends against the reference, one small call per backend for compute-sanitizer, and the targets table.
 
     python benchmarks/gpu_check.py env --out env.json               # device, versions, bf16 matmul and copy rates
-    python benchmarks/gpu_check.py check --out check.jsonl          # triton, triton-fft, cuda vs reference
+    python benchmarks/gpu_check.py check --out check.jsonl          # every backend vs the reference
     python benchmarks/gpu_check.py sanitize-one triton triton-fft   # one small fwd+bwd call each (run under
                                                                     # compute-sanitizer by gpu_session.sh)
     python benchmarks/gpu_check.py summary timing_*.json            # the targets table: auto / FA2 per grid
@@ -61,10 +61,15 @@ if not torch.cuda.is_available():
 
 import lisa_kernels  # noqa: E402
 from lisa_kernels._device import GPU  # noqa: E402
+from lisa_kernels.backends import REGISTRY  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-BACKENDS = ("triton", "triton-fft", "cuda", "direct")
+# every backend but the yardstick (the reference); those with GPU kernels of their own (compute-sanitizer's
+# memcheck), and those with Triton kernels (the plan's compile work)
+BACKENDS = tuple(b.name for b in REGISTRY if b.name != "reference")
+GPU_KERNEL_BACKENDS = tuple(b.name for b in REGISTRY if b.gpu_kernels)
+TRITON_BACKENDS = tuple(b.name for b in REGISTRY if b.gpu_kernels == "triton")
 
 # (name, grid, E, M, D, options)
 CASES = [
@@ -404,7 +409,7 @@ PLAN_DEFAULTS = dict(compile_s=1.2, small_compile_s=0.9, fft_compile_s=0.5, laun
 # start-up and its instrumented calls, a guess)
 FIXED_SECONDS = {"env": 12.0, "overhead": 20.0, "memcheck": 30.0, "fit": 5.0}
 GPU_TRITON = "3.6"          # the GPU machine's Triton (the candidate lists differ by version: GPU_CONFIGS)
-CHECK_BACKENDS = ("triton-fft", "triton")     # gpu_session.sh's check stage; check-cuda does cuda and direct
+CHECK_BACKENDS = TRITON_BACKENDS      # gpu_session.sh's check stage; check-cuda does the extension's and direct
 CHECK_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -425,13 +430,13 @@ def _as_gpu(triton_version: str):
     """CPU problems stand for the simulated GPU's (the package's one device question, ``_device.gpu_of``), the
     Triton launcher takes ``triton_version``'s candidate lists, and ``backend="cuda"`` counts as built (the build
     stage's work), so that lisa-auto's choice is the GPU run's."""
-    from lisa_kernels import _device, dispatch, triton_direct
+    from lisa_kernels import _device, cuda_fft, triton_direct
     version = tuple(int(x) for x in triton_version.split(".")[:2])
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(_device, "gpu_of", lambda d: SIMULATED_GPU
                                               if torch.device(d).type == "cpu" else None))
         stack.enter_context(mock.patch.object(triton_direct, "_triton_version", lambda: version))
-        stack.enter_context(mock.patch.object(dispatch, "cuda_extension_reason", lambda: None))
+        stack.enter_context(mock.patch.object(cuda_fft, "cuda_extension_reason", lambda: None))
         yield
 
 
@@ -651,7 +656,7 @@ def _overhead_work(work: TritonWork, methods=("lisa-direct", "lisa-auto", "lisa-
                 backend = _auto_choice(p, backward) if m == "lisa-auto" else m[len("lisa-"):]
                 if m == "lisa-auto":
                     chosen[f"{'x'.join(map(str, p.grid))}+1 {'fwd+bwd' if backward else 'fwd'}"] = backend
-                if backend in ("triton", "triton-fft") and lisa_kernels.backend_reason(backend, p) is None:
+                if backend in TRITON_BACKENDS and lisa_kernels.backend_reason(backend, p) is None:
                     work.call(backend, p, backward, False)
     return {"auto": chosen}
 
@@ -677,7 +682,7 @@ def _timing_work(work: TritonWork, spec: Dict, bench: Dict, params: Dict) -> Dic
                     if call > bench["max_seconds"]:
                         skipped.append(f"{'x'.join(map(str, grid))} {mode} {m} (estimated {call:.1f} s per call)")
                         continue
-                    if backend in ("triton", "triton-fft"):
+                    if backend in TRITON_BACKENDS:
                         work.call(backend, p, backward, False, call)
                 else:
                     flops = 4 * p.B * p.H * p.N ** 2 * p.Dk * (3.5 if backward else 1.0)
@@ -716,7 +721,7 @@ def stage_work(stages: Sequence[Dict], triton: str, bench: Dict, params: Dict):
             elif name == "check-cuda":
                 info = {"run_s": 2 * len(CHECK_DTYPES) * len(CASES) * params["case_s"]}
             elif name == "memcheck":
-                info = {**_sanitize_work(work, ("triton", "triton-fft", "cuda")), "run_s": FIXED_SECONDS[name]}
+                info = {**_sanitize_work(work, GPU_KERNEL_BACKENDS), "run_s": FIXED_SECONDS[name]}
             elif name == "overhead":
                 info = {**_overhead_work(work), "run_s": FIXED_SECONDS[name]}
             elif name.startswith("timing"):

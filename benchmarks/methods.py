@@ -44,7 +44,25 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_AT
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 SOFTMAX_METHODS = ("sdpa",) + tuple(SDPA_KERNELS) + ("flash-attn", "dense-bias")
 BASELINES = SOFTMAX_METHODS + ("linear",)
-LISA_METHODS = tuple(f"lisa-{b}" for b in ("direct", "fft", "auto", "triton", "triton-fft", "cuda", "reference"))
+
+
+def _lisa_backends():
+    """The benchmarked library's backends as {name: form} ("dense", "direct" or "fft": the FLOP formula), in its
+    registry's order; for an older library without one (compare.py), its names, with the kinds of its cost model."""
+    try:
+        from lisa_kernels.backends import REGISTRY
+        return {b.name: b.form for b in REGISTRY}, [b.name for b in REGISTRY if b.cost is not None]
+    except ImportError:
+        from lisa_kernels import dispatch
+        kinds = {n: c.get("kind", n) for cls in dispatch.COST_MODEL.values() if isinstance(cls, dict)
+                 for n, c in cls.items() if isinstance(c, dict)}
+        return {n: kinds.get(n, "dense") for n in lisa_kernels.BACKENDS if n != "auto"}, list(kinds)
+
+
+LISA_FORMS, _MODELLED = _lisa_backends()
+# the backends with a cost model, lisa-auto, then the others (the reference)
+LISA_METHODS = tuple(f"lisa-{b}" for b in [n for n in LISA_FORMS if n in _MODELLED] + ["auto"]
+                     + [n for n in LISA_FORMS if n not in _MODELLED])
 METHODS = BASELINES + LISA_METHODS
 METHOD_HELP = {
     "sdpa": "F.scaled_dot_product_attention, torch's own kernel choice",
@@ -56,8 +74,7 @@ METHOD_HELP = {
     "dense-bias": "softmax(q k^T / sqrt(D) + B) v with B[h, i, j] = table[h, offset(i, j)] gathered each call "
                   "(Swin/BEiT-style relative position bias; SDPA with a float attn_mask), table learned",
     "linear": "plain linear attention phi(q) (phi(k)^T v) / (phi(q) sum phi(k)), phi = elu + 1",
-    **{f"lisa-{b}": f"lisa_attention(..., backend={b!r})" for b in ("direct", "fft", "triton", "triton-fft",
-                                                                     "cuda", "reference")},
+    **{f"lisa-{b}": f"lisa_attention(..., backend={b!r})" for b in LISA_FORMS},
     "lisa-auto": "lisa_attention(..., backend='auto'); the record names the backend it chose",
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -366,7 +383,7 @@ def flop_kind(backend: str) -> str:
     if backend in SOFTMAX_METHODS:
         return "softmax"
     name = backend[len("lisa-"):] if backend.startswith("lisa-") else backend
-    return "lisa-fft" if name in ("fft", "triton-fft", "cuda") else "lisa-direct"
+    return "lisa-fft" if LISA_FORMS.get(name) == "fft" else "lisa-direct"
 
 
 def model_flops(case: Case, backend: str) -> float:

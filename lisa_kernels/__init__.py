@@ -110,7 +110,8 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
         feature_map: "elu1" (elu(x) + 1) or "relu".
         boundary: "zero" (exact Toeplitz / linear convolution) or "circular" (offsets wrap around).
         causal: W_ij = 0 for j > i; 1D grids only.
-        backend: "auto", "reference", "direct", "fft", "triton", "cuda"; see :func:`explain`.
+        backend: "auto" (the cheapest that can run the input, by the cost model; see :func:`explain`), or a name of
+            :data:`BACKENDS`: one per record of :data:`lisa_kernels.backends.REGISTRY` (docs/backends.md).
         scale: multiplies q before the feature map (default 1).
 
     Returns:

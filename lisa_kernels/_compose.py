@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._validate import Problem
+from ._problem import Problem
 from .reference import feature_map
 
 __all__ = ["compute_dtype", "linear_log_table", "compose"]

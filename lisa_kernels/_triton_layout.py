@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ._validate import Problem
+from ._problem import Problem
 
 @dataclasses.dataclass(frozen=True)
 class Layout:

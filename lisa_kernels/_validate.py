@@ -7,52 +7,21 @@ names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._problem import Problem
+from .backends import NAMES as _BACKEND_NAMES
+
 __all__ = ["Problem", "check_inputs", "FEATURE_MAPS", "BOUNDARIES", "BACKENDS", "FLOAT_DTYPES"]
 
 FEATURE_MAPS = ("elu1", "relu")
 BOUNDARIES = ("zero", "circular")
-BACKENDS = ("auto", "reference", "direct", "fft", "triton", "triton-fft", "cuda")
+BACKENDS = ("auto",) + _BACKEND_NAMES          # every record of lisa_kernels.backends, in its order
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """The sizes and options of one call, after validation."""
-
-    B: int
-    H: int
-    N: int
-    Dk: int
-    Dv: int
-    M: int
-    grid: Tuple[int, ...]
-    num_extra: int
-    feature_map: str
-    normalize: bool
-    eps: float
-    boundary: str
-    causal: bool
-    scale: float
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def num_grid(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def rpe_table_shape(self) -> Tuple[int, ...]:
-        """Offsets per axis of the rpe table: ``2S-1`` (zero boundary) or ``S`` (circular)."""
-        if self.boundary == "circular":
-            return tuple(self.grid)
-        return tuple(2 * s - 1 for s in self.grid)
 
 
 def _is_int(x) -> bool:

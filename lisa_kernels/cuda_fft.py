@@ -23,38 +23,21 @@ from typing import Optional
 
 import torch
 
+from . import _device
+from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION, cuda_extension_reason, extension_reason
+from ._problem import Problem
 from .fft import irfftn_cropped, rfftn_pruned
 
-__all__ = ["extension_reason", "cuda_extension_reason", "ExtensionPasses", "HAS_EXTENSION", "HAS_CUDA_KERNELS"]
-
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.lisa_kernels.*)
-    HAS_EXTENSION, _IMPORT_ERROR = True, None
-except ImportError as exc:  # not built: no C++ compiler at install time, or pip's build isolation hid torch
-    HAS_EXTENSION, _IMPORT_ERROR = False, exc
-
-# The extension is built with its CUDA kernels where a CUDA toolkit and a CUDA build of torch were found at install
-# time, else from its C++ sources alone (the compiled CPU loops; setup.py).
-HAS_CUDA_KERNELS = HAS_EXTENSION and bool(getattr(_C, "with_cuda", False))
+__all__ = ["extension_reason", "cuda_extension_reason", "cuda_reason", "ExtensionPasses", "HAS_EXTENSION",
+           "HAS_CUDA_KERNELS"]
 
 
-def extension_reason() -> Optional[str]:
-    """None if the compiled extension is importable, else why not (one line)."""
-    if HAS_EXTENSION:
-        return None
-    return (f"the compiled extension lisa_kernels._C is not built ({_IMPORT_ERROR}); reinstall with a C++ compiler "
-            f"(and a CUDA toolkit for the GPU kernels) and 'pip install --no-build-isolation .' (docs/backends.md, "
-            f"'The compiled extension')")
-
-
-def cuda_extension_reason() -> Optional[str]:
-    """None if the compiled extension has its CUDA kernels (``backend="cuda"``), else why not (one line)."""
-    if not HAS_EXTENSION:
-        return extension_reason()
-    if not HAS_CUDA_KERNELS:
-        return ("lisa_kernels._C was built without its CUDA kernels (no CUDA toolkit, or a CPU-only torch, at "
-                "install time); reinstall with a CUDA toolkit and 'pip install --no-build-isolation .'")
-    return None
+def cuda_reason(p: Problem) -> Optional[str]:
+    """None if ``backend="cuda"`` can run ``p`` (CUDA tensors, the extension built with its CUDA kernels), else why
+    not (one line)."""
+    if p.device.type != "cuda" and _device.gpu_of(p.device) is None:
+        return f"inputs are on {p.device}, not a CUDA device"
+    return cuda_extension_reason()
 
 
 def _spectrum_shape(sizes):

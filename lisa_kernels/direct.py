@@ -25,14 +25,16 @@ import collections
 import dataclasses
 import itertools
 import math
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
+from . import _extension
 from ._config import get_config
-from ._validate import Problem
+from ._problem import Problem
 
-__all__ = ["direct_core_forward", "direct_core_backward"]
+__all__ = ["direct_core_forward", "direct_core_backward", "direct_cpu_built", "direct_cpu_reason",
+           "direct_dense_first", "direct_how", "cpu_cost_factor", "TORCH_OPS_FACTOR"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,3 +393,68 @@ def dense_backward(q, k, v, rpe, rpe_extra, grad_out, grid, E: int, feature_map:
     _, parts = _dense_pass(q, k, v, rpe, rpe_extra, grid, E, feature_map, normalize, eps, boundary, causal, scale,
                            True)
     return _dense_grads(parts, grad_out, feature_map, scale, (q.dtype, k.dtype, v.dtype))
+
+
+# ---------------------------------------------------------------- which form runs: the compiled kernels and the checks
+#
+# The extension's fused CPU kernel (csrc/direct_cpu.cpp) and one-call dense forward (csrc/dense.cpp), None where they
+# are not built (lisa_kernels._extension); lisa_kernels.ops calls them. Tests set _C_DIRECT to None to run the
+# PyTorch ops instead.
+_C_DIRECT = _extension.C if _extension.provides("direct_cpu_forward") else None
+_C_DENSE_FORWARD = _extension.provides("dense_forward")
+# multiply-adds B H N^2 (Dk + Dv) up to which the dense forward runs its loop nest (0: none)
+_DENSE_LOOP_MAX_WORK = int(_extension.provides("dense_loop_max_work") or 0)
+
+
+# The CPU cost model's "direct" constants are fitted to the fused kernel. Where it does not run (extension not built)
+# the direct path's PyTorch ops (the dense form, the blocked loop) take about this much more time.
+TORCH_OPS_FACTOR = 2.0
+
+
+def direct_cpu_built() -> bool:
+    """Whether the extension with the fused direct CPU kernel is built (the CPU cost model's "direct" entry)."""
+    return _C_DIRECT is not None
+
+
+def direct_cpu_reason(p: Problem) -> Optional[str]:
+    """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
+    if p.device.type != "cpu":           # (.type: torch 2.11's dynamo cannot compare devices)
+        return f"inputs are on {p.device}, not the CPU"
+    if _C_DIRECT is None:
+        return _extension.extension_reason() or "this build of lisa_kernels._C has no fused direct CPU kernel"
+    return None
+
+
+def direct_dense_first(p: Problem) -> bool:
+    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form
+    (:func:`lisa_kernels.ops.direct_dense_attention`): it fits (the (B, H, M, N, N) weights and the backward's three
+    more tiles of that size fit in ``direct_block_bytes``: the blocked loop would run one block) and either the fused
+    CPU kernel cannot run it (a GPU, or no extension) or it is tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
+    forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
+    itemsize = 8 if p.dtype == torch.float64 else 4
+    pairs = p.B * p.H * p.N * p.N
+    if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
+        return False
+    if _C_DIRECT is None or pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK:
+        return True
+    # (last: reading .type costs a quarter of a microsecond, on every call of a tiny problem; comparing devices
+    # would cost less, but breaks torch 2.11's dynamo)
+    return p.device.type != "cpu"
+
+
+def direct_how(p: Problem) -> str:
+    """Which implementation ``backend="direct"`` runs ``p`` with, on a CPU: the extension's fused kernel, or PyTorch
+    ops and why (one line); "" on other devices."""
+    if p.device.type != "cpu":
+        return ""
+    reason = direct_cpu_reason(p)
+    if reason is None:
+        if direct_dense_first(p):
+            return "fused CPU kernel of lisa_kernels._C; a forward without gradients this small: its dense loop nest"
+        return "fused CPU kernel of lisa_kernels._C"
+    return f"PyTorch ops, about {TORCH_OPS_FACTOR:g}x the fused kernel's estimate: {reason}"
+
+
+def cpu_cost_factor(p: Problem, backward: bool) -> float:
+    """The factor on the CPU cost model's "direct" estimate: 1 with the fused kernel, else :data:`TORCH_OPS_FACTOR`."""
+    return 1.0 if direct_cpu_built() else TORCH_OPS_FACTOR

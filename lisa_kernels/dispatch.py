@@ -1,7 +1,7 @@
-"""Backends, the checks that say why one cannot run an input, and the cost model behind ``backend="auto"``.
+"""Choosing a backend: the checks that say why one cannot run an input, and the cost model behind ``backend="auto"``.
 
-Each backend has a *can-run* check that returns ``None`` or a one-line reason, and (for the fast exact
-paths) a time estimate from a small cost model whose constants are data (``cost_model.json``) per device
+Each backend (a record of :mod:`lisa_kernels.backends`) has a *can-run* check that returns ``None`` or a one-line
+reason, and (for the fast exact paths) a time estimate from a small cost model whose constants are data (``cost_model.json``) per device
 class ("cpu", "sm_80" for A100-class GPUs, "sm_90" for H100-class; each says whether it was measured):
 
     direct:  t = overhead + flops / flops_per_s,   flops = 2 B H Ng K (Dk + Dv + M)      (K keys per query)
@@ -24,18 +24,13 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import _device
+from . import direct as _direct_module
 from . import fft as _fft_module
-from . import ops as _ops
-from ._compose import compose
 from ._device import COST_CLASSES
-from ._validate import Problem
-from .cuda_fft import cuda_extension_reason
+from ._problem import Problem
+from .backends import AUTO_CANDIDATES, BY_NAME, REGISTRY
+from .direct import direct_how  # noqa: F401  (it was here)
 from .fft import FLOAT32_MAX_ROW_RANGE, fft_sizes
-from .ops import (cuda_fft_core, direct_core, direct_cpu_attention, direct_cpu_reason, direct_dense_attention,
-                  direct_dense_first, fft_core, triton_direct_attention, triton_fft_core)
-from .reference import reference_lisa_attention, reference_reason
-from .triton_direct import triton_direct_reason
-from .triton_fft import triton_fft_reason
 
 __all__ = ["Estimate", "Explanation", "backend_reason", "estimate_seconds", "choose_among",
            "run_backend", "DEVICE_CLASSES"]
@@ -44,8 +39,9 @@ _MODEL_PATH = os.path.join(os.path.dirname(__file__), "cost_model.json")
 with open(_MODEL_PATH) as _f:
     COST_MODEL = json.load(_f)
 
-# the backends "auto" chooses among, in order of preference on a tie
-AUTO_CANDIDATES = ("cuda", "triton", "triton-fft", "direct", "fft")
+# explain()'s order: the backends auto never picks, then its candidates in its order of preference on a tie
+# (AUTO_CANDIDATES, from lisa_kernels.backends)
+EXPLAIN_ORDER = tuple(b.name for b in REGISTRY if b.auto is None) + AUTO_CANDIDATES
 
 
 DEVICE_CLASSES = COST_CLASSES
@@ -61,20 +57,11 @@ def _device_class(device: torch.device) -> str:
 
 
 def backend_reason(name: str, p: Problem) -> Optional[str]:
-    """None if backend ``name`` can run problem ``p``, else a one-line reason."""
-    if name == "reference":
-        return reference_reason(p)
-    if name in ("direct", "fft"):
-        return None
-    if name == "triton":
-        return triton_direct_reason(p)
-    if name == "triton-fft":
-        return triton_fft_reason(p)
-    if name == "cuda":
-        if p.device.type != "cuda" and _device.gpu_of(p.device) is None:
-            return f"inputs are on {p.device}, not a CUDA device"
-        return cuda_extension_reason()
-    raise ValueError(f"unknown backend {name!r}")
+    """None if backend ``name`` can run problem ``p``, else a one-line reason (its record's check)."""
+    backend = BY_NAME.get(name)
+    if backend is None:
+        raise ValueError(f"unknown backend {name!r}")
+    return backend.reason(p)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -101,7 +88,7 @@ def backend_seconds(c: dict, p: Problem, backward: bool) -> Optional[float]:
         t = c["overhead_s"] + bh * p.Dk * (p.Dv + p.M) * (c["s_per_plogp"] * P * math.log2(max(P, 2))
                                                           + c["s_per_point"] * ng)
         if p.causal and p.dtype != torch.float64:
-            t *= 2.0                       # causal FFTs run in float64 (see _fft_path)
+            t *= 2.0                       # causal FFTs run in float64 (backends._fft_path)
     else:
         return None
     if backward:
@@ -114,26 +101,9 @@ def model_backends(consts: dict) -> Dict[str, dict]:
     return {name: {"kind": name, **c} for name, c in consts.items() if isinstance(c, dict)}
 
 
-# The CPU "fft" constants are fitted to the compiled loop (csrc/fft_cpu.cpp). Where it does not run (extension not
-# built, or a workspace budget below its needs) the batched torch.fft chunks do the same work in about this much
-# more time (measured 2026-12-02 on the 2-core CPU, same process, fwd and fwd+bwd at 128x128 to 256x256 and
-# 16x64x64: 1.7x to 4x).
-FFT_TORCH_CHUNKS_FACTOR = 2.5
-
-
-# The CPU "direct" constants are fitted to the fused kernel (csrc/direct_cpu.cpp). Where it does not run (extension
-# not built) the direct path's PyTorch ops (the dense form, the blocked loop) take about this much more time.
-DIRECT_TORCH_OPS_FACTOR = 2.0
-
-
-def _fft_cpu_loop_used(p: Problem, backward: bool) -> bool:
-    if _fft_module._C_FFT_CPU is None:
-        return False
-    if torch.compiler.is_compiling():     # dynamo cannot trace the pybind estimate: assume the default budget
-        return True
-    itemsize = 8 if p.dtype == torch.float64 or p.causal else 4      # the core's dtype (see _fft_path)
-    sizes = fft_sizes(p.grid, p.boundary == "circular" and not p.causal)
-    return _fft_module.cpu_loop_fits(p, sizes, itemsize, backward)
+# (the factors on the CPU estimates where the compiled code does not run: each backend's cpu_factor)
+FFT_TORCH_CHUNKS_FACTOR = _fft_module.TORCH_CHUNKS_FACTOR
+DIRECT_TORCH_OPS_FACTOR = _direct_module.TORCH_OPS_FACTOR
 
 
 def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Optional[str] = None) -> Optional[float]:
@@ -144,14 +114,13 @@ def estimate_seconds(name: str, p: Problem, backward: bool, device_class: Option
     """
     cls = device_class or _device_class(p.device)
     consts = COST_MODEL[cls]
-    c = model_backends(consts).get(name)
+    backend = BY_NAME.get(name)
+    c = model_backends(consts).get(name if backend is None else backend.cost)
     t = None if c is None else backend_seconds(c, p, backward)
     if t is None:
         return None
-    if name == "fft" and cls == "cpu" and not _fft_cpu_loop_used(p, backward):
-        t *= FFT_TORCH_CHUNKS_FACTOR
-    if name == "direct" and cls == "cpu" and not _ops.direct_cpu_built():
-        t *= DIRECT_TORCH_OPS_FACTOR
+    if cls == "cpu" and backend is not None and backend.cpu_factor is not None:
+        t *= backend.cpu_factor(p, backward)
     extra = 4.0 * p.B * p.H * p.num_extra * p.N * (p.Dk + p.Dv) / consts["direct"]["flops_per_s"]
     return t + extra
 
@@ -227,23 +196,6 @@ def fft_precision_text(rpe: torch.Tensor, p: Problem) -> str:
             f"{FLOAT32_MAX_ROW_RANGE:g}): float32 FFTs keep every row's error under 1e-4 of its magnitude")
 
 
-def direct_how(p: Problem) -> str:
-    """Which implementation ``backend="direct"`` runs ``p`` with, on a CPU: the extension's fused kernel, or PyTorch
-    ops and why (one line); "" on other devices."""
-    if p.device.type != "cpu":
-        return ""
-    reason = direct_cpu_reason(p)
-    if reason is None:
-        if direct_dense_first(p):
-            return "fused CPU kernel of lisa_kernels._C; a forward without gradients this small: its dense loop nest"
-        return "fused CPU kernel of lisa_kernels._C"
-    return f"PyTorch ops, {_direct_cpu_model_note()}: {reason}"
-
-
-def _direct_cpu_model_note() -> str:
-    return f"about {DIRECT_TORCH_OPS_FACTOR:g}x the fused kernel's estimate"
-
-
 def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explanation:
     """Every backend's estimate and can-run reason; the choice is :func:`choose_among` the runnable ones.
     ``details=False`` (the choice alone, as ``auto`` needs it) leaves out the texts that only ``explain()`` prints:
@@ -251,9 +203,10 @@ def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explana
     gpu = _device.gpu_of(p.device)
     cls = "cpu" if gpu is None else gpu.cost_class
     estimates = {}
-    for name in ("reference",) + AUTO_CANDIDATES:
+    for name in EXPLAIN_ORDER:
+        how = BY_NAME[name].how
         estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p),
-                                   direct_how(p) if details and name == "direct" else "")
+                                   how(p) if details and how is not None else "")
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]
     chosen = choose_among(modelled, p, backward, cls) if modelled else runnable[0]
@@ -272,9 +225,10 @@ def fft_crossover(p: Problem, backward: bool, device_class: Optional[str] = None
     cls = device_class or _device_class(p.device)
     kinds = model_backends(COST_MODEL[cls])
     if names is None:
-        names = [n for n in AUTO_CANDIDATES if n in kinds and backend_reason(n, p) is None]
-    ffts = [n for n in names if kinds.get(n, {}).get("kind") in _FFT_KINDS]
-    directs = [n for n in names if kinds.get(n, {}).get("kind") in _DIRECT_KINDS]
+        names = [n for n in AUTO_CANDIDATES if BY_NAME[n].cost in kinds and backend_reason(n, p) is None]
+    kind = {n: kinds.get(BY_NAME[n].cost if n in BY_NAME else n, {}).get("kind") for n in names}
+    ffts = [n for n in names if kind[n] in _FFT_KINDS]
+    directs = [n for n in names if kind[n] in _DIRECT_KINDS]
     if not ffts or not directs:
         return None
     top = max(p.grid)
@@ -302,37 +256,8 @@ def fft_crossover_text(p: Problem, backward: bool, device_class: str) -> str:
     return f"{head} ({what}){note}"
 
 
-def _fft_path(core):
-    """A runner for an FFT core: circular tables go to it unpadded unless causal masking needs the linear form.
-
-    Causal problems convolve in float64: an FFT's round-off is relative to the whole sequence, while the first
-    rows of a causal output sum only a few terms (in float32 their error grows like eps * N).
-    """
-    def run(q, k, v, rpe, rpe_extra, p: Problem):
-        return compose(core, q, k, v, rpe, rpe_extra, p, circular_core=p.boundary == "circular" and not p.causal,
-                       core_dtype=torch.float64 if p.causal else None)
-    return run
-
-
-def _direct_path(q, k, v, rpe, rpe_extra, p: Problem):
-    """The direct path: the dense form where :func:`~lisa_kernels.ops.direct_dense_first` says so (small problems
-    without the fused kernel, tiny ones with it); else on the CPU with the extension built its fused kernel
-    (csrc/direct_cpu.cpp); else the blocked core inside compose."""
-    if direct_dense_first(p):
-        return direct_dense_attention(q, k, v, rpe, rpe_extra, p)
-    if direct_cpu_reason(p) is None:
-        return direct_cpu_attention(q, k, v, rpe, rpe_extra, p)
-    return compose(direct_core, q, k, v, rpe, rpe_extra, p)
-
-
-_RUNNERS: Dict[str, Callable] = {
-    "reference": reference_lisa_attention,
-    "direct": _direct_path,
-    "fft": _fft_path(fft_core),
-    "triton": triton_direct_attention,
-    "triton-fft": _fft_path(triton_fft_core),
-    "cuda": _fft_path(cuda_fft_core),
-}
+# the runners of the backends, by name (tests replace them)
+_RUNNERS: Dict[str, Callable] = {b.name: b.run for b in REGISTRY}
 
 
 def run_backend(name: str, q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:

@@ -49,8 +49,9 @@ from typing import Iterator, List, Tuple
 
 import torch
 
+from . import _extension
 from ._config import get_config
-from ._validate import Problem
+from ._problem import Problem
 
 __all__ = ["fft_core_forward", "fft_core_backward", "TorchPasses", "fft_sizes", "fft_chunk_plan", "next_fast_len",
            "rfftn_pruned", "rfftn_pruned_buffered", "irfftn_cropped", "PaddedBuffers"]
@@ -415,18 +416,9 @@ def _in_float64(fn, tensors, out_dtype):
     return tuple(t.to(out_dtype) if t is not None and t.is_floating_point() else t for t in res)
 
 
-def _compiled_cpu_loop():
-    """The extension's module if it has the CPU loop of csrc/fft_cpu.cpp, else None (not built)."""
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "fft_cpu_forward") else None
-
-
 # The compiled CPU loop (csrc/fft_cpu.cpp), used by the torch passes for CPU float32/float64 tensors; set to None
 # to run the batched torch.fft chunks instead (tests compare the two).
-_C_FFT_CPU = _compiled_cpu_loop()
+_C_FFT_CPU = _extension.C if _extension.provides("fft_cpu_forward") else None
 
 
 def cpu_loop_fits(p: Problem, sizes, itemsize: int, backward: bool) -> bool:
@@ -551,3 +543,26 @@ def _ones_column(v: torch.Tensor, M: int) -> torch.Tensor:
     B, H, N, Dv = v.shape
     vg = v.reshape(B * H, N, M, Dv // M)
     return torch.cat([vg, vg.new_ones(B * H, N, M, 1)], dim=-1)
+
+
+# The CPU cost model's "fft" constants are fitted to the compiled loop (csrc/fft_cpu.cpp). Where it does not run
+# (extension not built, or a workspace budget below its needs) the batched torch.fft chunks do the same work in about
+# this much more time (measured 2026-12-02 on the 2-core CPU, same process, fwd and fwd+bwd at 128x128 to 256x256 and
+# 16x64x64: 1.7x to 4x).
+TORCH_CHUNKS_FACTOR = 2.5
+
+
+def _cpu_loop_used(p: Problem, backward: bool) -> bool:
+    if _C_FFT_CPU is None:
+        return False
+    if torch.compiler.is_compiling():     # dynamo cannot trace the pybind estimate: assume the default budget
+        return True
+    itemsize = 8 if p.dtype == torch.float64 or p.causal else 4      # the core's dtype (causal: float64)
+    sizes = fft_sizes(p.grid, p.boundary == "circular" and not p.causal)
+    return cpu_loop_fits(p, sizes, itemsize, backward)
+
+
+def cpu_cost_factor(p: Problem, backward: bool) -> float:
+    """The factor on the CPU cost model's "fft" estimate: 1 where the compiled loop runs ``p``, else
+    :data:`TORCH_CHUNKS_FACTOR`."""
+    return 1.0 if _cpu_loop_used(p, backward) else TORCH_CHUNKS_FACTOR

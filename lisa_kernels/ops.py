@@ -25,11 +25,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._validate import Problem
-from .cuda_fft import HAS_EXTENSION, ExtensionPasses
-from ._config import get_config
+from . import direct as _direct
+from ._problem import Problem
+from .cuda_fft import ExtensionPasses
 from .direct import (dense_backward, dense_backward_from, dense_forward, dense_forward_saving, dense_index,
                      dense_table_size, direct_core_backward, direct_core_forward)
+from .direct import direct_cpu_built, direct_cpu_reason, direct_dense_first  # noqa: F401  (they were here)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd, saved_table_shape
 from .triton_fft import triton_fft_backward, triton_fft_forward
@@ -52,6 +53,9 @@ def _contiguous(tensors):
     another (torch.library forbids outputs that alias each other or the inputs)."""
     return tuple(t.clone(memory_format=torch.contiguous_format) if t._base is not None or not t.is_contiguous()
                  else t for t in tensors)
+
+
+_CPU = torch.device("cpu")            # (comparing devices costs a tenth of reading device.type)
 
 
 def _like(t: Tensor) -> Tensor:
@@ -147,23 +151,6 @@ def _dense_backward_rule(ctx, grad_out):
 _direct_dense.register_autograd(_dense_backward_rule, setup_context=_dense_setup)
 
 
-def direct_dense_first(p: Problem) -> bool:
-    """Whether ``backend="direct"`` runs ``p`` in the dense single-block form (:func:`direct_dense_attention`): it
-    fits (the (B, H, M, N, N) weights and the backward's three more tiles of that size fit in
-    ``direct_block_bytes``: the blocked loop would run one block) and either the fused CPU kernel cannot run it (a GPU, or no extension) or it is
-    tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
-    forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
-    itemsize = 8 if p.dtype == torch.float64 else 4
-    pairs = p.B * p.H * p.N * p.N
-    if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
-        return False
-    if _C_DIRECT is None or pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK:
-        return True
-    # (last: reading .type costs a quarter of a microsecond, on every call of a tiny problem; comparing devices
-    # would cost less, but breaks torch 2.11's dynamo)
-    return p.device.type != "cpu"
-
-
 def _table_grads(dtable, rpe_shape, rpe_dtype, extra_dtype):
     """d rpe (rpe's shape and dtype) and d rpe_extra (None if there is none) from the dense table's gradient."""
     T = math.prod(rpe_shape[2:])
@@ -209,26 +196,6 @@ def plain_eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
-def _compiled_dense_forward():
-    """The extension's one-call dense forward (csrc/dense.cpp), or None where the extension is not built."""
-    if not HAS_EXTENSION:
-        return None
-    from . import _C
-    return getattr(_C, "dense_forward", None)
-
-
-def _dense_loop_max_work() -> int:
-    """Multiply-adds B H N^2 (Dk + Dv) up to which the extension's dense forward runs its loop nest (0: none)."""
-    if not HAS_EXTENSION:
-        return 0
-    from . import _C
-    return int(getattr(_C, "dense_loop_max_work", 0))
-
-
-_C_DENSE_FORWARD = _compiled_dense_forward()
-_DENSE_LOOP_MAX_WORK = _dense_loop_max_work()
-
-
 def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     """``backend="direct"`` on a small problem: the ``direct_dense`` op, forward and backward (:mod:`.direct`).
 
@@ -242,15 +209,15 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
     if plain_eager(q, k, v, rpe, rx):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
                                         or (rx is not None and rx.requires_grad)):
-            if _C_DIRECT is not None and p.device == _CPU:       # fused forward and backward: 2x sooner
+            if _direct._C_DIRECT is not None and p.device == _CPU:       # fused forward and backward: 2x sooner
                 return _DirectCPUFunction.apply(q, k, v, rpe, rx, _direct_cpu_args(
                     p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale))
             options = (p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary, p.causal, p.scale)
             return _DenseFunction.apply(q, k, v, rpe, rx, options)
-        if _C_DENSE_FORWARD is not None:
+        if _direct._C_DENSE_FORWARD is not None:
             index = dense_index(p.grid, p.num_extra, p.boundary, p.causal, q.device)
-            return _C_DENSE_FORWARD(q, k, v, rpe, rx, index, p.num_extra, p.feature_map == "elu1", p.normalize,
-                                    p.eps, p.causal, p.scale)
+            return _direct._C_DENSE_FORWARD(q, k, v, rpe, rx, index, p.num_extra, p.feature_map == "elu1",
+                                            p.normalize, p.eps, p.causal, p.scale)
         return dense_forward(q, k, v, rpe, rx, p.grid, p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary,
                              p.causal, p.scale)
     return _direct_dense(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps,
@@ -258,33 +225,6 @@ def direct_dense_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
 
 
 # ---------------------------------------------------------------- direct path, the fused CPU kernel
-
-def _compiled_direct_cpu():
-    """The extension module where it has the fused direct CPU kernel (csrc/direct_cpu.cpp), else None."""
-    if not HAS_EXTENSION:
-        return None
-    from . import _C
-    return _C if hasattr(_C, "direct_cpu_forward") else None
-
-
-_C_DIRECT = _compiled_direct_cpu()
-_CPU = torch.device("cpu")            # (comparing devices costs a tenth of reading device.type)
-
-
-def direct_cpu_built() -> bool:
-    """Whether the extension with the fused direct CPU kernel is built (the CPU cost model's "direct" entry)."""
-    return _C_DIRECT is not None
-
-
-def direct_cpu_reason(p: Problem) -> Optional[str]:
-    """None if ``backend="direct"`` runs ``p`` with the fused CPU kernel, else why not (one line)."""
-    if p.device.type != "cpu":           # (.type: torch 2.11's dynamo cannot compare devices)
-        return f"inputs are on {p.device}, not the CPU"
-    if _C_DIRECT is None:
-        from .cuda_fft import extension_reason
-        return extension_reason() or "this build of lisa_kernels._C has no fused direct CPU kernel"
-    return None
-
 
 def _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale):
     return (list(grid), num_extra, feature_map == "elu1", normalize, eps, boundary == "circular", causal, scale)
@@ -297,7 +237,7 @@ def _direct_cpu(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optiona
     """(out, out_c, inv): the output, its float32 copy for float16/bfloat16 inputs (else empty) and the
     normalisers 1 / (den' + eps') (empty if not normalize); see csrc/direct_cpu.h."""
     args = _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale)
-    out, out_c, inv = _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
+    out, out_c, inv = _direct._C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
     return out, out_c, inv
 
 
@@ -317,7 +257,7 @@ def _direct_cpu_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
     args = _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale)
-    grads = _C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv, grad_out,
+    grads = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv, grad_out,
                                           *args)
     return tuple(grads)
 
@@ -349,7 +289,7 @@ class _DirectCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rpe, rpe_extra, args):
-        out, out_c, inv = _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
+        out, out_c, inv = _direct._C_DIRECT.direct_cpu_forward(q, k, v, rpe, rpe_extra, *args, True)
         ctx.save_for_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv)
         ctx.args = args
         return out
@@ -358,7 +298,7 @@ class _DirectCPUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, rpe, rpe_extra, out, inv = ctx.saved_tensors
-        dq, dk, dv, drpe, drex = _C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out, inv, grad_out, *ctx.args)
+        dq, dk, dv, drpe, drex = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out, inv, grad_out, *ctx.args)
         return dq, dk, dv, drpe, drex if rpe_extra is not None else None, None
 
 
@@ -375,7 +315,7 @@ def direct_cpu_attention(q, k, v, rpe, rpe_extra, p: Problem) -> Tensor:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rpe.requires_grad
                                         or (rx is not None and rx.requires_grad)):
             return _DirectCPUFunction.apply(q, k, v, rpe, rx, args)
-        return _C_DIRECT.direct_cpu_forward(q, k, v, rpe, rx, *args, False)[0]
+        return _direct._C_DIRECT.direct_cpu_forward(q, k, v, rpe, rx, *args, False)[0]
     return _direct_cpu(q, k, v, rpe, rx, list(p.grid), p.num_extra, p.feature_map, p.normalize, p.eps, p.boundary,
                        p.causal, p.scale)[0]
 

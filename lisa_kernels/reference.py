@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._config import get_config
-from ._validate import Problem
+from ._problem import Problem
 
 __all__ = ["feature_map", "grid_positions", "reference_lisa_attention", "reference_bytes", "reference_reason"]
 

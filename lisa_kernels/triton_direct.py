@@ -27,7 +27,7 @@ except ImportError:  # without triton
 
 from . import _device
 from ._device import GPU
-from ._validate import Problem
+from ._problem import Problem
 from ._triton_layout import (
     Layout, WALK_GROUPS, WALK_TILE, _layout_of, _pair_steps, _table_constexprs, _walk_ident, layout, token_index)
 

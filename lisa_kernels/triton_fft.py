@@ -58,7 +58,7 @@ try:
 except ImportError:  # without triton
     HAS_TRITON = False
 
-from ._validate import Problem
+from ._problem import Problem
 from .triton_direct import triton_device_reason
 from .fft import (_below_noise_floor, _chunks, _kernel_grad, _kernel_spectrum, _max_shift, fft_chunk_plan, fft_sizes,
                   irfftn_cropped, rfftn_pruned)

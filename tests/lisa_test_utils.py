@@ -1,6 +1,7 @@
 """Shared helpers of the CPU test suite: random LiSA inputs, forward+backward runs, relative errors.
 
-Nothing here calls into lisa_kernels except through its public ``lisa_attention``.
+Nothing here calls into lisa_kernels except through its public ``lisa_attention`` and its list of backends
+(``lisa_kernels.backends``: the tests that loop over backends take them from there).
 """
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ import torch
 import lisa_kernels
 
 INPUT_NAMES = ("q", "k", "v", "rpe", "rpe_extra")
+
+
+def runnable_backends(dtype: torch.dtype, device: str = "cpu") -> Tuple[str, ...]:
+    """The backends of the registry but the reference (the yardstick) that can run a small ``dtype`` problem on
+    ``device``, in the registry's order: on the CPU in float64, the ones the CPU test files compare with the
+    reference."""
+    from lisa_kernels.backends import REGISTRY
+    x = torch.zeros(1, 1, 4, 2, dtype=dtype, device=device)
+    p = lisa_kernels.check_inputs(x, x, x, torch.zeros(1, 1, 7, dtype=dtype, device=device), grid=(4,))
+    return tuple(b.name for b in REGISTRY if b.name != "reference" and b.reason(p) is None)
+
+
+# the exact backends that run float64 on the CPU ("direct", "fft"; plus any new one that does)
+CPU_FLOAT64 = runnable_backends(torch.float64)
 
 
 def triton_test_device() -> str:

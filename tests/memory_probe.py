@@ -60,7 +60,7 @@ def main(cfg):
 
     torch.set_num_threads(1)
     if cfg.get("python_direct"):          # the direct path's PyTorch ops, not the extension's fused kernel
-        lisa_kernels.ops._C_DIRECT = None
+        lisa_kernels.direct._C_DIRECT = None
     setting = "fft_workspace_bytes" if cfg["backend"] == "fft" else "direct_block_bytes"
     lisa_kernels.set_config(**{setting: cfg["budget"]})
     grid, B, H, Dk, Dv, M = tuple(cfg["grid"]), cfg["B"], cfg["H"], cfg["Dk"], cfg["Dv"], cfg.get("M", 1)

@@ -1,4 +1,5 @@
-"""Every fast CPU backend ("direct", "fft", "auto") against backend="reference", forward and gradients.
+"""Every fast CPU backend (those of the registry that run float64 on the CPU, and "auto") against
+backend="reference", forward and gradients.
 
 Errors are relative: max|a - b| / max|b|. float64 must agree to 1e-9 and float32 to 1e-4; float16 and
 bfloat16 must be within twice the error that the reference itself makes when PyTorch computes it in that
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import lisa_kernels
-from lisa_test_utils import (assert_close_to_reference, attend, cast_inputs, errors, forward_backward,
+from lisa_test_utils import (CPU_FLOAT64, assert_close_to_reference, attend, cast_inputs, errors, forward_backward,
                              make_inputs, rel_err, table_shape)
 
-FAST = ("direct", "fft", "auto")
+FAST = CPU_FLOAT64 + ("auto",)
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 GRIDS = [(7,), (13,), (5, 3), (4, 7), (3, 4, 5), (2, 3, 3)]
@@ -38,7 +39,7 @@ def _cycled(grid, E, M):
     return dict(boundary=boundary, normalize=normalize, feature_map=feature_map, causal=causal)
 
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 @pytest.mark.parametrize("M", GROUPS)
 @pytest.mark.parametrize("E", EXTRAS)
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
@@ -302,7 +303,7 @@ def _count_calls(monkeypatch, module, name):
     ((5, 4), 3, 4, "circular", False), ((3, 4, 3), 1, 2, "zero", False), ((2, 3, 4), 0, 1, "circular", False),
 ], ids=str)
 def test_small_block_budget_direct(small_budgets, monkeypatch, grid, E, M, boundary, causal):
-    monkeypatch.setattr(lisa_kernels.ops, "_C_DIRECT", None)   # the blocked loop (the fused kernel: test_direct_cpu.py)
+    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)   # the blocked loop (the fused kernel: test_direct_cpu.py)
     matmuls = _count_calls(monkeypatch, torch, "matmul")
     inputs = make_inputs(grid, E=E, M=M, Dk=3, Dv=8, B=2, H=2, boundary=boundary, seed=27)
     assert_close_to_reference(inputs, "direct", 1e-9, grid=grid, num_extra=E, boundary=boundary, causal=causal)
@@ -328,7 +329,7 @@ def test_small_workspace_fft(small_budgets, monkeypatch, grid, E, M, boundary, c
         "channels: fft_workspace_bytes seems to be ignored")
 
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 def test_budget_does_not_change_the_result(backend):
     """Different chunkings of the same problem give the same numbers (to round-off)."""
     grid = (7, 6)
@@ -344,7 +345,7 @@ def test_budget_does_not_change_the_result(backend):
 
 # --------------------------------------------------------------------------- a long sequence in float32
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 @pytest.mark.parametrize("causal", [False, True], ids=["causal=False", "causal=True"])
 def test_float32_long_sequence(causal, backend):
     """N = 4096 tokens in float32 within 1e-4 of float64 (computed by backend="direct", which the rest of this
@@ -358,7 +359,7 @@ def test_float32_long_sequence(causal, backend):
     assert max(errs.values()) <= 1e-4, errs
 
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 @pytest.mark.parametrize("causal", [False, True], ids=["causal=False", "causal=True"])
 def test_float32_causal_first_token_attends_to_itself(causal, backend):
     """With causal=True (and no extra tokens) token 0 sees only itself: out_0 = v_0 A_00 r(0) / (A_00 r(0) + eps),
@@ -397,7 +398,7 @@ LOW_PRECISION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_flash_attention_criterion(dtype, case, backend):
@@ -584,7 +585,7 @@ def test_poison_reaches_the_backends(monkeypatch):
     inputs = make_inputs(grid, E=1, M=2, seed=36)
     # the blocked direct loop (it allocates its tiles; the dense one-block form builds everything from ops, and the
     # extension's fused kernel allocates in C++)
-    monkeypatch.setattr(lisa_kernels.ops, "_C_DIRECT", None)
+    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)
     lisa_kernels.set_config(direct_block_bytes=4096)
     for backend in ("direct", "fft"):
         forward_backward(inputs, backend, grid=grid, num_extra=1)

@@ -19,10 +19,11 @@ import torch
 
 from lisa_kernels import dispatch
 from lisa_kernels._validate import Problem
+from lisa_kernels.backends import REGISTRY
 from lisa_kernels.dispatch import choose_among, estimate_seconds
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
-FAST = ("direct", "fft", "triton", "triton-fft", "cuda")
+FAST = tuple(b.name for b in REGISTRY if b.cost is not None)      # the backends with constants
 WITHIN = 1.2
 
 

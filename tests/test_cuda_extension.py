@@ -33,9 +33,9 @@ def test_extension_built_when_required():
 
 def test_reasons_without_the_extension(monkeypatch):
     """What every backend that needs lisa_kernels._C says where it is not built (simulated: CI builds it)."""
-    from lisa_kernels import cuda_fft
-    monkeypatch.setattr(cuda_fft, "HAS_EXTENSION", False)
-    monkeypatch.setattr(cuda_fft, "_IMPORT_ERROR", ImportError("no module named lisa_kernels._C"))
+    from lisa_kernels import _extension, cuda_fft
+    monkeypatch.setattr(_extension, "HAS_EXTENSION", False)
+    monkeypatch.setattr(_extension, "IMPORT_ERROR", ImportError("no module named lisa_kernels._C"))
     for reason in (cuda_fft.extension_reason(), cuda_fft.cuda_extension_reason()):
         assert reason.startswith("the compiled extension lisa_kernels._C is not built (no module named")
         assert "pip install --no-build-isolation ." in reason

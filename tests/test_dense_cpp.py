@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import lisa_kernels
-from lisa_kernels import ops
+from lisa_kernels import direct
 from lisa_kernels.cuda_fft import extension_reason
 from lisa_kernels.direct import dense_forward, dense_index
 from lisa_kernels.reference import reference_lisa_attention
 from lisa_test_utils import make_inputs
 
-pytestmark = pytest.mark.skipif(extension_reason() is not None or ops._C_DENSE_FORWARD is None,
+pytestmark = pytest.mark.skipif(extension_reason() is not None or direct._C_DENSE_FORWARD is None,
                                 reason=f"the compiled extension is not built: {extension_reason()}")
 
 if extension_reason() is None:
@@ -111,8 +111,8 @@ def test_strided_inputs(form):
 
 def test_lisa_attention_takes_it_only_for_unrecorded_forwards(monkeypatch):
     calls = []
-    real = ops._C_DENSE_FORWARD
-    monkeypatch.setattr(ops, "_C_DENSE_FORWARD", lambda *a: calls.append(1) or real(*a))
+    real = direct._C_DENSE_FORWARD
+    monkeypatch.setattr(direct, "_C_DENSE_FORWARD", lambda *a: calls.append(1) or real(*a))
     x = make_inputs((3, 3), E=1, Dk=4, Dv=4, B=1, H=2, seed=2)
     args = (x["q"], x["k"], x["v"], x["rpe"])
     kw = dict(grid=(3, 3), num_extra=1, rpe_extra=x["rpe_extra"], backend="direct")

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import lisa_kernels
-from lisa_kernels import ops
+from lisa_kernels import direct, ops
 from lisa_kernels.cuda_fft import extension_reason
 from lisa_test_utils import cast_inputs, errors, forward_backward, make_inputs
 
-pytestmark = pytest.mark.skipif(ops._C_DIRECT is None,
+pytestmark = pytest.mark.skipif(direct._C_DIRECT is None,
                                 reason=f"the compiled extension is not built: {extension_reason()}")
-C = ops._C_DIRECT
+C = direct._C_DIRECT
 OPS = torch.ops.lisa_kernels
 NAMES = ("q", "k", "v", "rpe", "rpe_extra")
 
@@ -163,7 +163,7 @@ def test_strided_inputs_and_a_non_contiguous_rpe():
 def _python_direct(x, grid, E, grad_out, monkeypatch, **opts):
     """The direct path without the fused kernel (the dense form or the blocked loop), same dtype."""
     with monkeypatch.context() as m:
-        m.setattr(ops, "_C_DIRECT", None)
+        m.setattr(direct, "_C_DIRECT", None)
         lisa_kernels.clear_cache()
         res = forward_backward(x, "direct", grad_out, grid=grid, num_extra=E, **opts)
     lisa_kernels.clear_cache()
@@ -362,7 +362,7 @@ def test_direct_and_auto_take_the_fused_kernel(monkeypatch):
             calls.append("backward")
             return real.direct_cpu_backward(*a)
 
-    monkeypatch.setattr(ops, "_C_DIRECT", Spy())
+    monkeypatch.setattr(direct, "_C_DIRECT", Spy())
     x, kw = _vit_like(True)
     for backend in ("direct", "auto"):
         calls.clear()
@@ -377,7 +377,7 @@ def test_direct_and_auto_take_the_fused_kernel(monkeypatch):
 
 
 def test_explain_says_why_not_without_the_kernel(monkeypatch):
-    monkeypatch.setattr(ops, "_C_DIRECT", None)
+    monkeypatch.setattr(direct, "_C_DIRECT", None)
     x, kw = _vit_like(False)
     text = str(lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], **kw))
     assert "direct" in text and "PyTorch ops" in text, text
@@ -433,12 +433,12 @@ def test_backend_cuda_says_when_the_build_has_no_cuda_kernels(monkeypatch):
     CUDA inputs backend="cuda" says that its kernels are missing instead of failing at the launch."""
     import dataclasses
 
-    from lisa_kernels import cuda_fft, dispatch
+    from lisa_kernels import _extension, cuda_fft, dispatch
     x, kw = _vit_like(False)
     p = dataclasses.replace(lisa_kernels.check_inputs(x["q"], x["k"], x["v"], x["rpe"], **kw),
                             device=torch.device("cuda", 0))
     assert cuda_fft.HAS_CUDA_KERNELS is bool(C.with_cuda)
-    monkeypatch.setattr(cuda_fft, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", False)
     assert "built without its CUDA kernels" in dispatch.backend_reason("cuda", p)
-    monkeypatch.setattr(cuda_fft, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", True)
     assert dispatch.backend_reason("cuda", p) is None

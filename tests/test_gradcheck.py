@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lisa_kernels
-from lisa_test_utils import make_inputs
+from lisa_test_utils import CPU_FLOAT64, make_inputs
 
 CASES = [
     # grid, E, M, boundary, causal, normalize, feature_map
@@ -24,7 +24,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "direct", "fft"])
+@pytest.mark.parametrize("backend", ("reference",) + CPU_FLOAT64)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gradcheck(case, backend):
     grid, E, M, boundary, causal, normalize, feature_map = case
@@ -41,7 +41,7 @@ def test_gradcheck(case, backend):
     assert torch.autograd.gradcheck(fn, tuple(x[n] for n in names), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["direct", "fft"])
+@pytest.mark.parametrize("backend", CPU_FLOAT64)
 def test_gradcheck_without_rpe_extra(backend):
     """rpe_extra=None with extra tokens: gradients of the four tensors only."""
     grid, E = (2, 3), 2

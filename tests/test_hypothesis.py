@@ -19,7 +19,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import assume, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lisa_test_utils import assert_close_to_reference, make_inputs  # noqa: E402
+from lisa_test_utils import CPU_FLOAT64, assert_close_to_reference, make_inputs  # noqa: E402
 
 
 # inputs are O(1); a gradient whose largest entry is below FLOOR is eps-dominated (e.g. every key an extra
@@ -48,7 +48,7 @@ def problems(draw):
         causal=draw(st.booleans()) if ndim == 1 else False,
         feature_map=draw(st.sampled_from(["elu1", "relu"])),
         rpe_extra=draw(st.booleans()) if E > 0 else False,
-        backend=draw(st.sampled_from(["direct", "fft"])),
+        backend=draw(st.sampled_from(CPU_FLOAT64)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 

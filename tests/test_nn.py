@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lisa_kernels
 from lisa_kernels.nn import LiSAAttention, LiSARPE, resample_rpe
+from lisa_test_utils import CPU_FLOAT64
 
 DIM, HEADS = 32, 4
 
@@ -76,7 +77,7 @@ def test_module_is_lisa_attention_of_its_projections(boundary):
                                     grid=attn.grid, num_extra=1, boundary=boundary, backend="reference")
     expected = attn.proj(o.transpose(1, 2).reshape(B, N, C))
     torch.testing.assert_close(attn(x), expected, rtol=1e-10, atol=1e-12)
-    for backend in ("reference", "direct", "fft"):
+    for backend in ("reference",) + CPU_FLOAT64:
         attn.backend = backend
         torch.testing.assert_close(attn(x), expected, rtol=1e-10, atol=1e-12)
 
@@ -95,12 +96,12 @@ def test_backward_reaches_every_parameter():
 
 def test_rpe_gradient_matches_reference_backend():
     grads = {}
-    for backend in ("reference", "direct", "fft"):
+    for backend in ("reference",) + CPU_FLOAT64:
         attn = make_attention(backend=backend)
         randomize_rpe(attn)
         attn(tokens(attn)).square().sum().backward()
         grads[backend] = {n: p.grad.clone() for n, p in attn.named_parameters()}
-    for backend in ("direct", "fft"):
+    for backend in CPU_FLOAT64:
         for n, g in grads["reference"].items():
             torch.testing.assert_close(grads[backend][n], g, rtol=1e-9, atol=1e-12, msg=f"{backend} {n}")
 

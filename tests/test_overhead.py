@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lisa_kernels
-from lisa_kernels import dispatch, ops
+from lisa_kernels import backends, direct, dispatch, ops
 from lisa_test_utils import errors, forward_backward, make_inputs
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -125,7 +125,7 @@ def test_settings_changed_after_caching_are_seen(monkeypatch):
     _call(q, k, v, rpe, backend="direct")
     calls = []
     real = ops.direct_dense_attention
-    monkeypatch.setattr(dispatch, "direct_dense_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(backends, "direct_dense_attention", lambda *a: calls.append(1) or real(*a))
     _call(q, k, v, rpe, backend="direct")
     assert calls == [1]
     lisa_kernels.set_config(direct_block_bytes=256)
@@ -242,10 +242,10 @@ def test_dense_form_matches_reference_and_blocked_form(grid, E, M, opts):
 def test_custom_op_and_eager_function_agree(grid, E, M, opts, fused, monkeypatch):
     """The eager autograd.Function of a recorded tiny call (the dense form's, or the extension's fused kernel's
     where it is built) against the direct_dense custom op."""
-    if fused and ops._C_DIRECT is None:
+    if fused and direct._C_DIRECT is None:
         pytest.skip("the extension's fused direct CPU kernel is not built")
     if not fused:
-        monkeypatch.setattr(ops, "_C_DIRECT", None)
+        monkeypatch.setattr(direct, "_C_DIRECT", None)
     inputs = make_inputs(grid, E=E, M=M, Dk=3, Dv=4 * M, B=2, H=2, boundary=opts.get("boundary", "zero"), seed=5)
     names = [n for n in ("q", "k", "v", "rpe", "rpe_extra") if inputs[n] is not None]
     p = lisa_kernels.check_inputs(inputs["q"], inputs["k"], inputs["v"], inputs["rpe"], grid=grid, num_extra=E,

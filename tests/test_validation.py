@@ -8,6 +8,7 @@ import torch
 
 import lisa_kernels
 from lisa_kernels import dispatch
+from lisa_test_utils import CPU_FLOAT64
 
 B, H, DK, DV, M = 2, 2, 3, 4, 2
 GRID = (3, 4)
@@ -30,7 +31,7 @@ def call(fn, args):
 
 
 def test_good_arguments_are_accepted():
-    for backend in ("auto", "reference", "direct", "fft"):
+    for backend in ("auto", "reference") + CPU_FLOAT64:
         out = call(lisa_kernels.lisa_attention, good(backend=backend))
         assert out.shape == (B, H, N, DV)
     assert isinstance(call(lisa_kernels.explain, good()), lisa_kernels.Explanation)
@@ -139,7 +140,7 @@ def test_bad_input_is_refused(changes, exc, pattern):
         call(lisa_kernels.lisa_attention, good(**changes))
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference", "direct", "fft"])
+@pytest.mark.parametrize("backend", lisa_kernels.BACKENDS)       # "auto" and every record of the registry
 @pytest.mark.parametrize("changes, exc, pattern", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_refused_before_any_computation(changes, exc, pattern, backend, monkeypatch):
     """No backend runs (they are replaced by failing stubs), and explain() raises the same error."""
