@@ -56,9 +56,11 @@ def test_dry_run_brings_back_few_files_and_ends_with_the_targets(dry_run):
     for name in ("env.json", "plan.json", "check.jsonl", "overhead_cpu.json", "timing_d64_a.json", "fit.log",
                  "memcheck.log", "warm.log"):
         assert name in names, sorted(names)
-    tail = proc.stdout.strip().splitlines()[-6:]
-    assert any(line.startswith("Targets") for line in tail), tail
-    assert any(line.startswith("3x3") for line in tail), tail
+    lines = proc.stdout.strip().splitlines()
+    tail = lines[max(i for i, line in enumerate(lines) if line.startswith("=== stages")):]   # what it prints last
+    targets = [i for i, line in enumerate(tail) if line.startswith("Targets")]
+    assert targets and any(line.startswith("3x3") for line in tail[targets[0]:]), tail
+    assert any(line.startswith("Predicted") for line in tail[targets[0]:]), tail
     with open(out / "summary.txt") as f:
         summary = f.read()
     assert "Targets" in summary and "check" in summary
