@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import dispatch as _dispatch
+from . import export as _export
 from ._config import Config, get_config, set_config
 from ._validate import BACKENDS, check_inputs
 from .dispatch import Estimate, Explanation, backend_reason, explain_problem, fft_precision_text, run_backend
@@ -121,6 +122,8 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
         p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
                          normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend,
                          scale=scale)
+        if _export.is_onnx_exporting():      # ONNX has no translation of the custom ops: plain torch ops
+            return _export.export_attention(q, k, v, rpe, rpe_extra if p.num_extra else None, p)
         if backend == "auto":
             backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra), details=False).chosen
         return run_backend(backend, q, k, v, rpe, rpe_extra, p)
