@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import dispatch as _dispatch
+from . import export as _export
 from ._config import Config, get_config, set_config
 from ._validate import BACKENDS, check_inputs
 from .dispatch import Estimate, Explanation, backend_reason, explain_problem, fft_precision_text, run_backend
@@ -84,6 +85,15 @@ def _plan(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps,
     return p, backend
 
 
+def _example_batch(p):
+    """``p`` itself, or under torch.export with a symbolic batch, ``p`` at the example input's batch: auto's choice
+    is made once for the exported program, without a guard on the batch (which would break dynamic batch)."""
+    if isinstance(p.B, int) or not torch.compiler.is_exporting():
+        return p
+    hint = getattr(getattr(p.B, "node", None), "hint", None)
+    return dataclasses.replace(p, B=int(hint) if isinstance(hint, int) else 1)
+
+
 def clear_cache() -> None:
     """Forget every cached call plan (validated problem and backend choice); they are rebuilt on the next call."""
     _PLANS.clear()
@@ -121,8 +131,10 @@ def lisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe: torch
         p = check_inputs(q, k, v, rpe, grid=grid, num_extra=num_extra, rpe_extra=rpe_extra, feature_map=feature_map,
                          normalize=normalize, eps=eps, boundary=boundary, causal=causal, backend=backend,
                          scale=scale)
+        if _export.is_onnx_exporting():      # ONNX has no translation of the custom ops: plain torch ops
+            return _export.export_attention(q, k, v, rpe, rpe_extra if p.num_extra else None, p)
         if backend == "auto":
-            backend = explain_problem(p, _needs_grad(q, k, v, rpe, rpe_extra), details=False).chosen
+            backend = explain_problem(_example_batch(p), _needs_grad(q, k, v, rpe, rpe_extra), details=False).chosen
         return run_backend(backend, q, k, v, rpe, rpe_extra, p)
     options = (num_extra, feature_map, normalize, eps, boundary, causal, backend, scale)
     key = _signature(q, k, v, rpe, rpe_extra, grid, options)

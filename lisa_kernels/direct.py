@@ -433,6 +433,12 @@ def direct_dense_first(p: Problem) -> bool:
     forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
     itemsize = 8 if p.dtype == torch.float64 else 4
     pairs = p.B * p.H * p.N * p.N
+    if not isinstance(pairs, int):      # a symbolic batch (torch.export, dynamic shapes): decide without a guard
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        if not statically_known_true(4 * pairs * p.M * itemsize <= get_config().direct_block_bytes):
+            return False
+        return _C_DIRECT is None or statically_known_true(pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK) \
+            or p.device.type != "cpu"
     if 4 * pairs * p.M * itemsize > get_config().direct_block_bytes:
         return False
     if _C_DIRECT is None or pairs * (p.Dk + p.Dv) <= _DENSE_LOOP_MAX_WORK:
