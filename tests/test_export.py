@@ -185,6 +185,14 @@ def test_decomposition_table_ops_directly():
     for a, b in zip(got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype
     torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
+    targs = ([3, 4], 1, "elu1", True, 1e-6, False, "zero", 1.0)          # (triton_direct: causal before boundary)
+    got = table[ops.triton_direct.default](q, k, v, rpe, rx, *targs)
+    torch.testing.assert_close(got[0], want)
+    p = lisa_kernels.check_inputs(q, k, v, rpe, grid=(3, 4), num_extra=1, rpe_extra=rx)
+    if lisa_kernels.backend_reason("triton", p) is None:        # (the Triton interpreter: the op itself runs here)
+        ref = ops.triton_direct(q, k, v, rpe, rx, *targs)
+        assert [(a.shape, a.dtype) for a in got] == [(b.shape, b.dtype) for b in ref]
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
