@@ -155,8 +155,12 @@ def _pair_index(idx: torch.Tensor, TXP: int):
 
 @functools.lru_cache(maxsize=256)
 def _pair_steps(lay: Layout) -> Tuple[int, int]:
-    """(number of key-pair steps, number of query-pair steps): the copies of the two pair tables."""
-    ti = _token_index_cpu(lay)
+    """(number of key-pair steps, number of query-pair steps): the copies of the two pair tables. Constants of
+    the layout, computed on real CPU tensors even where the caller traces (a fake implementation under
+    torch.export, whose dispatch modes would make torch.unique data-dependent)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        ti = _token_index_cpu(lay)
     return len(ti[4]), len(ti[6])
 
 

@@ -16,7 +16,7 @@ multiplies them by ``phi(q) phi(k)^T`` and accumulates ``W v`` and ``sum_j W``. 
 backends.
 
 For programs that already hold the package's custom ops (``torch.export.export`` keeps them), see
-:func:`decomposition_table`.
+:func:`decomposition_table` and :func:`onnx_translation_table`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ._problem import Problem
 
-__all__ = ["KEY_BLOCK", "export_attention", "is_onnx_exporting", "decomposition_table", "CUSTOM_OPS"]
+__all__ = ["KEY_BLOCK", "export_attention", "is_onnx_exporting", "decomposition_table", "onnx_translation_table",
+           "CUSTOM_OPS"]
 
 KEY_BLOCK = 256
 """Keys per block of the exported form: its largest intermediate is (B, H, M, N, KEY_BLOCK) floats. Set it
@@ -230,3 +231,19 @@ def decomposition_table(base: Optional[Dict] = None) -> Dict:
     table[ops.direct_core.default] = _decomp_direct_core
     table[ops.fft_core.default] = _decomp_fft_core
     return table
+
+
+def onnx_translation_table() -> Dict:
+    """A ``custom_translation_table`` for ``torch.onnx.export`` that translates the package's forward custom ops
+    (:data:`CUSTOM_OPS`) into standard ONNX ops (opset 18; the form of :func:`export_attention`), for programs
+    that hold them::
+
+        ep = torch.export.export(model, (x,), dynamic_shapes=...)        # keeps lisa_kernels.direct_cpu, ...
+        onnx_program = torch.onnx.export(ep, dynamo=True,
+                                         custom_translation_table=lisa_kernels.export.onnx_translation_table())
+
+    For inference: outputs that only a backward reads are zeros (lisa_kernels._onnx_translation). Needs
+    onnxscript, which torch.onnx's exporter needs too."""
+    from . import _onnx_translation
+    ops = _ops()
+    return {getattr(ops, name).default: getattr(_onnx_translation, name) for name in CUSTOM_OPS}

@@ -9,6 +9,7 @@ import torch
 import lisa_kernels
 from lisa_kernels import export as lx
 from lisa_kernels._validate import check_inputs
+from lisa_kernels.direct import direct_cpu_built
 from lisa_kernels.nn import LiSAAttention
 
 # (grid, num_extra, M, options): the awkward corners of the operator
@@ -193,6 +194,80 @@ def test_decomposition_table_ops_directly():
         ref = ops.triton_direct(q, k, v, rpe, rx, *targs)
         assert [(a.shape, a.dtype) for a in got] == [(b.shape, b.dtype) for b in ref]
         torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+class _OpCall(torch.nn.Module):
+    """One forward custom op of the package called directly (what a torch.export program holds), its tables
+    as parameters; q, k, v (or features) are the inputs, with a dynamic batch."""
+
+    def __init__(self, name, rpe, rx, args):
+        super().__init__()
+        self.name, self.args = name, args
+        self.rpe = torch.nn.Parameter(rpe)
+        self.rx = None if rx is None else torch.nn.Parameter(rx)
+
+    def forward(self, q, k, v):
+        fn = getattr(torch.ops.lisa_kernels, self.name)
+        if self.name in ("direct_core", "fft_core"):
+            return fn(q, k, v, self.rpe, *self.args)[:2]                      # (num, den)
+        outs = fn(q, k, v, self.rpe, self.rx, *self.args)                      # (the rest: the backward's state)
+        return outs[0] if isinstance(outs, (tuple, list)) else outs
+
+
+@pytest.mark.parametrize("name,grid,E,M,options", [
+    ("direct_dense", (3, 4), 1, 2, dict(boundary="zero", causal=False)),
+    ("direct_cpu", (6,), 2, 1, dict(boundary="circular", causal=True, feature_map="relu")),
+    ("triton_direct", (2, 3, 2), 1, 2, dict(boundary="zero", causal=False)),
+    ("direct_core", (6,), 0, 1, dict(boundary="zero", causal=True)),
+    ("direct_core", (4, 3), 0, 2, dict(boundary="zero", causal=False)),
+    ("fft_core", (5,), 0, 2, dict(boundary="circular", causal=False)),
+    ("fft_core", (7,), 0, 1, dict(boundary="zero", causal=True)),
+])
+def test_onnx_translation_table(name, grid, E, M, options, tmp_path):
+    """Each forward custom op, held by a torch.export program, exported with the translation table: standard
+    ONNX ops only, and ONNX Runtime against eager at batch sizes other than the export's."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    q, k, v, rpe, rx = _inputs(grid, E, M, options, Dv=2 * M)
+    fm, boundary, causal = options.get("feature_map", "elu1"), options["boundary"], options["causal"]
+    if name in ("direct_core", "fft_core"):
+        # the cores' contract (lisa_kernels._compose): a linear table, causal-masked (-inf at negative offsets),
+        # or with circular=True (never causal) a circular one
+        args = [list(grid), causal] + ([boundary == "circular", "torch"] if name == "fft_core" else [])
+        q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+        if causal:
+            rpe[..., :grid[0] - 1] = float("-inf")
+    elif name == "triton_direct":
+        p = check_inputs(q, k, v, rpe, grid=grid, num_extra=E, rpe_extra=rx)
+        if lisa_kernels.backend_reason("triton", p) is not None:
+            pytest.skip(lisa_kernels.backend_reason("triton", p))
+        args = [list(grid), E, fm, True, 1e-6, causal, boundary, 0.8]
+    else:
+        args = [list(grid), E, fm, True, 1e-6, boundary, causal, 0.8]
+    if name == "direct_cpu" and not direct_cpu_built():
+        pytest.skip("the CPU extension is not built")
+    model = _OpCall(name, rpe, rx, args).eval()
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (q, k, v), dynamic_shapes=tuple({0: batch} for _ in range(3)))
+    assert _lisa_targets(ep) == [f"lisa_kernels.{name}.default"]
+    prog = torch.onnx.export(ep, dynamo=True, custom_translation_table=lx.onnx_translation_table(), verbose=False)
+    _check_standard(prog.model_proto)
+    path = tmp_path / "op.onnx"
+    prog.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for b in (1, 3):
+        x = [torch.randn(b, *t.shape[1:]) for t in (q, k, v)]
+        if name in ("direct_core", "fft_core"):
+            x[:2] = [torch.nn.functional.elu(t) + 1 for t in x[:2]]
+        with torch.no_grad():
+            want = model(*x)
+        want = want if isinstance(want, tuple) else (want,)
+        got = sess.run(None, {n: t.numpy() for n, t in zip(names, x)})
+        assert len(got) == len(want)
+        for g_, w_ in zip(got, want):
+            g_ = torch.from_numpy(g_)
+            assert g_.shape == w_.shape and (g_ - w_).abs().max().item() <= 1e-4 * w_.abs().max().item(), (name, b)
 
 
 @pytest.fixture(scope="module")
