@@ -429,8 +429,9 @@ def direct_dense_first(p: Problem) -> bool:
     """Whether ``backend="direct"`` runs ``p`` in the dense single-block form
     (:func:`lisa_kernels.ops.direct_dense_attention`): it fits (the (B, H, M, N, N) weights and the backward's three
     more tiles of that size fit in ``direct_block_bytes``: the blocked loop would run one block) and either the fused
-    CPU kernel cannot run it (a GPU, or no extension) or it is tiny, B H N^2 (Dk + Dv) at most the extension's ``dense_loop_max_work`` (its dense loop nest then takes a
-    forward a few microseconds sooner; a recorded call still runs the fused kernel)."""
+    CPU kernel cannot run it (a GPU, or no extension) or it is tiny, B H N^2 (Dk + Dv) at most the extension's
+    ``dense_loop_max_work`` (its dense loop nest then takes a forward a few microseconds sooner; a recorded call still
+    runs the fused kernel)."""
     itemsize = 8 if p.dtype == torch.float64 else 4
     pairs = p.B * p.H * p.N * p.N
     if not isinstance(pairs, int):      # a symbolic batch (torch.export, dynamic shapes): decide without a guard

@@ -1,8 +1,9 @@
 """Choosing a backend: the checks that say why one cannot run an input, and the cost model behind ``backend="auto"``.
 
 Each backend (a record of :mod:`lisa_kernels.backends`) has a *can-run* check that returns ``None`` or a one-line
-reason, and (for the fast exact paths) a time estimate from a small cost model whose constants are data (``cost_model.json``) per device
-class ("cpu", "sm_80" for A100-class GPUs, "sm_90" for H100-class; each says whether it was measured):
+reason, and (for the fast exact paths) a time estimate from a small cost model whose constants are data
+(``cost_model.json``) per device class ("cpu", "sm_80" for A100-class GPUs, "sm_90" for H100-class; each says
+whether it was measured):
 
     direct:  t = overhead + flops / flops_per_s,   flops = 2 B H Ng K (Dk + Dv + M)      (K keys per query)
     fft:     t = overhead + B H Dk (Dv + M) (s_per_plogp P log2 P + s_per_point Ng)    (P = prod of FFT sizes)

@@ -257,8 +257,8 @@ def _direct_cpu_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, drpe, drpe_extra); drpe_extra is empty when rpe_extra is None."""
     args = _direct_cpu_args(grid, num_extra, feature_map, normalize, eps, boundary, causal, scale)
-    grads = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv, grad_out,
-                                          *args)
+    grads = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out_c if out_c.numel() else out, inv,
+                                                  grad_out, *args)
     return tuple(grads)
 
 
@@ -298,7 +298,8 @@ class _DirectCPUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, rpe, rpe_extra, out, inv = ctx.saved_tensors
-        dq, dk, dv, drpe, drex = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out, inv, grad_out, *ctx.args)
+        dq, dk, dv, drpe, drex = _direct._C_DIRECT.direct_cpu_backward(q, k, v, rpe, rpe_extra, out, inv, grad_out,
+                                                                       *ctx.args)
         return dq, dk, dv, drpe, drex if rpe_extra is not None else None, None
 
 

@@ -303,7 +303,8 @@ def _count_calls(monkeypatch, module, name):
     ((5, 4), 3, 4, "circular", False), ((3, 4, 3), 1, 2, "zero", False), ((2, 3, 4), 0, 1, "circular", False),
 ], ids=str)
 def test_small_block_budget_direct(small_budgets, monkeypatch, grid, E, M, boundary, causal):
-    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)   # the blocked loop (the fused kernel: test_direct_cpu.py)
+    # the blocked loop (the fused kernel: test_direct_cpu.py)
+    monkeypatch.setattr(lisa_kernels.direct, "_C_DIRECT", None)
     matmuls = _count_calls(monkeypatch, torch, "matmul")
     inputs = make_inputs(grid, E=E, M=M, Dk=3, Dv=8, B=2, H=2, boundary=boundary, seed=27)
     assert_close_to_reference(inputs, "direct", 1e-9, grid=grid, num_extra=E, boundary=boundary, causal=causal)

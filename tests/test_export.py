@@ -317,3 +317,41 @@ def test_aotinductor_cpu(tmp_path):
         x = torch.randn(b, 10, 16)
         with torch.no_grad():
             torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_direct_under_export_decides_its_form_without_a_guard_on_the_batch():
+    """torch.export with a dynamic batch: the direct path chooses between its dense form and the fused CPU kernel
+    from what is statically known of the symbolic batch (no guard): the dense form while it fits the block budget
+    for every batch, else the fused kernel; both programs match eager at a batch the export did not use."""
+    if not direct_cpu_built():
+        pytest.skip("the CPU extension is not built (the fused kernel is the alternative to the dense form)")
+    grid, E = (3, 4), 1
+    N = E + math.prod(grid)
+    model = _Net(grid, E, 1, {}).eval()
+    model.attn.backend = "direct"
+    batch = torch.export.Dim("batch", max=16)        # B H N^2 (Dk + Dv) within the dense loop nest at every batch
+    x = torch.randn(3, N, 16)
+    forms = {}
+    for budget in (None, 1):                         # the default budget; one byte: nothing fits
+        old = lisa_kernels.set_config(direct_block_bytes=budget) if budget else None
+        try:
+            ep = torch.export.export(model, (torch.randn(2, N, 16),), dynamic_shapes=({0: batch},))
+        finally:
+            if old is not None:
+                lisa_kernels.set_config(direct_block_bytes=old.direct_block_bytes)
+        forms[budget] = _lisa_targets(ep)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    assert forms == {None: ["lisa_kernels.direct_dense.default"], 1: ["lisa_kernels.direct_cpu.default"]}, forms
+
+
+def test_direct_cpu_reason_off_the_cpu():
+    """The fused CPU kernel's check names the device it cannot run on; a circular Problem's table shape is S per
+    axis."""
+    import dataclasses
+    from lisa_kernels.direct import direct_cpu_reason
+    q, k, v, rpe, rx = _inputs((3, 4), 1, 1, dict(boundary="circular"))
+    p = check_inputs(q, k, v, rpe, grid=(3, 4), num_extra=1, rpe_extra=rx, boundary="circular")
+    assert p.rpe_table_shape == (3, 4)
+    assert direct_cpu_reason(dataclasses.replace(p, device=torch.device("cuda", 0))) == \
+        "inputs are on cuda:0, not the CPU"

@@ -215,3 +215,23 @@ def test_predicted_is_the_bound_at_the_gpus_clock(tmp_path):
         assert r["predicted_ms"] == pytest.approx(bound * seconds_per_cycle_1k)
         assert r["measured_ms"] == pytest.approx(measured)
         assert r["measured_over_predicted"] == pytest.approx(measured / (bound * seconds_per_cycle_1k))
+
+
+def test_env_reads_the_max_sm_clock(monkeypatch):
+    """gpu_check env's SM clock (what predict.py turns cycles into time at): nvidia-smi's first line, or None where
+    nvidia-smi is missing or prints no number."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    def smi(out=None, exc=None):
+        def run(*args, **kwargs):
+            if exc is not None:
+                raise exc
+            return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+        return run
+    monkeypatch.setattr(gpu_check.subprocess, "run", smi("1980\n1980\n"))
+    assert gpu_check._max_sm_clock_mhz() == 1980.0
+    monkeypatch.setattr(gpu_check.subprocess, "run", smi("[N/A]\n"))
+    assert gpu_check._max_sm_clock_mhz() is None
+    monkeypatch.setattr(gpu_check.subprocess, "run", smi(exc=FileNotFoundError("nvidia-smi")))
+    assert gpu_check._max_sm_clock_mhz() is None
