@@ -16,7 +16,7 @@ from ._problem import Problem
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where every pair of tokens reads its weight in the extended (.., TXP) table, and how the table gradient's
-    walkers (:func:`lisa_kernels.triton_direct_kernels._bwd_walk_kernel`) lay out the grid tokens.
+    walkers (:func:`lisa_kernels.triton_table_grad_kernels._bwd_walk_kernel`) lay out the grid tokens.
 
     Grid token with coordinates y: a = (y1 W2 + y2) W3 + y3 (W = 2S - 1), C = a of the last token.
       grid query AIX = a + C, grid key NBX = -a        -> entry a_i - a_j + C, the linear table [0, T)

@@ -1,6 +1,7 @@
 """Host side of ``backend="triton"``: the launch configs (autotuned on a GPU, spilling ones pruned) and the forward
-/ backward launches of the kernels in :mod:`lisa_kernels.triton_direct_kernels`, whose docstring has the math; the
-table layout and token indices they read are :mod:`lisa_kernels._triton_layout`'s.
+/ backward launches of the kernels in :mod:`lisa_kernels.triton_direct_kernels` (whose docstring has the math) and
+:mod:`lisa_kernels.triton_table_grad_kernels` (the table gradient's); the table layout and token indices they
+read are :mod:`lisa_kernels._triton_layout`'s.
 
 Forward: ``_prep_kernel`` (features, padded values, the pair table of key pairs) then ``_fwd_kernel``.
 Backward: ``_bwd_prep_kernel`` (also the pair table of query pairs); ``_bwd_dkv_kernel``, ``_bwd_dq_kernel`` and
@@ -146,9 +147,8 @@ def _grad_dtype(mode: int) -> torch.dtype:
 if HAS_TRITON:
     from ._triton_compat import patch_interpreter
     patch_interpreter()          # Triton 3.6's interpreter and NumPy >= 2.4: runtime loop bounds (see there)
-    from .triton_direct_kernels import (_bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_kernel, _bwd_prep_kernel,
-                                        _bwd_walk_kernel, _fwd_kernel, _prep_kernel, _table_fold_kernel,
-                                        _table_grad_kernel)
+    from .triton_direct_kernels import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_prep_kernel, _fwd_kernel, _prep_kernel
+    from .triton_table_grad_kernels import _bwd_extra_kernel, _bwd_walk_kernel, _table_fold_kernel, _table_grad_kernel
 
 
 # ---------------------------------------------------------------- launch configurations
