@@ -115,16 +115,18 @@ BF16_SHAPES = False    # tests: the bf16 dot mode's code shapes (gd through a do
                        # per walker, the forward's table layout R16) at any mode
 
 
-def _gd_dot(mode: int, kind: str = "extra", MC: int = 4, DKP: int = 64) -> bool:
+def _gd_dot(mode: int, gpu: Optional[GPU], kind: str = "extra", MC: int = 4, DKP: int = 64) -> bool:
     """Whether kernel ``kind`` ("dkv", "dq", "walk", "extra") adds gd to dW' = g' v^T through a 16-deep ones dot
-    (bf16 dots only) rather than one add per pair. Chosen by the loop's bound on sm_90a (benchmarks/kernel_report.py,
-    both Triton versions): with one or two groups per program the loops are tensor-bound, and the dot's 16 extra
-    depth costs 7.8 tensor cycles per 1k pairs and group where the add costs issue cycles they have to spare; with
-    four they are issue-bound and the dot is the cheaper. dK/dV with two groups at head dims over 64 spills with the
-    add (triton 3.8), so it keeps the dot. The extra-token sums (O(N E) pairs) keep the dot."""
+    (bf16 dots only) rather than one add per pair. Chosen by the loops' bound (benchmarks/kernel_report.py, both
+    Triton versions, every target): with one or two groups per program the loops are tensor-bound, and the dot's 16
+    extra depth costs 7.8 tensor cycles per 1k pairs and group (sm_90a) where the add costs issue cycles they have
+    to spare; with four they are issue-bound and the dot is the cheaper. So is every loop on datacenter Blackwell
+    (tcgen05: twice Hopper's matrix rate), which keeps the dot. dK/dV with two groups at head dims over 64 spills
+    with the add (triton 3.8), so it keeps the dot. The extra-token sums (O(N E) pairs) keep the dot."""
     if mode != 0 and not BF16_SHAPES:
         return False
-    return kind == "extra" or MC > 2 or (kind == "dkv" and MC == 2 and DKP > 64)
+    return (kind == "extra" or MC > 2 or (kind == "dkv" and MC == 2 and DKP > 64)
+            or _matrix_family(gpu) == "tcgen05")
 
 
 def _walk_groups(mode: int) -> int:
@@ -523,15 +525,15 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dkv = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, K=k, RQ=rq, AI2=ti.AI2, NBX=nbx, DKB=dk, DV=dv, **_strides("k", k),
                sdc=sdc, sdb=dk.stride(-4), sdh=dk.stride(-3), sdn=dk.stride(-2),
                sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), sdvd=dv.stride(3),
-               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"], "dkv", c["MC"], c["DKP"]),
+               H=H, N=N, DK=Dk, FEATURE=feature, NDQ=ndq, GD_DOT=_gd_dot(c["MODE"], gpu, "dkv", c["MC"], c["DKP"]),
                **c)
     dqa = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, GD=gd, MX=mx, Q=q, R=r, AIX=aix, NB2=ti.NB2, DQ=dq,
                **_strides("q", q), sdc=sdc, sdb=dq.stride(-4), sdh=dq.stride(-3), sdn=dq.stride(-2),
                H=H, N=N, DK=Dk, scale=p.scale, eps=p.eps, FEATURE=feature, NORMALIZE=p.normalize,
-               NDK=ndk, GD_DOT=_gd_dot(c["MODE"], "dq", c["MC"], c["DKP"]), **c)
+               NDK=ndk, GD_DOT=_gd_dot(c["MODE"], gpu, "dq", c["MC"], c["DKP"]), **c)
     n_walk = (2 * lay.TW - 1) * lay.LW
     scr = torch.empty(H * chunks * c["MCP"], n_walk, WALK_TILE, WALK_TILE, device=q.device, dtype=torch.float32)
-    gd_dot = _gd_dot(c["MODE"], "walk", c["MC"], c["DKP"])
+    gd_dot = _gd_dot(c["MODE"], gpu, "walk", c["MC"], c["DKP"])
     mcw = min(c["MC"], _walk_groups(c["MODE"]))
     walk = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, WIX=wix, SCR=scr, B=B, H=H, n_walk=n_walk,
                 M=p.M, MC=c["MC"], MCP=c["MCP"], MCW=mcw, BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TW=lay.TW,
@@ -561,7 +563,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
         ex = dict(FQ=fq, FK=fk, VP=vp, GP=gp, GDX=gdx, R=r, AIX=aix, NBX=nbx, SX=sx, N=N, H=H, M=p.M, MC=c["MC"],
                   MCP=c["MCP"], BLOCK_G=c["BLOCK_G"], DKP=c["DKP"], NPAD=lay.NPAD, TXP=lay.TXP, NDK=ndk, E=lay.E,
                   EP=max(16, triton.next_power_of_2(lay.E)), KIND0=not identity0, MODE=c["MODE"], ISA=c["ISA"],
-                  GD_DOT=_gd_dot(c["MODE"]), BLOCK=EXTRA_BLOCK)
+                  GD_DOT=_gd_dot(c["MODE"], gpu), BLOCK=EXTRA_BLOCK)
         launches.append(Launch("bwd_extra", _bwd_extra_kernel, ex, (B * H, chunks, nt)))
     launches.append(Launch("table_fold", _table_fold_kernel, fold, (n_fold + (H * p.M if extra else 0),), warps=8))
     if not final:             # circular tables: each entry sums linear offsets that different folds wrote
