@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import direct, fft
+from . import direct, fft, flex
 from ._compose import compose
 from ._problem import Problem
 from .cuda_fft import cuda_reason
@@ -45,6 +45,9 @@ class Backend:
     how:          ``how(p)``: which of its implementations runs ``p`` (explain()), where it has a choice.
     cpu_factor:   ``cpu_factor(p, backward)``: a factor on its estimate in the CPU class, for where its compiled
                   code does not run (the CPU constants are fitted to it).
+    grad_reason:  ``grad_reason(p)``: None where it has a backward for ``p`` (None: everywhere it runs), else a
+                  one-line reason: its forward runs, a gradient asked of it raises NotImplementedError with the
+                  reason, and ``auto`` does not pick it where gradients are needed.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Backend:
     gpu_kernels: str = ""
     how: Optional[Callable[[Problem], str]] = None
     cpu_factor: Optional[Callable[[Problem, bool], float]] = None
+    grad_reason: Optional[Callable[[Problem], Optional[str]]] = None
 
 
 def runs_anywhere(p: Problem) -> Optional[str]:
@@ -102,6 +106,9 @@ REGISTRY: Tuple[Backend, ...] = (
             _fft_path(triton_fft_core), form="fft", cost="triton-fft", auto=2, gpu_kernels="triton"),
     Backend("cuda", "the fft path with the compiled extension's fused CUDA passes around cuFFT", cuda_reason,
             _fft_path(cuda_fft_core), form="fft", cost="cuda", auto=0, gpu_kernels="cuda"),
+    Backend("flex", "the direct form through PyTorch's FlexAttention: the log-weights as a score_mod on "
+            "log(phi(q).phi(k)), causal as a block mask", flex.flex_reason, flex.flex_attention_lisa, form="direct",
+            cost="flex", auto=5, grad_reason=flex.flex_grad_reason),
 )
 
 NAMES: Tuple[str, ...] = tuple(b.name for b in REGISTRY)

@@ -206,7 +206,10 @@ def explain_problem(p: Problem, backward: bool, details: bool = True) -> Explana
     estimates = {}
     for name in EXPLAIN_ORDER:
         how = BY_NAME[name].how
-        estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), backend_reason(name, p),
+        reason = backend_reason(name, p)
+        if reason is None and backward and BY_NAME[name].grad_reason is not None:
+            reason = BY_NAME[name].grad_reason(p)
+        estimates[name] = Estimate(name, estimate_seconds(name, p, backward, cls), reason,
                                    how(p) if details and how is not None else "")
     runnable = [n for n in AUTO_CANDIDATES if estimates[n].reason is None]
     modelled = [n for n in runnable if estimates[n].seconds is not None]

@@ -6,7 +6,8 @@ For every record, on the CPU (and on a CUDA GPU where torch sees one):
   cost model and docs/backends.md's table all agree with the registry;
 * its can-run check answers None or one line;
 * forward and every gradient against ``backend="reference"``, in float64 and float32, wherever it can run
-  (a skip names its reason);
+  (a skip names its reason); where its ``grad_reason`` says it has no backward (flex on the CPU), the forward,
+  and a gradient asked of it raises NotImplementedError with that reason;
 * ``torch.compile(fullgraph=True)`` of a call (dynamo and AOTAutograd through its ops) matches eager.
 
 Elsewhere, from the same list: bad inputs are refused before any backend runs, for every name
@@ -42,6 +43,12 @@ def _problem(dtype, device):
     x = {n: None if t is None else t.to(device) for n, t in x.items()}
     p = lisa_kernels.check_inputs(x["q"], x["k"], x["v"], x["rpe"], grid=GRID, num_extra=E, rpe_extra=x["rpe_extra"])
     return x, p
+
+
+def _grad_reason(name, dtype, device):
+    """Why the backend has no backward for the small problem (None: it has one)."""
+    check = backends.BY_NAME[name].grad_reason
+    return None if check is None else check(_problem(dtype, device)[1])
 
 
 def _runs_or_skip(name, dtype, device):
@@ -123,9 +130,16 @@ def test_can_run_check_answers_none_or_one_line(name, dtype, device):
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_the_reference(name, dtype, device):
     _runs_or_skip(name, dtype, device)
-    inputs = {n: None if t is None else t.detach().to(device).requires_grad_()
+    grad_reason = _grad_reason(name, dtype, device)
+    inputs = {n: None if t is None else t.detach().to(device).requires_grad_(grad_reason is None)
               for n, t in make_inputs(GRID, E=E, M=M, Dk=4, Dv=4, dtype=dtype, seed=7).items()}
     assert_close_to_reference(inputs, name, TOL[dtype], grid=GRID, num_extra=E)
+    if grad_reason is not None:       # forward only here: the forward runs, a gradient asked of it raises
+        leaves = {n: None if t is None else t.requires_grad_() for n, t in inputs.items()}
+        out = lisa_kernels.lisa_attention(*(leaves[n] for n in ("q", "k", "v", "rpe")), grid=GRID, num_extra=E,
+                                          rpe_extra=leaves["rpe_extra"], backend=name)
+        with pytest.raises(NotImplementedError, match=re.escape(grad_reason)):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,10 +157,12 @@ def test_compiles_without_graph_breaks(name, device):
         return lisa_kernels.lisa_attention(q, k, v, rpe, grid=GRID, num_extra=E, rpe_extra=rpe_extra, backend=name)
 
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    backward = _grad_reason(name, dtype, device) is None          # (else forward only)
     results = []
     for fn in (compiled, attend):
-        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        leaves = {n: t.clone().requires_grad_(backward) for n, t in x.items()}
         out = fn(**leaves)
-        results.append([out] + list(torch.autograd.grad(out.square().sum(), list(leaves.values()))))
+        results.append([out] + (list(torch.autograd.grad(out.square().sum(), list(leaves.values())))
+                                if backward else []))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,255 @@
+"""``backend="flex"``: the operator through PyTorch's FlexAttention (``torch.nn.attention.flex_attention``).
+
+A pair's weight is a softmax term: ``W^m_ij = A_ij exp(L^m_ij) = exp(log A_ij + L^m_ij)``. So, for each group m
+(a head of FlexAttention: heads become ``H*M``, with ``phi(scale q)`` and ``phi(k)`` repeated per group and ``v``
+split by group)::
+
+    score_ij = log(phi(scale q_i) . phi(k_j)) + L^m_ij              a score_mod on FlexAttention's q.k (scale 1)
+    out_i    = sum_j softmax_j(score_i.) v_j = sum_j W_ij v_j / sum_j W_ij
+
+and the options become:
+
+    eps > 0          one virtual key after the N real ones, score log(eps), value 0: it adds eps to the sum
+    normalize=False  out_i * exp(lse_i), from the log-sum-exp FlexAttention returns; where it returns none (its
+                     compiled CPU kernel) one virtual key of weight w_i = exp(max L) phi(q_i) . mean_j phi(k_j)
+                     and a ones channel give O = [num, w] / (den + w), so num = O[:Dv] w / O[Dv]
+                     (w >= den / N, so O[Dv] >= 1 / (N + 1): no precision lost)
+    causal           a block mask (j <= i, and the virtual key), so that masked blocks are skipped
+    circular         the table expanded to the zero boundary's 2S-1 entries per axis (a gather, differentiable)
+
+``L^m_ij`` is one gather from a flat table per head and group: the grid table, then ``rpe_extra``'s three
+entries, then the virtual key's. A grid pair's entry is ``c0 + lin(p_i) - lin(p_j)`` (``lin``: a token's
+position dotted with the flat table's strides; ``c0 = T0 // 2``, the entry of offset 0, T0 = prod(2S-1)), so the
+score_mod reads one small int32 vector per token.
+
+The function FlexAttention compiles is cached per shape (``torch.compile(dynamic=False)``, under its own
+recompile limit). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
+captured buffer); its compiled CPU kernel has none, so on the CPU the forward runs and asking for a gradient
+raises ``NotImplementedError`` (:func:`flex_grad_reason`; ``auto`` never picks it there for training).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from ._problem import Problem
+from .reference import feature_map
+
+__all__ = ["flex_reason", "flex_grad_reason", "flex_attention_lisa", "COMPILE"]
+
+# False: run FlexAttention eagerly (PyTorch's math implementation of the same score_mod): the tests use it to
+# check the gradients on the CPU, where the compiled kernels have no backward
+COMPILE = True
+# distinct shapes compiled before dynamo falls back to eager (its default, 8, is one model's worth)
+_RECOMPILE_LIMIT = 64
+# whether FlexAttention's compiled CPU kernel can run here (read once: dynamo does not trace the check)
+_CPU_AVX2 = torch.cpu._is_avx2_supported()
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:         # pragma: no cover (torch >= 2.5 has it; the package needs 2.11)
+        return None
+    return module
+
+
+def flex_reason(p: Problem) -> Optional[str]:
+    """None if FlexAttention can run ``p`` (forward), else why not."""
+    if _flex_module() is None:    # pragma: no cover
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    if p.dtype == torch.float64:
+        return "FlexAttention's kernels take float16, bfloat16 and float32, not float64 (use 'direct' or 'fft')"
+    if p.device.type == "cpu" and COMPILE and not _CPU_AVX2:
+        return "FlexAttention's compiled CPU kernel needs a CPU with AVX2"
+    if p.device.type not in ("cpu", "cuda"):
+        return f"FlexAttention runs on CPU and CUDA (ROCm) devices, not {p.device.type}"
+    return None
+
+
+def flex_grad_reason(p: Problem) -> Optional[str]:
+    """None if gradients of ``p`` can be had through FlexAttention, else why not (its forward still runs)."""
+    if p.device.type == "cpu" and COMPILE:
+        return ("FlexAttention has no backward on the CPU (its compiled CPU kernel is inference only): use "
+                "backend='direct' or 'auto' to train on a CPU")
+    return None
+
+
+def _min_head_dim(device: torch.device) -> int:
+    """The narrowest head dim FlexAttention takes on ``device``: its GPU kernels' dots need 16 (narrower ones are
+    zero-padded, which is exact), its CPU kernel any."""
+    return 1 if device.type == "cpu" else 16
+
+
+# ---------------------------------------------------------------- the log-weight table and the token index
+
+def _zero_form(rpe: torch.Tensor, p: Problem) -> torch.Tensor:
+    """``rpe`` with 2S-1 entries per axis: a circular table (S entries, offset delta at delta mod S) expanded."""
+    if p.boundary != "circular":
+        return rpe
+    for axis, s in enumerate(p.grid):
+        index = torch.remainder(torch.arange(-(s - 1), s, device=rpe.device), s)
+        rpe = rpe.index_select(2 + axis, index)
+    return rpe
+
+
+def _table(rpe, rpe_extra, p: Problem, virtual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The flat log-weights per head and group, (H*M, T): the grid table (zero form), then rpe_extra's three
+    entries (0 without it), then the virtual key's (if any)."""
+    grid = _zero_form(rpe, p).reshape(p.H * p.M, -1)
+    extra = rpe_extra.reshape(p.H * p.M, 3) if rpe_extra is not None else grid.new_zeros(p.H * p.M, 3)
+    parts = [grid, extra.to(grid.dtype)] + ([virtual.reshape(-1, 1).to(grid.dtype)] if virtual is not None else [])
+    return torch.cat(parts, dim=1)
+
+
+def _token_lin(p: Problem, nk: int, device) -> torch.Tensor:
+    """lin(p_t) for every token (0 for extra and virtual tokens): position dotted with the flat table's strides,
+    so that a grid pair's entry is c0 + lin_i - lin_j."""
+    strides, stride = [], 1
+    for s in reversed(p.grid):
+        strides.append(stride)
+        stride *= 2 * s - 1
+    strides.reverse()
+    lin = torch.zeros(nk, dtype=torch.int32, device=device)
+    n = torch.arange(p.num_grid, device=device)
+    grid_lin = torch.zeros_like(n)
+    tail = p.num_grid
+    for s, st in zip(p.grid, strides):
+        tail //= s
+        grid_lin += (n // tail % s) * st
+    lin[p.num_extra:p.N] = grid_lin.to(torch.int32)
+    return lin
+
+
+def _score_mod(table, lin, E: int, N: int, T0: int, virtual: str):
+    """score_ij = log(s_ij) + table[h, entry(i, j)], s_ij = phi(q_i) . phi(k_j) >= 0.
+
+    log is taken as where(s > 0, log(where(s > 0, s, 1)), -inf), so that a zero kernel (relu) gives weight 0 and
+    a zero gradient (not 0 * inf). The virtual key (index N): score table[h, T0 + 3] ("eps"), or log(s) plus it
+    ("w": its key is mean phi(k))."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        qe, ke = q_idx < E, kv_idx < E
+        entry = T0 + torch.where(qe, torch.where(ke, 2, 0), 1)                     # pairs with an extra token
+        entry = torch.where(qe | ke, entry, lin[q_idx] - lin[kv_idx] + (T0 // 2))  # grid pairs: c0 = T0 // 2
+        if virtual != "none":
+            entry = torch.where(kv_idx == N, T0 + 3, entry)
+        positive = score > 0
+        log_s = torch.where(positive, torch.log(torch.where(positive, score, 1.0)), -float("inf"))
+        logw = table[h, entry]
+        if virtual == "eps":
+            return torch.where(kv_idx == N, logw, log_s + logw)
+        return log_s + logw
+    return score_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(n: int, nk: int, device: torch.device):
+    """Keys j <= i, and the virtual key (index n) where there is one: whole masked blocks are skipped."""
+    module = _flex_module()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx >= n)
+    return module.create_block_mask(mask_mod, None, None, n, nk, device=device)
+
+
+# ---------------------------------------------------------------- calling FlexAttention
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    return torch.compile(_flex_module().flex_attention, dynamic=False, fullgraph=True)
+
+
+def _call_flex(q, k, v, score_mod, block_mask=None, return_lse: bool = False, scale: Optional[float] = 1.0):
+    """FlexAttention, compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile."""
+    module = _flex_module()
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=return_lse)
+    if not COMPILE or torch.compiler.is_compiling():
+        return module.flex_attention(q, k, v, **kwargs)
+    dynamo_config = torch._dynamo.config
+    limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
+    limits = {k_: v_ for k_, v_ in limits.items() if hasattr(dynamo_config, k_)}
+    with dynamo_config.patch(**limits):
+        return _compiled()(q, k, v, **kwargs)
+
+
+class _NoBackward(torch.autograd.Function):
+    """The identity on ``out``, whose backward raises: the CPU forward, computed without autograd, still records
+    that gradients were asked of it."""
+
+    @staticmethod
+    def forward(ctx, reason, out, *inputs):
+        ctx.reason = reason
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"backend='flex': {ctx.reason}")
+
+
+def flex_attention_lisa(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
+    """LiSA attention through FlexAttention (the module docstring has the math); (B, H, N, Dv) in q's dtype."""
+    inputs = [t for t in (q, k, v, rpe, rpe_extra) if t is not None]
+    grad_reason = flex_grad_reason(p)
+    if grad_reason is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        with torch.no_grad():
+            out = _flex_forward(q, k, v, rpe, rpe_extra, p)
+        return _NoBackward.apply(grad_reason, out, *[t for t in inputs if t.requires_grad])
+    return _flex_forward(q, k, v, rpe, rpe_extra, p)
+
+
+def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
+    B, H, N, M, E = p.B, p.H, p.N, p.M, p.num_extra
+    G = p.Dv // M
+    dtype = q.dtype
+    use_lse = not p.normalize and not (p.device.type == "cpu" and COMPILE)
+    virtual = "eps" if p.normalize and p.eps > 0 else ("w" if not p.normalize and not use_lse else "none")
+    nk = N + (virtual != "none")
+
+    def per_group(x):                          # (B, H, n, D) -> (B, H*M, n, D), the same for every group
+        return x if M == 1 else x[:, :, None].expand(B, H, M, *x.shape[2:]).reshape(B, H * M, *x.shape[2:])
+
+    qf = feature_map(q.float() * p.scale, p.feature_map)
+    kf = feature_map(k.float(), p.feature_map)
+    vg = v.reshape(B, H, N, M, G).transpose(2, 3).reshape(B, H * M, N, G)
+    table_extent = math.prod([2 * s - 1 for s in p.grid])
+    virtual_logw = None
+    if virtual == "eps":
+        virtual_logw = rpe.new_full((H * M,), math.log(p.eps), dtype=torch.float32)
+        kf = torch.cat([kf, kf.new_zeros(B, H, 1, p.Dk)], dim=2)
+        vg = torch.cat([vg, vg.new_zeros(B, H * M, 1, G)], dim=2)
+    table = _table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p, virtual_logw)
+    if virtual == "w":
+        # weight of the virtual key: w_i = exp(max L) phi(q_i) . mean_j phi(k_j), so that w_i >= den_i / N
+        table = torch.cat([table, table.amax(dim=1, keepdim=True)], dim=1)
+        kf = torch.cat([kf, kf.mean(dim=2, keepdim=True)], dim=2)
+        vg = torch.cat([torch.cat([vg, vg.new_zeros(B, H * M, N, 1)], dim=3),
+                        torch.cat([vg.new_zeros(B, H * M, 1, G), vg.new_ones(B, H * M, 1, 1)], dim=3)], dim=2)
+    qf, kf = per_group(qf.to(dtype)), per_group(kf.to(dtype))
+    least = _min_head_dim(q.device)          # zero features add nothing to q.k; zero value channels are dropped
+    pad_k, pad_v = max(0, least - p.Dk), max(0, least - vg.shape[-1])
+    if pad_k:
+        qf, kf = torch.nn.functional.pad(qf, (0, pad_k)), torch.nn.functional.pad(kf, (0, pad_k))
+    if pad_v:
+        vg = torch.nn.functional.pad(vg, (0, pad_v))
+    lin = _token_lin(p, nk, q.device)
+    score_mod = _score_mod(table, lin, E, N, table_extent, virtual)
+    block_mask = _causal_block_mask(N, nk, q.device) if p.causal else None
+    result = _call_flex(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod, block_mask, use_lse)
+    out, lse = result if use_lse else (result, None)
+    out = out[..., :out.shape[-1] - pad_v]
+    if use_lse:                              # normalize=False: the numerator, O * sum_j W_ij
+        out = out.float() * torch.exp(lse)[..., None]
+    elif virtual == "w":
+        s = (qf[..., :p.Dk].float() @ kf[:, :, N, :p.Dk].float()[..., None])[..., 0]      # phi(q_i) . mean phi(k)
+        w = torch.exp(table[:, -1]).view(1, H * M, 1) * s
+        out = torch.where((w > 0)[..., None], out[..., :G].float() * (w / out[..., G].float())[..., None], 0.0)
+    if p.normalize and p.eps == 0:           # a row of zero weights is 0 / 0, as the formula says (relu)
+        kf_real = kf[:, :, :N, :p.Dk].float()
+        seen = kf_real.cumsum(dim=2) if p.causal else kf_real.sum(dim=2, keepdim=True)
+        empty = (qf[..., :p.Dk].float() * seen).sum(-1) == 0
+        out = torch.where(empty[..., None], float("nan"), out.float())
+    return out.to(dtype).reshape(B, H, M, N, G).transpose(2, 3).reshape(B, H, N, p.Dv)

@@ -1,0 +1,214 @@
+"""backend="flex" (lisa_kernels/flex.py: the operator through PyTorch's FlexAttention) against the reference.
+
+* Seeded random configurations (1D/2D/3D grids from one token, extra tokens with and without ``rpe_extra``, both
+  boundaries, causal, M in {1, 2, 4}, head dims from 1 with Dk != Dv, both feature maps, normalize on and off, eps
+  from 0, the q scale), forward and every gradient, through FlexAttention's eager implementation (PyTorch's math
+  path of the same score_mod, block mask and virtual key). Its CPU guard against gradients is lifted for this:
+  on a GPU the compiled kernels differentiate the same function.
+* The compiled CPU kernel (forward only) on random configurations, the log-sum-exp-free ``normalize=False`` route
+  it takes included; float16 and bfloat16 judged like FlashAttention judges them.
+* On the CPU a gradient raises NotImplementedError, ``auto`` never picks flex for training, and the compiled
+  function is cached per shape. On a CUDA GPU: forward and gradients of the compiled kernels.
+
+Normalized LiSA does not change when a query's features (Dk = 1) are scaled, so some q gradients are O(eps) by
+construction: a gradient passes if its relative error is within TOL, or within twice that of the reference
+evaluated in float32 (as tests/test_triton_random.py judges the Triton kernels).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import lisa_kernels
+from lisa_kernels import flex
+from lisa_test_utils import cast_inputs, errors, forward_backward, make_inputs
+
+SEED = int(os.environ.get("LISA_RANDOM_SEED", "23"))
+COUNT = int(os.environ.get("LISA_RANDOM_CONFIGS", "24"))
+TOL = 1e-4
+
+
+def _draw(rng: random.Random) -> dict:
+    dims = rng.choice([1, 1, 2, 2, 3])
+    grid = {1: lambda: (rng.randint(1, 40),), 2: lambda: (rng.randint(1, 6), rng.randint(1, 7)),
+            3: lambda: (rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4))}[dims]()
+    E, M = rng.choice([0, 0, 1, 2]), rng.choice([1, 1, 2, 4])
+    normalize = rng.random() < 0.75
+    return dict(grid=grid, E=E, rpe_extra=E > 0 and rng.random() < 0.8, M=M, Dk=rng.choice([1, 2, 3, 8]),
+                Dv=M * rng.choice([1, 2, 5]), boundary=rng.choice(["zero", "circular"]),
+                causal=dims == 1 and rng.random() < 0.4, normalize=normalize,
+                eps=rng.choice([0.0, 1e-6, 1e-6, 0.25]) if normalize else 1e-6,
+                feature_map=rng.choice(["elu1", "relu"]), scale=rng.choice([1.0, 1.0, 0.5, 1.7]),
+                B=rng.choice([1, 2]), H=rng.choice([1, 2]), seed=rng.randrange(1 << 30))
+
+
+def _configs(count=COUNT, seed=SEED):
+    rng = random.Random(seed)
+    return [_draw(rng) for _ in range(count)]
+
+
+def _id(c):
+    g = "x".join(map(str, c["grid"]))
+    return (f"g{g}-E{c['E']}{'x' if c['rpe_extra'] else ''}-M{c['M']}-Dk{c['Dk']}-Dv{c['Dv']}-{c['boundary'][:4]}"
+            f"{'-causal' if c['causal'] else ''}{'' if c['normalize'] else '-unnorm'}-eps{c['eps']:g}"
+            f"-{c['feature_map']}-s{c['scale']}-B{c['B']}H{c['H']}")
+
+
+def _inputs(cfg, dtype=torch.float64, requires_grad=True):
+    x = make_inputs(cfg["grid"], E=cfg["E"], M=cfg["M"], Dk=cfg["Dk"], Dv=cfg["Dv"], B=cfg["B"], H=cfg["H"],
+                    boundary=cfg["boundary"], rpe_extra=cfg["rpe_extra"], seed=cfg["seed"])
+    return cast_inputs(x, dtype, requires_grad)
+
+
+def _options(cfg):
+    return dict(grid=cfg["grid"], num_extra=cfg["E"], boundary=cfg["boundary"], causal=cfg["causal"],
+                normalize=cfg["normalize"], eps=cfg["eps"], feature_map=cfg["feature_map"], scale=cfg["scale"])
+
+
+def _judge(cfg, got, reference64, reference32):
+    """Each error within TOL, or within twice the float32 reference's; NaN where the reference has NaN (relu rows
+    of zero weight with eps = 0: 0 / 0, as the formula says)."""
+    nan = {n: torch.isnan(t) for n, t in [("out", reference64[0])] + list(reference64[1].items())}
+    nan_got = {n: torch.isnan(t) for n, t in [("out", got[0])] + list(got[1].items())}
+    assert torch.equal(nan["out"], nan_got["out"]), "NaN rows differ from the reference's"
+    if nan["out"].any():                    # NaN rows poison their gradients: compare the rest
+        return
+    errs, base = errors(got, reference64), errors(reference32, reference64)
+    bad = {n: (e, base[n]) for n, e in errs.items() if not (e <= TOL or e <= 2 * base[n])}
+    assert not bad, f"{_id(cfg)}: (error, float32 reference's) over the bound: {bad}"
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention uncompiled (PyTorch's math implementation), with its CPU guard against gradients lifted."""
+    import torch.nn.attention.flex_attention as flex_module
+    monkeypatch.setattr(flex, "COMPILE", False)
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # "flex_attention called without torch.compile()"
+        yield
+
+
+@pytest.mark.parametrize("cfg", _configs(), ids=_id)
+def test_random_config_forward_and_gradients(cfg, eager_flex):
+    x = _inputs(cfg)
+    opts = _options(cfg)
+    upstream = torch.randn(x["v"].shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1),
+                           dtype=torch.float64)
+    reference64 = forward_backward(x, "reference", upstream, **opts)
+    x32 = cast_inputs(x, torch.float32)
+    reference32 = forward_backward(x32, "reference", upstream, **opts)
+    got = forward_backward(cast_inputs(x, torch.float32), "flex", upstream, **opts)
+    _judge(cfg, got, reference64, reference32)
+
+
+@pytest.mark.parametrize("cfg", _configs(count=6, seed=SEED + 1), ids=_id)
+def test_compiled_cpu_forward(cfg):
+    """The compiled CPU kernel (what users get on a CPU), normalize=False by its own route (no log-sum-exp)."""
+    x = _inputs(cfg, requires_grad=False)
+    opts = _options(cfg)
+    reference64 = forward_backward(x, "reference", **opts)
+    reference32 = forward_backward(cast_inputs(x, torch.float32, False), "reference", **opts)
+    got = forward_backward(cast_inputs(x, torch.float32, False), "flex", **opts)
+    _judge(cfg, got, reference64, reference32)
+
+
+def test_compiled_cpu_unnormalized_causal_with_extra_tokens():
+    cfg = dict(grid=(37,), E=2, rpe_extra=True, M=2, Dk=5, Dv=6, boundary="zero", causal=True, normalize=False,
+               eps=1e-6, feature_map="elu1", scale=0.8, B=2, H=2, seed=5)
+    x = _inputs(cfg, requires_grad=False)
+    reference = forward_backward(x, "reference", **_options(cfg))
+    got = forward_backward(cast_inputs(x, torch.float32, False), "flex", **_options(cfg))
+    assert errors(got, reference)["out"] <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_within_a_multiple_of_pytorchs_error(dtype):
+    """Like FlashAttention's tests: error against float64 at most 3x that of the reference computed in ``dtype``."""
+    cfg = dict(grid=(6, 7), E=1, rpe_extra=True, M=2, Dk=16, Dv=16, boundary="zero", causal=False, normalize=True,
+               eps=1e-6, feature_map="elu1", scale=0.25, B=2, H=2, seed=11)
+    x = _inputs(cfg, requires_grad=False)
+    opts = _options(cfg)
+    want = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], rpe_extra=x["rpe_extra"],
+                                       backend="reference", **opts)
+    low = cast_inputs(x, dtype, False)
+    got = lisa_kernels.lisa_attention(low["q"], low["k"], low["v"], low["rpe"], rpe_extra=low["rpe_extra"],
+                                      backend="flex", **opts)
+    torch_low = lisa_kernels.lisa_attention(low["q"], low["k"], low["v"], low["rpe"], rpe_extra=low["rpe_extra"],
+                                            backend="reference", **opts)
+    assert got.dtype == dtype
+    err = (got.double() - want).abs().max().item()
+    base = (torch_low.double() - want).abs().max().item()
+    assert err <= 3 * base + 1e-6, (err, base)
+
+
+def test_gpu_head_dim_padding(eager_flex, monkeypatch):
+    """The GPU kernels' least head dim (16): q, k and v zero-padded, the extra value channels dropped."""
+    monkeypatch.setattr(flex, "_min_head_dim", lambda device: 16)
+    cfg = dict(grid=(4, 3), E=1, rpe_extra=True, M=2, Dk=3, Dv=4, boundary="zero", causal=False, normalize=False,
+               eps=1e-6, feature_map="relu", scale=1.0, B=2, H=1, seed=9)
+    x = _inputs(cfg)
+    reference64 = forward_backward(x, "reference", **_options(cfg))
+    reference32 = forward_backward(cast_inputs(x, torch.float32), "reference", **_options(cfg))
+    _judge(cfg, forward_backward(cast_inputs(x, torch.float32), "flex", **_options(cfg)), reference64, reference32)
+
+
+# ---------------------------------------------------------------- the CPU: forward only; caching
+
+def _small(requires_grad):
+    x = make_inputs((3, 4), E=1, M=2, Dk=4, Dv=4, dtype=torch.float32, seed=3, requires_grad=requires_grad)
+    return x, dict(grid=(3, 4), num_extra=1)
+
+
+def test_a_gradient_on_the_cpu_raises_and_auto_does_not_train_with_flex():
+    x, opts = _small(True)
+    out = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], rpe_extra=x["rpe_extra"], backend="flex",
+                                      **opts)
+    with pytest.raises(NotImplementedError, match="FlexAttention has no backward on the CPU"):
+        out.sum().backward()
+    expl = lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], rpe_extra=x["rpe_extra"], **opts)
+    assert expl.backward and expl.chosen != "flex"
+    assert "no backward on the CPU" in expl.estimates["flex"].reason
+    fwd = lisa_kernels.explain(x["q"], x["k"], x["v"], x["rpe"], rpe_extra=x["rpe_extra"], backward=False, **opts)
+    assert fwd.estimates["flex"].reason is None
+
+
+def test_float64_is_refused_before_anything_runs():
+    x = make_inputs((4,), dtype=torch.float64, requires_grad=False)
+    with pytest.raises(ValueError, match="backend='flex' cannot run this input: .*float64"):
+        lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=(4,), backend="flex")
+
+
+def test_compiled_once_per_shape():
+    from torch._dynamo.utils import counters
+    x, opts = _small(False)
+    run = lambda: lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"],  # noqa: E731
+                                              rpe_extra=x["rpe_extra"], backend="flex", **opts)
+    first = run()
+    compiled = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+# ---------------------------------------------------------------- a CUDA GPU: the compiled kernels, with gradients
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: FlexAttention's GPU kernels need one")
+@pytest.mark.parametrize("cfg", _configs(count=8, seed=SEED + 2), ids=_id)
+def test_gpu_compiled_forward_and_gradients(cfg):    # pragma: no cover (GPU only)
+    x = _inputs(cfg)
+    opts = _options(cfg)
+    upstream = torch.randn(x["v"].shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1),
+                           dtype=torch.float64)
+    reference64 = forward_backward(x, "reference", upstream, **opts)
+    reference32 = forward_backward(cast_inputs(x, torch.float32), "reference", upstream, **opts)
+    on_gpu = {n: None if t is None else t.detach().cuda().float().requires_grad_() for n, t in x.items()}
+    out, grads = forward_backward(on_gpu, "flex", upstream.cuda(), **opts)
+    _judge(cfg, (out.cpu(), {n: g.cpu() for n, g in grads.items()}), reference64, reference32)
+    assert math.isfinite(out.float().abs().max().item()) or not cfg["normalize"] or cfg["eps"] == 0
