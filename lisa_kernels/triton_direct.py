@@ -68,6 +68,10 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
     if p.dtype == torch.float64:
         return "float64 is not supported by the Triton kernels (use 'direct' or 'fft')"
     gpu = _device.gpu_of(p.device)
+    if gpu is not None and gpu.family not in VALIDATED_FAMILIES:
+        return (f"no validated configs for {gpu.architecture}: the kernels' configs are compile-checked for "
+                f"sm_80 to sm_120, gfx942 and gfx950 (benchmarks/kernel_report.py); backend='flex' runs anywhere "
+                f"PyTorch compiles FlexAttention")
     if p.num_extra and gpu is not None and gpu.family == "blackwell" and _triton_version() < (3, 7):
         return (f"triton {triton.__version__} cannot compile the extra tokens' gradient kernel for {gpu.architecture} "
                 f"(a compiler error fixed in triton 3.7; benchmarks/results/kernel_matrix_*): use triton >= 3.7")
@@ -81,6 +85,9 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
 
 
 WALK_MAX_WORKSPACE = 1 << 30
+# the GPU families whose compiled kernels benchmarks/kernel_report.py reads (sm_80, sm_89, sm_90a, sm_100a, sm_120,
+# gfx942, gfx950): no spills, every kernel of the matrix compiles; other GPUs get no triton (auto takes another)
+VALIDATED_FAMILIES = ("ampere", "ada", "hopper", "blackwell", "blackwell-consumer", "cdna3", "cdna4")
 
 
 # ---------------------------------------------------------------- dtypes of the dots

@@ -212,3 +212,20 @@ def test_gpu_compiled_forward_and_gradients(cfg):    # pragma: no cover (GPU onl
     out, grads = forward_backward(on_gpu, "flex", upstream.cuda(), **opts)
     _judge(cfg, (out.cpu(), {n: g.cpu() for n, g in grads.items()}), reference64, reference32)
     assert math.isfinite(out.float().abs().max().item()) or not cfg["normalize"] or cfg["eps"] == 0
+
+
+def test_auto_takes_flex_where_triton_has_no_validated_configs(monkeypatch):
+    """On a GPU the Triton kernels were never compile-checked for (CDNA 2 here, simulated), triton says why and
+    auto takes flex for a ViT-sized forward; on a validated one (an H100) triton stays first."""
+    from lisa_kernels import _device
+    from lisa_kernels._device import GPU
+    x = make_inputs((14, 14), E=1, Dk=64, Dv=64, B=8, H=4, dtype=torch.float32, requires_grad=False)
+    args = (x["q"], x["k"], x["v"], x["rpe"])
+    for gpu, chosen in ((GPU("hip", "gfx90a", 64), "flex"), (GPU("cuda", 90, 32), "triton")):
+        monkeypatch.setattr(_device, "gpu_of", lambda device, gpu=gpu: gpu)
+        lisa_kernels.clear_cache()
+        expl = lisa_kernels.explain(*args, grid=(14, 14), num_extra=1, rpe_extra=x["rpe_extra"], backward=False)
+        assert expl.chosen == chosen, str(expl)
+        if chosen == "flex":
+            assert "no validated configs for AMD CDNA 2 (gfx90a)" in expl.estimates["triton"].reason
+            assert "no validated configs" in str(expl)
