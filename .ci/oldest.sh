@@ -29,6 +29,9 @@ assert torch.__version__.split("+")[0] == "$TORCH" and triton.__version__ == "$T
 PY
 # (the walker and bitwise-reproducibility cases of test_triton_direct.py, the slowest, run on the newest triton only:
 # they run the same kernels as its other cases on larger grids, and the interpreter's semantics are what differ here)
-pytest -q -n 2 --dist worksteal tests/test_triton_direct.py tests/test_triton_range.py tests/test_triton_fft.py \
-  tests/test_kernel_report.py tests/test_cuda_extension.py tests/test_gpu_session.py tests/test_validation.py \
-  tests/test_fake_gpu.py -k "not test_triton_table_gradient_walkers and not test_triton_backward_is_bitwise"
+# the simulated GPUs' per-class tests for the GPU machine's H100 and the B200 (the newest stage runs every class);
+# FlexAttention's compiled CPU kernel and its math path under this torch
+LISA_FAKE_GPU_CLASSES="h100 b200" pytest -q -n 2 --dist worksteal tests/test_triton_direct.py \
+  tests/test_triton_range.py tests/test_triton_fft.py tests/test_kernel_report.py tests/test_cuda_extension.py \
+  tests/test_gpu_session.py tests/test_validation.py tests/test_fake_gpu.py tests/test_flex.py \
+  -k "not test_triton_table_gradient_walkers and not test_triton_backward_is_bitwise"

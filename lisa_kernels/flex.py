@@ -22,8 +22,8 @@ entries, then the virtual key's. A grid pair's entry is ``c0 + lin(p_i) - lin(p_
 position dotted with the flat table's strides; ``c0 = T0 // 2``, the entry of offset 0, T0 = prod(2S-1)), so the
 score_mod reads one small int32 vector per token.
 
-The function FlexAttention compiles is cached per shape (``torch.compile(dynamic=False)``, under its own
-recompile limit). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
+The whole forward (feature maps, table, FlexAttention, epilogue) is compiled and cached per shape
+(``torch.compile(dynamic=False)``, under its own recompile limit). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
 captured buffer); its compiled CPU kernel has none, so on the CPU the forward runs and asking for a gradient
 raises ``NotImplementedError`` (:func:`flex_grad_reason`; ``auto`` never picks it there for training).
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -106,22 +106,23 @@ def _table(rpe, rpe_extra, p: Problem, virtual: Optional[torch.Tensor]) -> torch
     return torch.cat(parts, dim=1)
 
 
-def _token_lin(p: Problem, nk: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _token_lin(grid: Tuple[int, ...], num_extra: int, nk: int, device: torch.device) -> torch.Tensor:
     """lin(p_t) for every token (0 for extra and virtual tokens): position dotted with the flat table's strides,
-    so that a grid pair's entry is c0 + lin_i - lin_j."""
+    so that a grid pair's entry is c0 + lin_i - lin_j. (Cached: a constant of the shape.)"""
     strides, stride = [], 1
-    for s in reversed(p.grid):
+    for s in reversed(grid):
         strides.append(stride)
         stride *= 2 * s - 1
     strides.reverse()
     lin = torch.zeros(nk, dtype=torch.int32, device=device)
-    n = torch.arange(p.num_grid, device=device)
+    n = torch.arange(math.prod(grid), device=device)
     grid_lin = torch.zeros_like(n)
-    tail = p.num_grid
-    for s, st in zip(p.grid, strides):
+    tail = math.prod(grid)
+    for s, st in zip(grid, strides):
         tail //= s
         grid_lin += (n // tail % s) * st
-    lin[p.num_extra:p.N] = grid_lin.to(torch.int32)
+    lin[num_extra:num_extra + math.prod(grid)] = grid_lin.to(torch.int32)
     return lin
 
 
@@ -159,21 +160,24 @@ def _causal_block_mask(n: int, nk: int, device: torch.device):
 # ---------------------------------------------------------------- calling FlexAttention
 
 @functools.lru_cache(maxsize=1)
-def _compiled():
-    return torch.compile(_flex_module().flex_attention, dynamic=False, fullgraph=True)
+def _compiled_forward():
+    """:func:`_flex_forward` compiled whole (feature maps, table, FlexAttention and the epilogue fused by Inductor);
+    dynamo keeps one graph per shape and option set."""
+    return torch.compile(_flex_forward, dynamic=False, fullgraph=True)
 
 
-def _call_flex(q, k, v, score_mod, block_mask=None, return_lse: bool = False, scale: Optional[float] = 1.0):
-    """FlexAttention, compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile."""
-    module = _flex_module()
-    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=return_lse)
+def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
+    """The forward, compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile."""
+    use_lse, virtual, nk = _route(p)
+    lin = _token_lin(tuple(p.grid), p.num_extra, nk, q.device)
+    block_mask = _causal_block_mask(p.N, nk, q.device) if p.causal else None
     if not COMPILE or torch.compiler.is_compiling():
-        return module.flex_attention(q, k, v, **kwargs)
+        return _flex_forward(q, k, v, rpe, rpe_extra, p, lin, block_mask)
     dynamo_config = torch._dynamo.config
     limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
     limits = {k_: v_ for k_, v_ in limits.items() if hasattr(dynamo_config, k_)}
     with dynamo_config.patch(**limits):
-        return _compiled()(q, k, v, **kwargs)
+        return _compiled_forward()(q, k, v, rpe, rpe_extra, p, lin, block_mask)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -196,21 +200,30 @@ def flex_attention_lisa(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     grad_reason = flex_grad_reason(p)
     if grad_reason is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         with torch.no_grad():
-            out = _flex_forward(q, k, v, rpe, rpe_extra, p)
+            out = _run_forward(q, k, v, rpe, rpe_extra, p)
         return _NoBackward.apply(grad_reason, out, *[t for t in inputs if t.requires_grad])
-    return _flex_forward(q, k, v, rpe, rpe_extra, p)
+    return _run_forward(q, k, v, rpe, rpe_extra, p)
 
 
-def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
+def _route(p: Problem):
+    """(use_lse, virtual, nk): whether normalize=False reads FlexAttention's log-sum-exp (everywhere but its compiled
+    CPU kernel), the virtual key ("eps", "w" or "none"), and the number of keys with it."""
+    use_lse = not p.normalize and not (p.device.type == "cpu" and COMPILE)
+    virtual = "eps" if p.normalize and p.eps > 0 else ("w" if not p.normalize and not use_lse else "none")
+    return use_lse, virtual, p.N + (virtual != "none")
+
+
+def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask) -> torch.Tensor:
     B, H, N, M, E = p.B, p.H, p.N, p.M, p.num_extra
     G = p.Dv // M
     dtype = q.dtype
-    use_lse = not p.normalize and not (p.device.type == "cpu" and COMPILE)
-    virtual = "eps" if p.normalize and p.eps > 0 else ("w" if not p.normalize and not use_lse else "none")
-    nk = N + (virtual != "none")
+    use_lse, virtual, nk = _route(p)
+
+    heads = torch.arange(H, device=q.device).repeat_interleave(M)
 
     def per_group(x):                          # (B, H, n, D) -> (B, H*M, n, D), the same for every group
-        return x if M == 1 else x[:, :, None].expand(B, H, M, *x.shape[2:]).reshape(B, H * M, *x.shape[2:])
+        # (a gather: Inductor's FlexAttention lowering takes no view of a 5-D expand)
+        return x if M == 1 else x.index_select(1, heads)
 
     qf = feature_map(q.float() * p.scale, p.feature_map)
     kf = feature_map(k.float(), p.feature_map)
@@ -235,10 +248,9 @@ def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
         qf, kf = torch.nn.functional.pad(qf, (0, pad_k)), torch.nn.functional.pad(kf, (0, pad_k))
     if pad_v:
         vg = torch.nn.functional.pad(vg, (0, pad_v))
-    lin = _token_lin(p, nk, q.device)
     score_mod = _score_mod(table, lin, E, N, table_extent, virtual)
-    block_mask = _causal_block_mask(N, nk, q.device) if p.causal else None
-    result = _call_flex(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod, block_mask, use_lse)
+    result = _flex_module().flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
+                                           block_mask=block_mask, scale=1.0, return_lse=use_lse)
     out, lse = result if use_lse else (result, None)
     out = out[..., :out.shape[-1] - pad_v]
     if use_lse:                              # normalize=False: the numerator, O * sum_j W_ij

@@ -40,7 +40,10 @@ def _stop_the_compile_helper():
     stop_helper()
 
 
-CLASSES = ("a100", "h100", "b200", "rtx5090", "rtx4090", "mi300x", "mi355x")
+# every device class; LISA_FAKE_GPU_CLASSES narrows the per-class tests (CI's oldest stage: the GPU machine's
+# torch and triton, so its H100, and the B200 whose triton-3.6 limit the backend works around)
+ALL_CLASSES = ("a100", "h100", "b200", "rtx5090", "rtx4090", "mi300x", "mi355x")
+CLASSES = tuple(os.environ.get("LISA_FAKE_GPU_CLASSES", " ".join(ALL_CLASSES)).split())
 FLOOR = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
