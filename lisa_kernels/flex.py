@@ -106,6 +106,13 @@ def _table(rpe, rpe_extra, p: Problem, virtual: Optional[torch.Tensor]) -> torch
     return torch.cat(parts, dim=1)
 
 
+@torch.compiler.assume_constant_result
+def _token_lin_constant(grid: Tuple[int, ...], num_extra: int, nk: int, device: torch.device) -> torch.Tensor:
+    """:func:`_token_lin`, a constant of the graph when traced (Inductor's CPU FlexAttention takes no index
+    computed inside the graph)."""
+    return _token_lin(grid, num_extra, nk, device)
+
+
 @functools.lru_cache(maxsize=64)
 def _token_lin(grid: Tuple[int, ...], num_extra: int, nk: int, device: torch.device) -> torch.Tensor:
     """lin(p_t) for every token (0 for extra and virtual tokens): position dotted with the flat table's strides,
@@ -169,7 +176,7 @@ def _compiled_forward():
 def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     """The forward, compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile."""
     use_lse, virtual, nk = _route(p)
-    lin = _token_lin(tuple(p.grid), p.num_extra, nk, q.device)
+    lin = _token_lin_constant(tuple(p.grid), p.num_extra, nk, q.device)
     block_mask = _causal_block_mask(p.N, nk, q.device) if p.causal else None
     if not COMPILE or torch.compiler.is_compiling():
         return _flex_forward(q, k, v, rpe, rpe_extra, p, lin, block_mask)

@@ -229,3 +229,20 @@ def test_auto_takes_flex_where_triton_has_no_validated_configs(monkeypatch):
         if chosen == "flex":
             assert "no validated configs for AMD CDNA 2 (gfx90a)" in expl.estimates["triton"].reason
             assert "no validated configs" in str(expl)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_inside_a_users_torch_compile(causal):
+    """A model compiled whole with Inductor: flex's forward is traced into the user's graph (its token index a
+    constant of the graph, the block mask built in it)."""
+    grid, E = (20,), 1
+    x = make_inputs(grid, E=E, M=2, Dk=8, Dv=6, dtype=torch.float32, seed=12, requires_grad=False)
+
+    def attend(q, k, v, rpe, rpe_extra):
+        return lisa_kernels.lisa_attention(q, k, v, rpe, grid=grid, num_extra=E, rpe_extra=rpe_extra, causal=causal,
+                                           backend="flex")
+    torch._dynamo.reset()
+    got = torch.compile(attend, fullgraph=True)(x["q"], x["k"], x["v"], x["rpe"], x["rpe_extra"])
+    want = lisa_kernels.lisa_attention(*(x[n].double() for n in ("q", "k", "v", "rpe")), grid=grid, num_extra=E,
+                                       rpe_extra=x["rpe_extra"].double(), causal=causal, backend="reference")
+    assert (got.double() - want).abs().max().item() <= TOL * want.abs().max().item()
