@@ -22,8 +22,9 @@ entries, then the virtual key's. A grid pair's entry is ``c0 + lin(p_i) - lin(p_
 position dotted with the flat table's strides; ``c0 = T0 // 2``, the entry of offset 0, T0 = prod(2S-1)), so the
 score_mod reads one small int32 vector per token.
 
-The whole forward (feature maps, table, FlexAttention, epilogue) is compiled and cached per shape
-(``torch.compile(dynamic=False)``, under its own recompile limit). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
+The forward up to FlexAttention (feature maps, table, virtual key, FlexAttention) is compiled and cached per
+shape (``torch.compile(dynamic=False)``, under its own recompile limit); the epilogue runs after it (the compiled
+CPU kernel takes no fused epilogue). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
 captured buffer); its compiled CPU kernel has none, so on the CPU the forward runs and asking for a gradient
 raises ``NotImplementedError`` (:func:`flex_grad_reason`; ``auto`` never picks it there for training).
 """
@@ -136,7 +137,7 @@ def _token_lin(grid: Tuple[int, ...], num_extra: int, nk: int, device: torch.dev
 def _score_mod(table, lin, E: int, N: int, T0: int, virtual: str):
     """score_ij = log(s_ij) + table[h, entry(i, j)], s_ij = phi(q_i) . phi(k_j) >= 0.
 
-    log is taken as where(s > 0, log(where(s > 0, s, 1)), -inf), so that a zero kernel (relu) gives weight 0 and
+    log is taken as where(s <= 0, -inf, log(where(s <= 0, 1, s))), so that a zero kernel (relu) gives weight 0 and
     a zero gradient (not 0 * inf). The virtual key (index N): score table[h, T0 + 3] ("eps"), or log(s) plus it
     ("w": its key is mean phi(k))."""
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -145,8 +146,8 @@ def _score_mod(table, lin, E: int, N: int, T0: int, virtual: str):
         entry = torch.where(qe | ke, entry, lin[q_idx] - lin[kv_idx] + (T0 // 2))  # grid pairs: c0 = T0 // 2
         if virtual != "none":
             entry = torch.where(kv_idx == N, T0 + 3, entry)
-        positive = score > 0
-        log_s = torch.where(positive, torch.log(torch.where(positive, score, 1.0)), -float("inf"))
+        zero = score <= 0                      # (False for NaN: a NaN row's scores stay NaN)
+        log_s = torch.where(zero, -float("inf"), torch.log(torch.where(zero, 1.0, score)))
         logw = table[h, entry]
         if virtual == "eps":
             return torch.where(kv_idx == N, logw, log_s + logw)
@@ -167,24 +168,26 @@ def _causal_block_mask(n: int, nk: int, device: torch.device):
 # ---------------------------------------------------------------- calling FlexAttention
 
 @functools.lru_cache(maxsize=1)
-def _compiled_forward():
-    """:func:`_flex_forward` compiled whole (feature maps, table, FlexAttention and the epilogue fused by Inductor);
-    dynamo keeps one graph per shape and option set."""
-    return torch.compile(_flex_forward, dynamic=False, fullgraph=True)
+def _compiled_core():
+    """:func:`_flex_core` compiled (feature maps and table fused before FlexAttention by Inductor); dynamo keeps one
+    graph per shape and option set."""
+    return torch.compile(_flex_core, dynamic=False, fullgraph=True)
 
 
 def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
-    """The forward, compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile."""
+    """The forward: the core compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile,
+    then the epilogue."""
     use_lse, virtual, nk = _route(p)
     lin = _token_lin_constant(tuple(p.grid), p.num_extra, nk, q.device)
     block_mask = _causal_block_mask(p.N, nk, q.device) if p.causal else None
     if not COMPILE or torch.compiler.is_compiling():
-        return _flex_forward(q, k, v, rpe, rpe_extra, p, lin, block_mask)
-    dynamo_config = torch._dynamo.config
-    limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
-    limits = {k_: v_ for k_, v_ in limits.items() if hasattr(dynamo_config, k_)}
-    with dynamo_config.patch(**limits):
-        return _compiled_forward()(q, k, v, rpe, rpe_extra, p, lin, block_mask)
+        out, lse, w, empty = _flex_core(q, k, v, rpe, rpe_extra, p, lin, block_mask)
+    else:
+        dynamo_config = torch._dynamo.config
+        limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
+        with dynamo_config.patch(**{name: n for name, n in limits.items() if hasattr(dynamo_config, name)}):
+            out, lse, w, empty = _compiled_core()(q, k, v, rpe, rpe_extra, p, lin, block_mask)
+    return _epilogue(out, lse, w, empty, p, q.dtype)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -220,7 +223,10 @@ def _route(p: Problem):
     return use_lse, virtual, p.N + (virtual != "none")
 
 
-def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask) -> torch.Tensor:
+def _flex_core(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask):
+    """Features, table, virtual key, then FlexAttention: (its output, its log-sum-exp or None, w or None, empty or
+    None): w the virtual key's weight per row ("w" route), empty the rows of zero weight (where eps = 0). Nothing after FlexAttention: its compiled CPU kernel takes no fused
+    epilogue (Inductor: "Unsupported for `epilogue_nodes` in CppFlexAttentionTemplate")."""
     B, H, N, M, E = p.B, p.H, p.N, p.M, p.num_extra
     G = p.Dv // M
     dtype = q.dtype
@@ -234,18 +240,24 @@ def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask) -> torch
 
     qf = feature_map(q.float() * p.scale, p.feature_map)
     kf = feature_map(k.float(), p.feature_map)
+    empty = None
+    if p.normalize and p.eps == 0:           # rows of zero weight (relu): 0 / 0 in the formula, 0 in FlexAttention
+        seen = kf.cumsum(dim=2) if p.causal else kf.sum(dim=2, keepdim=True)
+        empty = (qf * seen).sum(-1) == 0     # (B, H, N)
     vg = v.reshape(B, H, N, M, G).transpose(2, 3).reshape(B, H * M, N, G)
     table_extent = math.prod([2 * s - 1 for s in p.grid])
-    virtual_logw = None
+    virtual_logw, w = None, None
     if virtual == "eps":
         virtual_logw = rpe.new_full((H * M,), math.log(p.eps), dtype=torch.float32)
         kf = torch.cat([kf, kf.new_zeros(B, H, 1, p.Dk)], dim=2)
         vg = torch.cat([vg, vg.new_zeros(B, H * M, 1, G)], dim=2)
     table = _table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p, virtual_logw)
     if virtual == "w":
-        # weight of the virtual key: w_i = exp(max L) phi(q_i) . mean_j phi(k_j), so that w_i >= den_i / N
+        # the virtual key's weight w_i = exp(max L) phi(q_i) . mean_j phi(k_j), so that w_i >= den_i / N
         table = torch.cat([table, table.amax(dim=1, keepdim=True)], dim=1)
-        kf = torch.cat([kf, kf.mean(dim=2, keepdim=True)], dim=2)
+        kmean = kf.mean(dim=2, keepdim=True)
+        w = torch.exp(table[:, -1]).view(1, H * M, 1) * per_group((qf * kmean).sum(-1, keepdim=True))[..., 0]
+        kf = torch.cat([kf, kmean], dim=2)
         vg = torch.cat([torch.cat([vg, vg.new_zeros(B, H * M, N, 1)], dim=3),
                         torch.cat([vg.new_zeros(B, H * M, 1, G), vg.new_ones(B, H * M, 1, 1)], dim=3)], dim=2)
     qf, kf = per_group(qf.to(dtype)), per_group(kf.to(dtype))
@@ -259,16 +271,24 @@ def _flex_forward(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask) -> torch
     result = _flex_module().flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
                                            block_mask=block_mask, scale=1.0, return_lse=use_lse)
     out, lse = result if use_lse else (result, None)
-    out = out[..., :out.shape[-1] - pad_v]
-    if use_lse:                              # normalize=False: the numerator, O * sum_j W_ij
-        out = out.float() * torch.exp(lse)[..., None]
-    elif virtual == "w":
-        s = (qf[..., :p.Dk].float() @ kf[:, :, N, :p.Dk].float()[..., None])[..., 0]      # phi(q_i) . mean phi(k)
-        w = torch.exp(table[:, -1]).view(1, H * M, 1) * s
-        out = torch.where((w > 0)[..., None], out[..., :G].float() * (w / out[..., G].float())[..., None], 0.0)
-    if p.normalize and p.eps == 0:           # a row of zero weights is 0 / 0, as the formula says (relu)
-        kf_real = kf[:, :, :N, :p.Dk].float()
-        seen = kf_real.cumsum(dim=2) if p.causal else kf_real.sum(dim=2, keepdim=True)
-        empty = (qf[..., :p.Dk].float() * seen).sum(-1) == 0
-        out = torch.where(empty[..., None], float("nan"), out.float())
-    return out.to(dtype).reshape(B, H, M, N, G).transpose(2, 3).reshape(B, H, N, p.Dv)
+    return out, lse, w, empty
+
+
+def _epilogue(out, lse, w, empty, p: Problem, dtype) -> torch.Tensor:
+    """FlexAttention's output (B, H*M, nq, G') -> (B, H, N, Dv): normalize=False's numerator, O * sum_j W_ij (from the
+    log-sum-exp, or on the "w" route O[:G] w / O[G]), NaN for rows of zero weight where eps = 0 (the formula's
+    0 / 0), padding dropped, groups back into channels. It works on the token-major view (B, N, H*M, G'): inside a
+    user's compiled graph, Inductor then does not fuse it into FlexAttention's CPU kernel (which takes no epilogue)."""
+    B, H, N, M = p.B, p.H, p.N, p.M
+    G = p.Dv // M
+    o = out.transpose(1, 2)
+    if lse is not None:
+        o = o[..., :G].float() * torch.exp(lse.transpose(1, 2))[..., None]
+    elif w is not None:
+        w = w.transpose(1, 2)
+        o = torch.where((w > 0)[..., None], o[..., :G].float() * (w / o[..., G].float())[..., None], 0.0)
+    else:
+        o = o[..., :G]
+    if empty is not None:
+        o = torch.where(empty.transpose(1, 2).repeat_interleave(M, dim=2)[..., None], float("nan"), o)
+    return o.to(dtype).reshape(B, N, H, M, G).permute(0, 2, 1, 3, 4).reshape(B, H, N, p.Dv)

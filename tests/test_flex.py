@@ -231,18 +231,22 @@ def test_auto_takes_flex_where_triton_has_no_validated_configs(monkeypatch):
             assert "no validated configs" in str(expl)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_inside_a_users_torch_compile(causal):
+@pytest.mark.parametrize("causal,normalize,eps", [(False, True, 1e-6), (True, True, 0.0), (False, False, 1e-6)],
+                         ids=["full", "causal-eps0", "unnormalized"])
+def test_inside_a_users_torch_compile(causal, normalize, eps):
     """A model compiled whole with Inductor: flex's forward is traced into the user's graph (its token index a
-    constant of the graph, the block mask built in it)."""
+    constant of the graph, the block mask built in it), with each route of the epilogue; relu with Dk = 1 has rows of
+    zero weight (NaN with eps = 0, as in the reference)."""
     grid, E = (20,), 1
-    x = make_inputs(grid, E=E, M=2, Dk=8, Dv=6, dtype=torch.float32, seed=12, requires_grad=False)
+    x = make_inputs(grid, E=E, M=2, Dk=1, Dv=6, dtype=torch.float32, seed=12, requires_grad=False)
+    opts = dict(grid=grid, num_extra=E, causal=causal, normalize=normalize, eps=eps, feature_map="relu")
 
     def attend(q, k, v, rpe, rpe_extra):
-        return lisa_kernels.lisa_attention(q, k, v, rpe, grid=grid, num_extra=E, rpe_extra=rpe_extra, causal=causal,
-                                           backend="flex")
+        return lisa_kernels.lisa_attention(q, k, v, rpe, rpe_extra=rpe_extra, backend="flex", **opts)
     torch._dynamo.reset()
     got = torch.compile(attend, fullgraph=True)(x["q"], x["k"], x["v"], x["rpe"], x["rpe_extra"])
-    want = lisa_kernels.lisa_attention(*(x[n].double() for n in ("q", "k", "v", "rpe")), grid=grid, num_extra=E,
-                                       rpe_extra=x["rpe_extra"].double(), causal=causal, backend="reference")
-    assert (got.double() - want).abs().max().item() <= TOL * want.abs().max().item()
+    want = lisa_kernels.lisa_attention(*(x[n].double() for n in ("q", "k", "v", "rpe")),
+                                       rpe_extra=x["rpe_extra"].double(), backend="reference", **opts)
+    assert torch.equal(got.isnan(), want.isnan()) and (want.isnan().any() or eps > 0 or not normalize)
+    diff = (got.double() - want).nan_to_num(0).abs().max().item()
+    assert diff <= TOL * want.nan_to_num(0).abs().max().item()
