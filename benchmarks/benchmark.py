@@ -61,8 +61,11 @@ import lisa_kernels  # noqa: E402  (after methods, which puts the lisa_kernels t
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_DEFAULT_METHODS = ("sdpa", "dense-bias", "linear", "lisa-direct", "lisa-fft", "lisa-auto")
+# (the FlexAttention peers flex-lisa and flex-rpb only on a GPU: on the CPU they have no backward, and each case
+# compiles them anew in its own process, seconds a case; benchmarks/cpu_direct.py times flex-lisa on the CPU)
 GPU_DEFAULT_METHODS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn", "dense-bias", "linear",
-                       "lisa-direct", "lisa-fft", "lisa-auto", "lisa-triton", "lisa-triton-fft", "lisa-cuda")
+                       "lisa-direct", "lisa-fft", "lisa-auto", "lisa-triton", "lisa-triton-fft", "lisa-cuda",
+                       "flex-lisa", "flex-rpb")
 DEFAULT_MODES = ("fwd", "fwd+bwd")
 # The default set: exact GRID:D:MODE[:METHODS] points (as --cases), chosen to end in a few minutes on 2 CPU
 # cores. ViT sizes (14x14 = ViT-B/16 at 224 pixels, 32x32 at 512) at ViT's head dim 64 with every method; 64x64

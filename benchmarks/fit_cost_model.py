@@ -3,9 +3,9 @@
     python benchmarks/fit_cost_model.py RESULTS.json [--device-class CLASS] [--dry-run] [--force]
 
 The device class is --device-class, else the file's meta["device_class"], else "cpu" if meta["device"] is
-"cpu". For each backend b of that class's entry with measurements (records of method "lisa-<b>", status "ok";
-the problems are those of benchmarks/benchmark.py: M = 1, zero boundary, not causal, no extra tokens), with the
-formulas of lisa_kernels.dispatch.backend_seconds:
+"cpu". For each backend b of that class's entry with measurements (records of method "lisa-<b>", or "flex-lisa"
+for b = "flex", status "ok"; the problems are those of benchmarks/benchmark.py: M = 1, zero boundary, not causal,
+no extra tokens), with the formulas of lisa_kernels.dispatch.backend_seconds:
 
 1. forward constants from the float32 "fwd" records (direct kind: flops_per_s, overhead_s; fft kind:
    s_per_plogp, s_per_point, overhead_s), minimising the relative error
@@ -53,6 +53,12 @@ from lisa_kernels._validate import Problem  # noqa: E402
 from lisa_kernels.backends import REGISTRY  # noqa: E402
 
 FAST = tuple(b.name for b in REGISTRY if b.cost is not None)     # the backends with constants (each under its name)
+PEERS = {"flex-lisa": "flex"}     # backends the sweep times under a peer's name (benchmarks/methods.py)
+
+
+def method_backend(method: str) -> Optional[str]:
+    """The backend a record's method times: "lisa-fft" -> "fft", "flex-lisa" -> "flex"; None for the others."""
+    return PEERS.get(method) or (method[len("lisa-"):] if method.startswith("lisa-") else None)
 PARAMS = {"direct": ("flops_per_s", "overhead_s"), "fft": ("s_per_plogp", "s_per_point", "overhead_s")}
 BASE_DTYPE = "float32"
 MODES = {"fwd": False, "fwd+bwd": True}                        # mode -> backward
@@ -77,7 +83,7 @@ def measured_points(records: Sequence[Dict], backends: Sequence[str]) -> Dict[Tu
     """{point: {backend: median ms}} over the ok "fwd" / "fwd+bwd" records of the given backends."""
     points: Dict[Tuple, Dict[str, float]] = {}
     for r in records:
-        name = r["method"][5:] if r["method"].startswith("lisa-") else None
+        name = method_backend(r["method"])
         if r.get("status") == "ok" and name in backends and r["mode"] in MODES:
             points.setdefault(point_key(r), {})[name] = r["median_ms"]
     return points
@@ -286,11 +292,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     old_entry = model[cls]
     backends = [n for n in FAST if isinstance(old_entry.get(n), dict)]
     points = measured_points(records, backends)
-    records_by = {n: [r for r in records if r.get("status") == "ok" and r["method"] == f"lisa-{n}"
+    records_by = {n: [r for r in records if r.get("status") == "ok" and method_backend(r["method"]) == n
                       and r["mode"] in MODES] for n in backends}
     records_by = {n: recs for n, recs in records_by.items() if recs}
     if not records_by:
-        print(f"no ok records of {['lisa-' + n for n in backends]} in {args.results}", file=sys.stderr)
+        print(f"no ok records of {[{v: k for k, v in PEERS.items()}.get(n, 'lisa-' + n) for n in backends]} in "
+              f"{args.results}", file=sys.stderr)
         return 1
 
     print(f"device class {cls}: fitting {', '.join(records_by)} to {args.results}\n")

@@ -3,9 +3,12 @@ backends against the reference, one small call per backend for compute-sanitizer
 
     python benchmarks/gpu_check.py env --out env.json               # device, versions, bf16 matmul and copy rates
     python benchmarks/gpu_check.py check --out check.jsonl          # every backend vs the reference
+    python benchmarks/gpu_check.py flex --stages timing-... --methods ...  # flex vs the reference and triton, and
+                                                                    # the timings' FlexAttention compiles, at once
     python benchmarks/gpu_check.py sanitize-one triton triton-fft   # one small fwd+bwd call each (run under
                                                                     # compute-sanitizer by gpu_session.sh)
-    python benchmarks/gpu_check.py summary timing_*.json            # the targets table: auto / FA2 per grid
+    python benchmarks/gpu_check.py summary timing_*.json            # the targets tables: auto / FA2 per grid,
+                                                                    # triton / flex-lisa
     python benchmarks/gpu_check.py plan --stages env:30 check:240 ... # the GPU run's Triton work and time per stage
     python benchmarks/gpu_check.py warm --stages ... --jobs 10      # compile that work beforehand, in parallel
     python benchmarks/gpu_check.py compile-time                     # seconds per Triton compile for sm_90a here
@@ -19,6 +22,11 @@ Uninitialised memory is poisoned (torch.empty and friends return NaN-filled tens
 an unwritten output element fails. The error of a
 tensor is max|x - x_ref| / max|x_ref|; limits: float32 2e-3 (Triton's float32 dots may use tf32), float16
 1e-2, bfloat16 3e-2. Each case's result is appended to the --out file (one JSON line) as soon as it is known.
+``--against B`` also compares with backend B on the same inputs (limit twice the reference's); a backend without a
+backward there (``flex`` on the CPU) is checked on its output alone. ``flex`` (:func:`flex`, the session's check-flex
+stage) runs FLEX_CHECK (flex against the reference and triton, bf16 and fp32) beside one call of each timing case that
+runs FlexAttention, in processes of their own at once, so that the timing stages find those compiles in Inductor's
+disk caches.
 ``--tiny`` (the session's dry run on the CPU, Triton's interpreter) runs small shapes only; ``--fake-gpu h100`` (the dry
 run) simulates that GPU (lisa_kernels.testing.fake_gpu), so that the GPU's host code runs, and records per case the
 autotune candidates compiled, the tuning keys benchmarked and the candidate runs (what a GPU would spend).
@@ -87,6 +95,15 @@ TINY_CASES = [
     ("2d-extra-M2", (2, 3), 1, 2, 4, {}),
     ("3d-circular", (2, 2, 2), 0, 1, 4, {"boundary": "circular"}),
 ]
+# backend "flex" (FlexAttention, compiled per shape and dtype: seconds a case, ~15 s with its backward; so a few
+# cases, each in a process of its own, gpu_check.py flex): against the reference and, on the same inputs, against
+# triton (two independent implementations of the operator); bf16 and fp32. The cases: extra tokens with rpe_extra,
+# M = 2 and the circular boundary (the table gather), and ViT's 14x14 + 1 at D = 64. The dry run: one tiny case in
+# float32, the forward alone (FlexAttention has no CPU backward)
+FLEX_CHECK = {"backend": "flex", "dtypes": ("bfloat16", "float32"), "cases": ("2d-circular-M2", "vit-14x14+1-D64"),
+              "against": "triton"}
+FLEX_CHECK_TINY = {**FLEX_CHECK, "dtypes": ("float32",), "cases": ("2d-extra-M2",)}
+AGAINST_FACTOR = 2     # two backends each within the limit of the reference: within twice it of each other
 
 
 def device() -> str:
@@ -209,9 +226,13 @@ def make_inputs(grid, E, M, D, dtype, boundary="zero", B=2, H=2, seed=0):
     return low, ref, g
 
 
-def run(x, g, backend, grid, E, options):
-    out = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=grid, num_extra=E,
-                                      rpe_extra=x["rpe_extra"], backend=backend, **options)
+def run(x, g, backend, grid, E, options, grads=True):
+    """The output and (``grads``) the gradients of every input for the upstream gradient ``g``."""
+    with torch.set_grad_enabled(grads):
+        out = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=grid, num_extra=E,
+                                          rpe_extra=x["rpe_extra"], backend=backend, **options)
+    if not grads:
+        return {"out": out.detach()}
     names = [n for n in ("q", "k", "v", "rpe", "rpe_extra") if x[n] is not None]
     grads = torch.autograd.grad(out, [x[n] for n in names], g.to(out.dtype))
     res = {"out": out.detach(), **{f"d{n}": t for n, t in zip(names, grads)}}
@@ -231,7 +252,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def check_case(backend, dtype, case, seed) -> Dict:
+def grad_reason(backend: str, p) -> Optional[str]:
+    """Why ``backend`` has no gradients for ``p`` (its forward runs; flex on the CPU), or None."""
+    record = next((b for b in REGISTRY if b.name == backend), None)
+    fn = getattr(record, "grad_reason", None)
+    return fn(p) if fn is not None else None
+
+
+def check_case(backend, dtype, case, seed, against: Optional[str] = None) -> Dict:
+    """One backend on one case against the float64 reference (the output and every gradient, or the output alone
+    where the backend has no backward there); with ``against``, also against that backend on the same inputs
+    (limit AGAINST_FACTOR x the reference's)."""
     name, grid, E, M, D, options = case
     rec = {"backend": backend, "dtype": str(dtype).replace("torch.", ""), "case": name, "grid": list(grid), "E": E,
            "M": M, "D": D, "options": options}
@@ -241,10 +272,13 @@ def check_case(backend, dtype, case, seed) -> Dict:
     reason = lisa_kernels.backend_reason(backend, p)
     if reason is not None:
         return {**rec, "status": "skip", "reason": reason}
+    no_grads = grad_reason(backend, p)
+    if no_grads is not None:
+        rec["grads"] = f"not checked: {no_grads}"
     t0 = time.perf_counter()
     try:
         with poisoned():
-            got = run(low, g, backend, grid, E, options)
+            got = run(low, g, backend, grid, E, options, grads=no_grads is None)
         sync()
     except Exception as exc:  # noqa: BLE001  (recorded as a failure)
         return {**rec, "status": "FAIL", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
@@ -252,8 +286,19 @@ def check_case(backend, dtype, case, seed) -> Dict:
     want = run(ref, g, "reference", grid, E, options)
     errors = {n: rel_err(got[n], want[n if n in want else "out"]) for n in got}
     worst = max(errors.values())
-    return {**rec, "status": "ok" if worst <= TOL[dtype] else "FAIL", "errors": errors, "worst": worst,
-            "limit": TOL[dtype], "seconds": seconds}
+    rec.update(errors=errors, worst=worst, limit=TOL[dtype], seconds=seconds)
+    ok = worst <= TOL[dtype]
+    if against is not None:
+        other_reason = lisa_kernels.backend_reason(against, p)
+        if other_reason is not None:
+            rec.update(against=against, against_reason=other_reason)
+        else:
+            other = run(low, g, against, grid, E, options, grads=no_grads is None)
+            errors_vs = {n: rel_err(got[n], other[n]) for n in got}
+            rec.update(against=against, errors_vs=errors_vs, worst_vs=max(errors_vs.values()),
+                       limit_vs=AGAINST_FACTOR * TOL[dtype])
+            ok = ok and rec["worst_vs"] <= rec["limit_vs"]
+    return {**rec, "status": "ok" if ok else "FAIL"}
 
 
 def simulated(args):
@@ -270,8 +315,15 @@ def simulated(args):
 COUNTS = ("compiles", "autotunings", "candidates_run")
 
 
+def _seed(case) -> int:
+    """A case's input seed: 100 + its place in its list (the same inputs whichever backends and cases are run)."""
+    return 100 + next(i for cases in (CASES, TINY_CASES) for i, c in enumerate(cases) if c is case)
+
+
 def check(args) -> int:
     cases = TINY_CASES if args.tiny else CASES
+    if args.cases:
+        cases = [c for c in cases if c[0] in args.cases]
     failed = 0
     out = open(args.out, "a") if args.out else None
     print(f"{'backend':<11} {'dtype':<9} {'case':<22} {'status':<6} worst error (limit)  [reason]")
@@ -288,20 +340,106 @@ def _check_all(args, cases, out, sim) -> int:
     failed = 0
     for backend in args.backends:
         for dname in args.dtypes:
-            for i, case in enumerate(cases):
+            for case in cases:
                 before = sim.totals() if sim is not None else None
-                rec = check_case(backend, DTYPES[dname], case, seed=100 + i)
+                rec = check_case(backend, DTYPES[dname], case, seed=_seed(case), against=getattr(args, "against", None))
                 if sim is not None:
                     after = sim.totals()
                     rec.update({k: after[k] - before[k] for k in COUNTS})
                 failed += rec["status"] == "FAIL"
-                err = f"{rec['worst']:.2e} ({rec['limit']:.0e})" if "worst" in rec else ""
-                print(f"{backend:<11} {rec['dtype']:<9} {rec['case']:<22} {rec['status']:<6} {err:<20} "
-                      f"{rec.get('reason', '')[:150]}", flush=True)
+                _print_check(rec)
                 if out:
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
     return failed
+
+
+def _print_check(rec: Dict) -> None:
+    err = f"{rec['worst']:.2e} ({rec['limit']:.0e})" if "worst" in rec else ""
+    if "worst_vs" in rec:
+        err += f" vs {rec['against']} {rec['worst_vs']:.2e} ({rec['limit_vs']:.0e})"
+    print(f"{rec['backend']:<11} {rec['dtype']:<9} {rec['case']:<22} {rec['status']:<6} {err:<20} "
+          f"{rec.get('reason', rec.get('grads', ''))[:150]}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ flex
+
+def flex_timing_cases(stages: Sequence[Dict], methods: Sequence[str], device: str, heads: int, dtype: str) -> List:
+    """The timing stages' cases that run FlexAttention (flex-lisa, flex-rpb, lisa-auto where it picks flex), as
+    benchmark.py builds them for those stages (the same shapes, dtype and mode: the same compiled graphs)."""
+    # benchmark.py's library rule (_library.py) puts the library it times first on sys.path, which the processes
+    # spawned here would inherit: they check (and compile) the lisa_kernels this script imported, as this one does
+    saved = list(sys.path)
+    try:
+        import benchmark
+        import methods as bm
+    finally:
+        sys.path[:] = saved
+    cases = []
+    for spec in stages:
+        if "grids" not in spec:
+            continue
+        args = benchmark.parse_args(["--device", device, "--grids", *["x".join(map(str, g)) for g in spec["grids"]],
+                                     "--dims", str(spec["D"]), "--batch", str(spec["B"]), "--heads", str(heads),
+                                     "--dtypes", dtype, "--modes", "fwd", "fwd+bwd",
+                                     "--methods", *methods, *spec.get("methods", [])])
+        cases += [c for c in bm.build_cases(args) if (c.method in bm.FLEX_METHODS or bm.chosen_backend(c) == "flex")
+                  and bm.cannot_run_reason(c) is None]
+    return cases
+
+
+def _flex_job(job) -> tuple:
+    """In a process of its own: ("check", record) of one flex check, or ("warm", line) after one call of a timing
+    case (its compile, into Inductor's disk caches)."""
+    kind, payload = job
+    if kind == "check":
+        backend, dname, name, against, tiny = payload
+        case = next(c for c in (TINY_CASES if tiny else CASES) if c[0] == name)
+        return "check", check_case(backend, DTYPES[dname], case, seed=_seed(case), against=against)
+    import methods as bm
+    case = bm.Case.from_json(payload)
+    t0 = time.perf_counter()
+    try:
+        bm.make_call(case, [bm.make_inputs(case)])(0)
+        sync()
+        return "warm", f"compiled {case.label.strip()} in {time.perf_counter() - t0:.1f} s"
+    except Exception as exc:  # noqa: BLE001  (the timing stage compiles it itself, or records the failure)
+        return "warm", f"FAILED {case.label.strip()}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def flex(args) -> int:
+    """gpu_session.sh's check-flex stage: backend flex against the reference and triton (FLEX_CHECK: bf16 and fp32,
+    the output and every gradient where FlexAttention has a backward), and one call of every timing case that runs
+    FlexAttention, so that its compile lands in Inductor's disk caches (dynamo's trace remains: ~3 s a case instead
+    of ~6-15 s); all in --jobs processes at once, since each FlexAttention compile takes one process seconds. Exit
+    code 1 if a check fails (a warm-up call that fails is reported; its timing case compiles for itself)."""
+    import concurrent.futures
+    import multiprocessing
+    preset = FLEX_CHECK_TINY if args.tiny else FLEX_CHECK
+    jobs = [("check", (preset["backend"], dname, name, preset["against"], args.tiny))
+            for dname in preset["dtypes"] for name in preset["cases"]]
+    cases = flex_timing_cases([parse_stage(s) for s in args.stages], args.methods, args.device, args.heads, args.dtype)
+    jobs += [("warm", c.to_json()) for c in cases]
+    print(f"flex: {len(jobs) - len(cases)} checks and {len(cases)} timing cases in {min(args.jobs, len(jobs))} "
+          f"processes", flush=True)
+    t0, failed = time.perf_counter(), 0
+    out = open(args.out, "a") if args.out else None
+    # Inductor's own compile workers, one set per process, would be too many: each process compiles in itself
+    with mock.patch.dict(os.environ, {"TORCHINDUCTOR_COMPILE_THREADS": "1"}):
+        with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(jobs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            for fut in concurrent.futures.as_completed([pool.submit(_flex_job, job) for job in jobs]):
+                kind, result = fut.result()
+                if kind == "check":
+                    failed += result["status"] == "FAIL"
+                    _print_check(result)
+                    if out:
+                        out.write(json.dumps(result) + "\n")
+                        out.flush()
+                else:
+                    print(f"warm: {result}", flush=True)
+    print(f"{failed} failed; {time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
 
 
 def sanitize_one(args) -> int:
@@ -374,12 +512,38 @@ def summary(args) -> int:
                      f"{num(f2, 'peak_mib', '9.1f')} {mem:>6}")
     if not keys:
         lines.append("(no timing results)")
+    lines += ["", *peer_targets(ok, keys)]
     text = "\n".join(lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
     return 0
+
+
+PEER_TARGETS = {"fwd": 0.7, "fwd+bwd": 0.6}      # lisa-triton / flex-lisa time, at most (bf16, 14x14 to 64x64)
+
+
+def peer_targets(ok: Dict, keys) -> List[str]:
+    """The peer's targets: lisa-triton against flex-lisa (the same operator through FlexAttention) where both were
+    timed, with flex-rpb (softmax with a relative-position bias through FlexAttention) beside them."""
+    lines = [f"Targets: lisa-triton vs flex-lisa (at most {PEER_TARGETS['fwd']:g}x forward, "
+             f"{PEER_TARGETS['fwd+bwd']:g}x forward+backward; bf16, 14x14 to 64x64)",
+             f"{'grid':<10} {'D':>4} {'dtype':<9} {'mode':<8} {'triton ms':>9} {'flex ms':>9} {'time x':>7} "
+             f"{'limit':>5} {'met':<4} {'rpb ms':>9}"]
+    for grid, D, dtype, mode in keys:
+        t, f = ok.get((grid, D, dtype, mode, "lisa-triton")), ok.get((grid, D, dtype, mode, "flex-lisa"))
+        if not (t and f):
+            continue
+        rpb = ok.get((grid, D, dtype, mode, "flex-rpb"))
+        ratio, limit = t["median_ms"] / f["median_ms"], PEER_TARGETS[mode] if mode in PEER_TARGETS else None
+        met = "-" if limit is None else "yes" if ratio <= limit else "NO"
+        lines.append(f"{grid:<10} {D:>4} {dtype:<9} {mode:<8} {t['median_ms']:9.3f} {f['median_ms']:9.3f} "
+                     f"{ratio:7.2f} {limit if limit is not None else '-':>5} {met:<4} "
+                     + (f"{rpb['median_ms']:9.3f}" if rpb else f"{'-':>9}"))
+    if len(lines) == 2:
+        lines.append("(no lisa-triton and flex-lisa timings of one point)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -401,10 +565,19 @@ SIMULATED_GPU = GPU("cuda", 90, 32)      # an H100's (and H200's) target (lisa_k
 # from the cost model); a stage's start-up (python, torch, CUDA, lisa_kernels); one correctness case (the call, the
 # float64 reference, the comparison); one benchmark case's fixed cost (inputs, memory, records) besides its calls;
 # the CUDA build (5 sources, MAX_JOBS=16); how much slower a compile runs while the build shares the cores; the
-# warm-up's worker processes (0: no warm-up) and their start-up (the plan, spawning, imports).
+# warm-up's worker processes (0: no warm-up) and their start-up (the plan, spawning, imports). Last, FlexAttention's
+# torch.compile per shape and dtype (backend flex, flex-lisa, flex-rpb: dynamo, Inductor's lowering and its Triton
+# kernels; the warm-up does not make them, and Inductor's cache is not shared across these stages' shapes): a forward
+# alone, and a forward with its backward (guesses, no GPU has compiled them here: the CPU forward compile takes
+# 6.5-7 s on the 2-core development machine, Inductor's C++ kernel; the GPU's backward kernels about double the work);
+# a case that check-flex compiled beforehand, which finds the compiled graphs in Inductor's disk caches (FX graph and
+# AOTAutograd caches: dynamo's trace and the loading remain; 2.3-3.5 s for the CPU forward here); the check-flex
+# stage's processes (gpu_check.py flex --jobs, each compiling in itself)
+FLEX_PLAN_DEFAULTS = dict(flex_compile_s=6.0, flex_train_compile_s=15.0, flex_cached_s=3.0, flex_jobs=14)
 PLAN_DEFAULTS = dict(compile_s=1.2, small_compile_s=0.9, fft_compile_s=0.5, launcher_s=0.9, cache_hit_s=0.05,
                      bench_s=0.15, startup_s=8.0, case_s=0.3, timing_case_s=0.3, build_s=150.0, build_slowdown=1.3,
-                     softmax_tflops=200.0, warm_jobs=10, warm_startup_s=15.0)
+                     softmax_tflops=200.0, warm_jobs=10, warm_startup_s=15.0, **FLEX_PLAN_DEFAULTS)
+FLEX_NAMES = ("flex", "flex-lisa", "flex-rpb")       # what compiles through torch.compile(flex_attention)
 # stages without Triton work of their own: their estimated seconds besides the start-up (memcheck: the sanitizer's
 # start-up and its instrumented calls, a guess)
 FIXED_SECONDS = {"env": 12.0, "overhead": 20.0, "memcheck": 30.0, "fit": 5.0}
@@ -661,47 +834,97 @@ def _overhead_work(work: TritonWork, methods=("lisa-direct", "lisa-auto", "lisa-
     return {"auto": chosen}
 
 
-def _timing_work(work: TritonWork, spec: Dict, bench: Dict, params: Dict) -> Dict:
-    """benchmark.py's cases of one timing stage (bf16, H = 8): per grid, mode and method. A LiSA method whose
-    cost-model estimate is over --max-seconds is skipped (as the harness does); lisa-auto runs the backend the cost
-    model picks. Run time per case: its fixed cost, then warm-up, timed and memory calls at the cost model's (LiSA)
-    or the FLOP rate's (softmax attention) time per call, at least --min-time of timed calls."""
-    seconds, cases, chosen, skipped = 0.0, 0, {}, []
+def _timing_cases(spec: Dict, bench: Dict, params: Dict):
+    """benchmark.py's cases of one timing stage (bf16, H = 8), per grid, mode and method (--methods, then the stage's
+    own): (label, method, backend, p, backward, seconds per call, or None where the harness skips it as too slow).
+    LiSA's time per call is the cost model's, lisa-auto's backend the one it picks; softmax attention's (and
+    flex-rpb's) is at the FLOP rate."""
     for grid in spec["grids"]:
         for mode in ("fwd", "fwd+bwd"):
             backward = mode == "fwd+bwd"
             p = _problem(grid, 0, 1, spec["D"], torch.bfloat16, B=spec["B"], H=8)
-            for m in bench["methods"]:
-                if m.startswith("lisa-"):
-                    backend = _auto_choice(p, backward) if m == "lisa-auto" else m[len("lisa-"):]
-                    if m == "lisa-auto":
-                        chosen[f"{'x'.join(map(str, grid))} {mode}"] = backend
+            label = f"{'x'.join(map(str, grid))} {mode}"
+            for m in list(bench["methods"]) + list(spec.get("methods", [])):
+                backend = m
+                if m.startswith("lisa-") or m == "flex-lisa":
+                    backend = _auto_choice(p, backward) if m == "lisa-auto" else "flex" if m == "flex-lisa" \
+                        else m[len("lisa-"):]
                     if lisa_kernels.backend_reason(backend, p) is not None:
                         continue
                     call = _call_seconds(backend, p, backward)
-                    if call > bench["max_seconds"]:
-                        skipped.append(f"{'x'.join(map(str, grid))} {mode} {m} (estimated {call:.1f} s per call)")
-                        continue
-                    if backend in TRITON_BACKENDS:
-                        work.call(backend, p, backward, False, call)
+                    yield label, m, backend, p, backward, (call if call <= bench["max_seconds"] else None)
                 else:
                     flops = 4 * p.B * p.H * p.N ** 2 * p.Dk * (3.5 if backward else 1.0)
-                    call = flops / (params["softmax_tflops"] * 1e12)
-                cases += 1
-                seconds += params["timing_case_s"] + (bench["warmup"] + 1) * call + max(bench["repeats"] * call,
-                                                                                        bench["min_time"])
-    return {"cases": cases, "run_s": seconds, "auto": chosen, "too_slow": skipped}
+                    yield label, m, backend, p, backward, flops / (params["softmax_tflops"] * 1e12)
+
+
+def _flex_compile_seconds(backward: bool, params: Dict) -> float:
+    return params["flex_train_compile_s" if backward else "flex_compile_s"]
+
+
+def _timing_work(work: TritonWork, spec: Dict, bench: Dict, params: Dict, flex_warmed: bool = False) -> Dict:
+    """benchmark.py's cases of one timing stage (_timing_cases). A LiSA method whose cost-model estimate is over
+    --max-seconds is skipped (as the harness does). Run time per case: its fixed cost, then warm-up, timed and
+    memory calls, at least --min-time of timed calls; a FlexAttention case's first call compiles it (a trace and
+    Inductor's cache where check-flex compiled it beforehand: ``flex_warmed``)."""
+    seconds, cases, chosen, skipped, flex = 0.0, 0, {}, [], []
+    for label, m, backend, p, backward, call in _timing_cases(spec, bench, params):
+        if m == "lisa-auto":
+            chosen[label] = backend
+        if call is None:
+            skipped.append(f"{label} {m} (estimated {_call_seconds(backend, p, backward):.1f} s per call)")
+            continue
+        if backend in TRITON_BACKENDS:
+            work.call(backend, p, backward, False, call)
+        if backend in FLEX_NAMES:
+            flex.append(params["flex_cached_s"] if flex_warmed else _flex_compile_seconds(backward, params))
+        cases += 1
+        seconds += params["timing_case_s"] + (bench["warmup"] + 1) * call + max(bench["repeats"] * call,
+                                                                                bench["min_time"])
+    return {"cases": cases, "run_s": seconds, "auto": chosen, "too_slow": skipped, "flex_compiles": len(flex),
+            "flex_s": sum(flex)}
+
+
+def _flex_check_work(work: TritonWork, stages: Sequence[Dict], bench: Dict, params: Dict) -> Dict:
+    """gpu_check.py flex (the check-flex stage): FLEX_CHECK's cases, each a FlexAttention compile with its backward
+    and the triton call it is compared with (its kernels from the check stage's cache, its autotuning anew), and one
+    call of each later timing stage's FlexAttention case (its compile), in params["flex_jobs"] processes at once:
+    the start-up, then the longest process's compiles (each job to the first free process)."""
+    import heapq
+    costs = []
+    for dname in FLEX_CHECK["dtypes"]:
+        for name, grid, E, M, D, options in [c for c in CASES if c[0] in FLEX_CHECK["cases"]]:
+            p = _problem(grid, E, M, D, DTYPES[dname], options=options)
+            costs.append(params["flex_train_compile_s"] + 2 * params["case_s"])
+            if lisa_kernels.backend_reason(FLEX_CHECK["against"], p) is None:
+                work.call(FLEX_CHECK["against"], p, True, bool(E), _call_seconds(FLEX_CHECK["against"], p, True))
+    checks = len(costs)
+    for spec in stages:
+        if spec["name"].startswith("timing") and "grids" in spec:
+            costs += [_flex_compile_seconds(backward, params) for _, _, backend, _, backward, call
+                      in _timing_cases(spec, bench, params)
+                      if backend in FLEX_NAMES and call is not None]
+    free = [0.0] * int(params["flex_jobs"])
+    for cost in sorted(costs, reverse=True):
+        heapq.heappush(free, heapq.heappop(free) + cost)
+    return {"cases": checks, "warm_cases": len(costs) - checks, "flex_compiles": len(costs),
+            "flex_s": max(free, default=0.0)}
 
 
 def parse_stage(text: str) -> Dict:
-    """NAME:CAP, or for a timing stage NAME:CAP:D:B:GRID[,GRID...][:if-time-S] (gpu_session.sh's GPU_STAGES;
-    if-time-S: it runs only if more than S seconds are left)."""
+    """NAME:CAP, or for a timing stage NAME:CAP:D:B:GRID[,GRID...][:+METHOD,...][:if-time-S] (gpu_session.sh's
+    GPU_STAGES; +METHOD,...: methods it times besides --methods; if-time-S: it runs only if more than S seconds are
+    left)."""
     parts = text.split(":")
-    spec = {"name": parts[0], "cap": int(parts[1]),
-            "if_time": int(parts[-1][len("if-time-"):]) if parts[-1].startswith("if-time-") else None}
+    spec = {"name": parts[0], "cap": int(parts[1]), "if_time": None}
     if len(parts) > 4:
         spec.update(D=int(parts[2]), B=int(parts[3]),
                     grids=[tuple(int(s) for s in g.split("x")) for g in parts[4].split(",")])
+    for extra in parts[5:]:
+        if extra.startswith("if-time-"):
+            spec["if_time"] = int(extra[len("if-time-"):])
+        elif extra.startswith("+"):          # methods this stage times besides --methods
+            spec["methods"] = extra[1:].split(",")
     return spec
 
 
@@ -711,13 +934,17 @@ RESERVE_S = 15         # gpu_session.sh's stage(): a stage's cap is at most the 
 def stage_work(stages: Sequence[Dict], triton: str, bench: Dict, params: Dict):
     """(stage, TritonWork, details) of each stage in order, the disk cache carried from one to the next."""
     disk, launchers = set(), set()
+    flex_warmed = False           # whether a check-flex stage has compiled the timing stages' FlexAttention cases
     with _as_gpu(triton):
-        for spec in stages:
+        for i, spec in enumerate(stages):
             name = spec["name"]
             work = TritonWork(disk, launchers, triton)
             if name == "check":
                 info = _check_work(work, CASES, CHECK_BACKENDS, CHECK_DTYPES)
                 info["run_s"] = info["cases"] * params["case_s"]
+            elif name == "check-flex":
+                info = _flex_check_work(work, stages[i + 1:], bench, params)
+                flex_warmed = True
             elif name == "check-cuda":
                 info = {"run_s": 2 * len(CHECK_DTYPES) * len(CASES) * params["case_s"]}
             elif name == "memcheck":
@@ -725,7 +952,7 @@ def stage_work(stages: Sequence[Dict], triton: str, bench: Dict, params: Dict):
             elif name == "overhead":
                 info = {**_overhead_work(work), "run_s": FIXED_SECONDS[name]}
             elif name.startswith("timing"):
-                info = _timing_work(work, spec, bench, params)
+                info = _timing_work(work, spec, bench, params, flex_warmed)
             else:
                 info = {"run_s": FIXED_SECONDS.get(name, 0.0)}
             yield spec, work, info
@@ -784,7 +1011,7 @@ def make_plan(stages, triton: str, bench: Dict, params: Dict, budget: float, wor
         start = clock
         if name == "build":           # waits for the background build, started after env
             est = max(0.0, build_end - clock)
-            compile_s = 0.0
+            compile_s = flex_s = 0.0
         else:
             t = clock + params["startup_s"]
             for item in work.items:   # the stage's own compiles, or the warm-up's where it is ahead
@@ -794,7 +1021,8 @@ def make_plan(stages, triton: str, bench: Dict, params: Dict, budget: float, wor
                     t += _compile_cost(item, params, params["build_slowdown"] if t < build_end else 1.0)
             compile_s = t - clock - params["startup_s"]
             bench_s = c["candidates_run"] * params["bench_s"] + work.kernel_seconds
-            est = t - clock + c["cache_hits"] * params["cache_hit_s"] + bench_s + info.get("run_s", 0.0)
+            flex_s = info.get("flex_s", 0.0) * (params["build_slowdown"] if t < build_end else 1.0)
+            est = t - clock + c["cache_hits"] * params["cache_hit_s"] + bench_s + flex_s + info.get("run_s", 0.0)
         skipped = spec.get("if_time") is not None and budget - clock <= spec["if_time"]
         room = budget - clock - RESERVE_S
         skipped = "too little time left" if skipped else "budget spent" if room < 5 else None
@@ -807,13 +1035,14 @@ def make_plan(stages, triton: str, bench: Dict, params: Dict, budget: float, wor
                      "tuned_compiles": c["tuned_compiles"], "small_compiles": c["small_compiles"],
                      "cache_hits": c["cache_hits"], "launchers": c["launchers"], "autotune_keys": c["autotunings"],
                      "candidate_compiles": c["candidate_compiles"], "candidates_run": c["candidates_run"],
-                     "compile_s": round(compile_s, 1),
+                     "compile_s": round(compile_s, 1), "flex_compiles": info.get("flex_compiles", 0),
+                     "flex_s": round(flex_s, 1),
                      "bench_s": round(c["candidates_run"] * params["bench_s"] + work.kernel_seconds, 1),
                      "run_s": round(info.get("run_s", 0.0), 1), "estimate_s": round(est, 1),
                      "fits_cap": est <= spec["cap"], "start_s": round(start, 1), "end_s": round(clock, 1),
                      "skipped": skipped,
                      "compiles_by_kernel": {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("compiles:")},
-                     **{k: v for k, v in info.items() if k != "run_s"}})
+                     **{k: v for k, v in info.items() if k not in ("run_s", "flex_s", "flex_compiles")}})
     all_items = [item for _, work, _ in works for item in work.items]
     serial = sum(_compile_cost(item, params, 1.0) for item in all_items)
     # total_s: the run as the script runs it (each stage cut at its cap and at the budget); needed_s: what its
@@ -851,11 +1080,15 @@ def _print_plan(result: Dict) -> None:
           f"timed, {p['startup_s']:g} s start-up per stage; "
           + (f"warm-up: {warm['jobs']} processes, its {warm['compiles']} compiles done at {warm['ends_s']:.0f} s"
              if warm else "no warm-up"))
+    print(f"flex: {p['flex_compile_s']:g} s per FlexAttention compile, {p['flex_train_compile_s']:g} s with its "
+          "backward (guesses)")
     print(f"{'stage':<13} {'cap':>4} {'compiles':>8} {'cached':>6} {'gcc':>4} {'keys':>5} {'cand.':>5} "
-          f"{'compile s':>9} {'bench s':>7} {'run s':>6} {'est. s':>7} {'fits':>4} {'ends at':>7}")
+          f"{'compile s':>9} {'bench s':>7} {'flex':>4} {'flex s':>6} {'run s':>6} {'est. s':>7} {'fits':>4} "
+          f"{'ends at':>7}")
     for r in result["stages"]:
         print(f"{r['stage']:<13} {r['cap_s']:>4} {r['compiles']:>8} {r['cache_hits']:>6} {r['launchers']:>4} "
               f"{r['autotune_keys']:>5} {r['candidates_run']:>5} {r['compile_s']:>9.1f} {r['bench_s']:>7.1f} "
+              f"{r['flex_compiles']:>4} {r['flex_s']:>6.1f} "
               f"{r['run_s']:>6.1f} {r['estimate_s']:>7.1f} {'yes' if r['fits_cap'] else 'NO':>4} {r['end_s']:>7.1f}"
               + (f"  skipped: {r['skipped']}" if r["skipped"] else ""))
     for r in result["stages"]:
@@ -1126,6 +1359,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--tiny", action="store_true", help="small shapes only (the dry run)")
     c.add_argument("--out", help="append one JSON line per case here")
     c.add_argument("--fake-gpu", help="simulate this GPU (a key of lisa_kernels.testing.DEVICES; the dry run)")
+    c.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (names of CASES or TINY_CASES)")
+    c.add_argument("--against", choices=BACKENDS,
+                   help=f"also compare with this backend on the same inputs (limit {AGAINST_FACTOR}x the reference's)")
+    fx = sub.add_parser("flex", help="backend flex's check and the timing stages' FlexAttention compiles, in parallel")
+    fx.add_argument("--stages", nargs="+", default=[], metavar="NAME:CAP[:D:B:GRIDS[:+METHOD,...]]",
+                    help="the timing stages, as gpu_session.sh passes them (their FlexAttention cases are compiled)")
+    fx.add_argument("--methods", nargs="+", default=[], help="the timing stages' benchmark.py --methods")
+    fx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    fx.add_argument("--heads", type=int, default=8, help="the timing stages' H [8]")
+    fx.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    fx.add_argument("--jobs", type=int, default=14, help="processes [14]")
+    fx.add_argument("--tiny", action="store_true", help="the dry run's check: one tiny case, float32, the forward")
+    fx.add_argument("--out", help="append one JSON line per check here")
     s = sub.add_parser("sanitize-one", help="one small fwd+bwd call of each backend")
     s.add_argument("backends", nargs="+", choices=BACKENDS)
     s.add_argument("--tiny", action="store_true", help="a smaller call (the dry run)")
@@ -1165,6 +1411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     return {"env": lambda: (env(args), 0)[1], "check": lambda: check(args), "sanitize-one": lambda: sanitize_one(args),
             "summary": lambda: summary(args), "plan": lambda: plan(args), "warm": lambda: warm(args),
+            "flex": lambda: flex(args),
             "compile-time": lambda: compile_time(args)}[args.command]()
 
 

@@ -15,13 +15,18 @@
 #               log (warm.log) and plan.json hold the plan of the run
 #   3 check     triton-fft, then triton (bf16, fp16, fp32) against the reference (forward and every
 #               gradient; 1D/2D/3D grids, extra tokens, M > 1, causal; poisoned outputs)          240
+#     check-flex  flex (FlexAttention) against the reference and triton, bf16 and fp32, forward and
+#               gradients; with the timing stages' FlexAttention compiles, 14 processes at once
+#               (gpu_check.py flex: Inductor's disk caches then hold them), while the build runs      90
 #     check-cuda  the same for cuda and direct, once the build is done                              60
 #     memcheck  compute-sanitizer --tool memcheck on one small call of each compiled backend       90
 #   4 overhead  benchmarks/overhead.py: host time, kernel launches, 14x14+1 bf16 vs sdpa-flash      60
 #     timing    benchmarks/benchmark.py, bf16, D=64, fwd and fwd+bwd, 14x14 .. 256x256 and 16x64x64
-#               at batches that fill the GPU, vs sdpa-flash, sdpa-cudnn, sdpa-efficient, flash-attn;
-#               peak memory; the Triton autotune choices (TRITON_PRINT_AUTOTUNING)        90, 90, 120
-#               D=128 (32x32, 64x64) if more than 100 s are left                                     75
+#               at batches that fill the GPU, vs sdpa-flash, sdpa-cudnn, sdpa-efficient, flash-attn,
+#               and from 14x14 to 64x64 the FlexAttention peers flex-lisa and flex-rpb; peak memory;
+#               the Triton autotune choices (TRITON_PRINT_AUTOTUNING)                   90, 120, 120
+#               D=128 (32x32, 64x64) if more than 100 s are left (the plan: not, since the flex
+#               timings)                                                                              75
 #   5 fit       benchmarks/fit_cost_model.py --device-class sm_90 --dry-run on the timings          30
 #     predict   benchmarks/predict.py: per pass (fwd, bwd) of triton, sdpa-flash and flash-attn, kernel_report.py's
 #               bound at the GPU's clock against the measured time (predicted.txt, in summary.txt)
@@ -66,12 +71,18 @@ export TRITON_PRINT_AUTOTUNING=1
 # The GPU run's stages after env, in order, with their caps (s): NAME:CAP, a timing stage NAME:CAP:D:B:GRIDS
 # (benchmark.py at head dim D, batch B, H = 8) and :if-time-S for one that runs only if more than S s are left.
 # gpu_check.py plan and warm take the same list (with env first), so the plan counts what the stages run.
-# Estimated (plan, 10 warm-up processes): env 20, check 115, build wait 35, check-cuda 22, memcheck 41, overhead
-# 33, timing 19 / 34 / 91, d128 45, fit 13: d128 starts at ~411 s with ~119 s left (its threshold: 100 s, so that
-# its cap, 75 s, and fit's 30 s fit within the budget).
-GPU_STAGES=(check:240 build:300 check-cuda:60 memcheck:90 overhead:60
-            timing-d64-a:90:64:256:14x14 timing-d64-b:90:64:16:32x32,64x64
+# A timing stage may add methods of its own (:+METHOD,...): the FlexAttention peers from 14x14 to 64x64 (the issue's
+# triton / flex-lisa targets), compiled beforehand by check-flex.
+# Estimated (plan, 10 warm-up processes; FlexAttention's compile times guessed): env 20, check 115, check-flex 38
+# (the build's wait), check-cuda 22, memcheck 41, overhead 33, timing 33 / 62 / 94, fit 13: ~470 s; d128 would
+# start at ~457 s with ~73 s left, under its threshold (100 s, so that its cap, 75 s, and fit's 30 s fit within
+# the budget): the flex timings took its place, and it runs where the stages go faster than estimated.
+GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 overhead:60
+            timing-d64-a:90:64:256:14x14:+flex-lisa,flex-rpb timing-d64-b:120:64:16:32x32,64x64:+flex-lisa,flex-rpb
             timing-d64-c:120:64:1:128x128,256x256,16x64x64 timing-d128:75:128:16:32x32,64x64:if-time-100 fit:30)
+# the dry run's timing stages (on the CPU, D = 8, B = 1; see timing below)
+DRY_STAGES=(timing-d64-a:60:8:1:3x3 timing-d64-b:90:8:1:2x2x2:+flex-lisa,flex-rpb)
+DRY_METHODS="sdpa lisa-direct lisa-auto"      # the second dry timing stage's (the first simulates the GPU's)
 GPU_METHODS="sdpa-flash sdpa-cudnn sdpa-efficient flash-attn lisa-auto lisa-triton lisa-triton-fft lisa-cuda"
 GPU_BENCH="--repeats 10 --warmup 3 --min-time 0.1 --max-seconds 2"
 PLAN_ARGS="--stages env:30 ${GPU_STAGES[*]} --budget $BUDGET --methods $GPU_METHODS $GPU_BENCH"
@@ -193,6 +204,21 @@ stage check $CHECK_CAP $PY benchmarks/gpu_check.py check --backends triton-fft t
 # runs at its cap's edge)
 [ $DRY = 1 ] && start_warm --jobs 1 --limit 1
 
+# flex (FlexAttention) against the reference and against triton on the same inputs, bf16 and fp32, in processes of
+# their own beside one call of each timing stage's FlexAttention case (flex-lisa, flex-rpb, lisa-auto where it picks
+# flex): each compiles seconds in one process, so 14 at once, while the build still runs; the timing stages then find
+# the compiled graphs in Inductor's disk caches. The dry run: one tiny float32 case, the forward (no CPU backward),
+# and the second dry timing stage's cases on the CPU, in 2 processes
+TIMING_SPECS=""
+for spec in "${GPU_STAGES[@]}"; do case $spec in timing-*) TIMING_SPECS="$TIMING_SPECS $spec" ;; esac; done
+if [ $DRY = 1 ]; then
+  stage check-flex 120 $PY benchmarks/gpu_check.py flex --tiny --stages "${DRY_STAGES[1]}" --methods $DRY_METHODS \
+    --device cpu --heads 1 --dtype float32 --jobs 2 --out "$WORK/check.jsonl"
+else
+  stage check-flex $(cap check-flex) $PY benchmarks/gpu_check.py flex --stages $TIMING_SPECS --methods $GPU_METHODS \
+    --jobs 14 --out "$WORK/check.jsonl"
+fi
+
 wait_build() {   # the rest of the build's own cap, at most the time left
   local waited=0
   while [ ! -f "$BUILD_RC" ] && kill -0 "$BUILD_PID" 2> /dev/null; do   # (not our child: poll)
@@ -230,38 +256,39 @@ else
 fi
 
 # benchmark.py with one batch per group of grids, so that each fills the GPU (B*H*N ~ 2^19 .. 2^20, H = 8)
-timing() {   # timing NAME D B GRIDS...
-  local name=$1 D=$2 B=$3; shift 3
+timing() {   # timing NAME D B EXTRA GRIDS...: EXTRA the stage's own methods (comma-separated), or -
+  local name=$1 D=$2 B=$3 extra=${4//,/ }; shift 4
+  [ "$extra" = - ] && extra=""
   if [ $DRY = 1 ]; then
     # the first dry timing stage simulates the H100 (benchmark.py --fake-gpu): the GPU run's LiSA methods (lisa-auto
     # picks triton there, so lisa-triton's host code runs; itself left out: 8 s more), their host code and Triton
-    # autotuning, kernels interpreted (about 20 s, against 8 s unsimulated); the second runs the CPU's methods
-    local methods="sdpa lisa-direct lisa-auto" fake=""
+    # autotuning, kernels interpreted (about 20 s, against 8 s unsimulated); the second runs the CPU's methods (and the
+    # FlexAttention peers' forward, compiled by check-flex)
+    local methods="$DRY_METHODS" fake=""
     [ "$name" = timing_d64_a ] && methods="sdpa lisa-auto lisa-triton-fft lisa-cuda" fake="--fake-gpu h100"
     $PY benchmarks/benchmark.py --device cpu --grids "$@" --dims "$D" --batch "$B" --heads 1 --modes fwd fwd+bwd \
-      --methods $methods $fake --repeats 1 --warmup 0 --min-time 0 --rotate 1 \
+      --methods $methods $extra $fake --repeats 1 --warmup 0 --min-time 0 --rotate 1 \
       --in-process --no-plot --out "$WORK/$name.json"
   else
     $PY benchmarks/benchmark.py --device cuda --grids "$@" --dims "$D" --batch "$B" --heads 8 --dtypes bfloat16 \
-      --modes fwd fwd+bwd --methods $GPU_METHODS $GPU_BENCH --rotate 2 --no-plot --out "$WORK/$name.json"
+      --modes fwd fwd+bwd --methods $GPU_METHODS $extra $GPU_BENCH --rotate 2 --no-plot --out "$WORK/$name.json"
   fi
 }
 export -f timing
-export GPU_METHODS GPU_BENCH
-if [ $DRY = 1 ]; then
-  stage timing-d64-a 60 timing timing_d64_a 8 1 3x3
-  stage timing-d64-b 60 timing timing_d64_b 8 1 2x2x2
-else
-  for spec in "${GPU_STAGES[@]}"; do
-    case $spec in timing-*) ;; *) continue ;; esac
-    IFS=: read -r name cap D B grids when <<< "$spec"
-    if [ -n "$when" ] && [ "$(left)" -le "${when#if-time-}" ]; then
-      printf '%-12s %-8s %5ss  %s\n' "$name" skipped 0 "too little time left" | tee -a "$WORK/stages.txt"
-      continue
-    fi
-    stage "$name" "$cap" timing "${name//-/_}" "$D" "$B" ${grids//,/ }
-  done
-fi
+export GPU_METHODS GPU_BENCH DRY_METHODS
+# a timing stage's spec: NAME:CAP:D:B:GRID,...[:+METHOD,...][:if-time-S]
+[ $DRY = 1 ] && TIMING_STAGES=("${DRY_STAGES[@]}") || TIMING_STAGES=("${GPU_STAGES[@]}")
+for spec in "${TIMING_STAGES[@]}"; do
+  case $spec in timing-*) ;; *) continue ;; esac
+  IFS=: read -r -a f <<< "$spec"
+  name=${f[0]} when="" extra=-
+  for x in "${f[@]:5}"; do case $x in if-time-*) when=${x#if-time-} ;; +*) extra=${x#+} ;; esac; done
+  if [ -n "$when" ] && [ "$(left)" -le "$when" ]; then
+    printf '%-12s %-8s %5ss  %s\n' "$name" skipped 0 "too little time left" | tee -a "$WORK/stages.txt"
+    continue
+  fi
+  stage "$name" "${f[1]}" timing "${name//-/_}" "${f[2]}" "${f[3]}" "$extra" ${f[4]//,/ }
+done
 
 # ---------------------------------------------------------------- 5 the cost-model fit (dry run), the targets
 # a timing stage cut short by its cap leaves only benchmark.py's running file, <name>.json.tmp: use it then

@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from methods import (Case, cannot_run_reason, chosen_backend, explain_case, flop_kind, lisa_backend, make_call,
-                     make_inputs, model_flops)
+from methods import (Case, cannot_run_reason, chosen_backend, explain_case, flop_kind, is_lisa, lisa_backend,
+                     make_call, make_inputs, model_flops)
 from reports import duration_text, seconds_text, write_json
 
 MIB = 2.0 ** 20
@@ -275,9 +275,10 @@ BUDGET_MARGIN = 1.5     # a case must fit in the time budget at 1.5x its predict
 def estimate(case: Case, records: Sequence[Dict]) -> Tuple[Optional[float], str]:
     """(seconds per call, how it was estimated); None where there is nothing to estimate from.
 
-    LiSA: its cost model. A baseline: its own time on the previous, smaller grid of the same D, mode and rank,
-    times N^2 (N for linear attention); else its time at another point, times the ratio of the FLOP model."""
-    if case.method.startswith("lisa-"):
+    LiSA (flex-lisa too): its cost model. A baseline: its own time on the previous, smaller grid of the same D, mode
+    and rank, times N^2 (N for linear attention); else its time at another point, times the ratio of the FLOP
+    model."""
+    if is_lisa(case.method):
         return lisa_model_seconds(case), MODEL_SOURCE
     prev = previous_grid_record(case, records)
     if prev is not None:
@@ -295,7 +296,7 @@ def estimate(case: Case, records: Sequence[Dict]) -> Tuple[Optional[float], str]
 def backend_name(case: Case) -> str:
     """The LiSA backend a case runs ("direct", "fft", ...; for lisa-auto the one it picks)."""
     name = chosen_backend(case)
-    return lisa_backend(name) if name.startswith("lisa-") else name
+    return lisa_backend(name) if is_lisa(name) else name
 
 
 class Clock:

@@ -3,7 +3,9 @@
 - ``Case`` (one measurement: a method on one grid, head dim, dtype and mode), ``parse_grid``, ``parse_point``
   and ``build_cases`` (the list of cases of a sweep, in the order they run);
 - the method names (``METHODS``, ``METHOD_HELP``) and the baselines' attention: SDPA and its kernels, flash-attn,
-  a Swin/BEiT-style dense relative-position bias (``dense_bias_attention``), plain linear attention;
+  a Swin/BEiT-style dense relative-position bias (``dense_bias_attention``), plain linear attention, and the
+  FlexAttention peers: ``flex-lisa`` (LiSA through ``backend="flex"``) and ``flex-rpb`` (softmax attention with a
+  learned relative-position bias as a FlexAttention score_mod, ``flex_rpb_attention``);
 - the inputs of a case (``make_inputs``) and the timed call on them (``make_call``: forward, backward or both);
 - why a method cannot run a case (``cannot_run_reason``), the backend ``lisa-auto`` picks (``chosen_backend``);
 - the FLOP model of each method (``FLOP_FORMULAS``, ``model_flops``).
@@ -60,10 +62,16 @@ def _lisa_backends():
 
 
 LISA_FORMS, _MODELLED = _lisa_backends()
+# LiSA backends timed as peers under a name of their own rather than as lisa-<name>: backend="flex" is the same
+# operator through PyTorch's FlexAttention, the implementation a user could write without this package
+PEER_BACKENDS = {"flex": "flex-lisa"}
 # the backends with a cost model, lisa-auto, then the others (the reference)
-LISA_METHODS = tuple(f"lisa-{b}" for b in [n for n in LISA_FORMS if n in _MODELLED] + ["auto"]
-                     + [n for n in LISA_FORMS if n not in _MODELLED])
-METHODS = BASELINES + LISA_METHODS
+LISA_METHODS = tuple(f"lisa-{b}" for b in [n for n in LISA_FORMS if n in _MODELLED and n not in PEER_BACKENDS]
+                     + ["auto"] + [n for n in LISA_FORMS if n not in _MODELLED and n not in PEER_BACKENDS])
+# FlexAttention peers, last of a point: flex-lisa (whether or not the library timed has backend "flex": compare.py
+# times older ones, where it cannot run) and flex-rpb (softmax with a relative-position bias, written here)
+FLEX_METHODS = ("flex-lisa", "flex-rpb")
+METHODS = BASELINES + LISA_METHODS + FLEX_METHODS
 METHOD_HELP = {
     "sdpa": "F.scaled_dot_product_attention, torch's own kernel choice",
     "sdpa-flash": "SDPA restricted to its FlashAttention-2 kernel (sdpa_kernel(SDPBackend.FLASH_ATTENTION))",
@@ -74,8 +82,12 @@ METHOD_HELP = {
     "dense-bias": "softmax(q k^T / sqrt(D) + B) v with B[h, i, j] = table[h, offset(i, j)] gathered each call "
                   "(Swin/BEiT-style relative position bias; SDPA with a float attn_mask), table learned",
     "linear": "plain linear attention phi(q) (phi(k)^T v) / (phi(q) sum phi(k)), phi = elu + 1",
-    **{f"lisa-{b}": f"lisa_attention(..., backend={b!r})" for b in LISA_FORMS},
+    **{f"lisa-{b}": f"lisa_attention(..., backend={b!r})" for b in LISA_FORMS if b not in PEER_BACKENDS},
     "lisa-auto": "lisa_attention(..., backend='auto'); the record names the backend it chose",
+    "flex-lisa": "lisa_attention(..., backend='flex'): the same operator through PyTorch's FlexAttention (compiled "
+                 "per shape; no backward on the CPU)",
+    "flex-rpb": "softmax(q k^T / sqrt(D) + table[h, p_i - p_j]) v through torch.compile(flex_attention), the bias a "
+                "score_mod gathering a learned (H, prod(2S-1)) table (Swin-style; no backward on the CPU)",
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -90,7 +102,9 @@ FLOP_FORMULAS = {
                    "RPE weight and the normaliser)",
     "lisa-fft": "fwd B*H*Dk*(Dv+M)*(5*P*log2(P) + 3*P + 4*N), P = product of the padded FFT sizes (a real FFT and "
                 "its inverse, 2.5*P*log2(P) each, the spectral product, forming and contracting each channel)",
-    "backward": "bwd 2.5x fwd for softmax and lisa-direct kinds, 2x for linear and lisa-fft kinds; "
+    "flex-lisa": "fwd 2*B*H*N^2*(M*Dk+Dv) (FlexAttention's q k^T once per RPE group, the kernel A_ij, and p v; "
+                 "the log-weights in the score_mod not counted); flex-rpb counts as softmax",
+    "backward": "bwd 2.5x fwd for softmax, lisa-direct and flex-lisa kinds, 2x for linear and lisa-fft kinds; "
                 "fwd+bwd = fwd + bwd",
 }
 
@@ -196,7 +210,14 @@ def build_cases(args) -> List[Case]:
 # ---------------------------------------------------------------------------------------------- methods
 
 def lisa_backend(method: str) -> str:
-    return method[len("lisa-"):]
+    """The lisa_kernels backend a LiSA method calls: "lisa-fft" -> "fft", "flex-lisa" -> "flex"."""
+    peers = {m: b for b, m in PEER_BACKENDS.items()}
+    return peers[method] if method in peers else method[len("lisa-"):]
+
+
+def is_lisa(method: str) -> bool:
+    """Whether the method is lisa_attention (lisa-<backend>, or a peer backend such as flex-lisa)."""
+    return method.startswith("lisa-") or method in PEER_BACKENDS.values()
 
 
 def relative_index(grid: Sequence[int], device) -> torch.Tensor:
@@ -223,6 +244,74 @@ def linear_attention(q, k, v, eps: float = 1e-6):
     num = torch.einsum("bhnd,bhde->bhne", q, kv)
     den = torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + eps
     return num / den.unsqueeze(-1)
+
+
+def rpb_token_index(grid: Sequence[int], num_extra: int, device) -> torch.Tensor:
+    """(N,) int32 lin[t] = position of token t dotted with the flat (2*S1-1) x (2*S2-1) x ... table's row-major
+    strides (0 for the ``num_extra`` extra tokens, which come first), so that the pair (i, j) of grid tokens reads
+    entry lin[i] - lin[j] + center, center = prod(2S-1) // 2 (offset 0): relative_index's entry, O(N) memory."""
+    lin, stride = torch.zeros((), dtype=torch.long, device=device), 1
+    for axis, s in reversed(list(enumerate(grid))):
+        shape = [1] * len(grid)
+        shape[axis] = s
+        lin = lin + stride * torch.arange(s, device=device).reshape(shape)
+        stride *= 2 * s - 1
+    head = torch.zeros(num_extra, dtype=torch.long, device=device)
+    return torch.cat([head, lin.reshape(-1)]).to(torch.int32)
+
+
+def flex_module():
+    """``torch.nn.attention.flex_attention``, or None in a torch without it."""
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:
+        return None
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex_attention():
+    """flex_attention compiled once per shape (as lisa_kernels' backend "flex" does): its eager form is a slow
+    math reference, and its CPU kernel exists only compiled."""
+    return torch.compile(flex_module().flex_attention, dynamic=False, fullgraph=True)
+
+
+def flex_rpb_attention(q, k, v, table, lin, num_extra: int = 0):
+    """softmax_j(q_i . k_j / sqrt(D) + b_ij) v_j through FlexAttention, b_ij = table[h, lin[i] - lin[j] + center]
+    for two grid tokens and 0 where i or j is an extra token: the relative-position bias of Swin-style models as a
+    score_mod that gathers from the (H, T) table (T = prod(2S-1), center = T // 2) by the int32 token index
+    ``lin`` (rpb_token_index); an appended zero entry T serves the extra tokens' pairs. Differentiable in q, k, v
+    and the table where FlexAttention has a backward (CUDA)."""
+    E, center = num_extra, table.shape[1] // 2
+    padded = torch.cat([table, table.new_zeros(table.shape[0], 1)], dim=1)
+    zero_entry = table.shape[1]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        entry = torch.where((q_idx < E) | (kv_idx < E), zero_entry, lin[q_idx] - lin[kv_idx] + center)
+        return score + padded[h, entry]
+
+    # one compile per shape: dynamo's recompile limit (8 per function, shared with lisa_kernels' own compiled
+    # flex_attention) would fall back to the slow eager form within a sweep
+    limits = {"recompile_limit": 64, "accumulated_recompile_limit": 1024}
+    with torch._dynamo.config.patch(**{k_: v_ for k_, v_ in limits.items() if hasattr(torch._dynamo.config, k_)}):
+        return compiled_flex_attention()(q, k, v, score_mod=score_mod)
+
+
+def flex_reason(device: str, dtype: str, mode: str) -> Optional[str]:
+    """Why FlexAttention (flex-rpb) cannot run there, or None: the torch, the device, the dtype, and on the CPU
+    the backward (its compiled CPU kernel is inference only)."""
+    dev = torch.device(device).type
+    if flex_module() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    if dev not in ("cpu", "cuda"):
+        return f"FlexAttention runs on CPU and CUDA devices, not {dev}"
+    if dtype == "float64":
+        return "FlexAttention's kernels take float16, bfloat16 and float32, not float64"
+    if dev == "cpu" and not torch.cpu._is_avx2_supported():
+        return "FlexAttention's compiled CPU kernel needs a CPU with AVX2"
+    if dev == "cpu" and mode != "fwd":
+        return "FlexAttention has no backward on the CPU (its compiled CPU kernel is inference only)"
+    return None
 
 
 def flash_attn_func():
@@ -255,15 +344,17 @@ def forward(case: Case, x: Dict[str, torch.Tensor]) -> torch.Tensor:
         return dense_bias_attention(x["q"], x["k"], x["v"], x["table"], x["index"])
     if m == "linear":
         return linear_attention(x["q"], x["k"], x["v"])
+    if m == "flex-rpb":
+        return flex_rpb_attention(x["q"], x["k"], x["v"], x["table"], x["lin"])
     return lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=case.grid,
                                        backend=lisa_backend(m))
 
 
 def position_params(case: Case) -> List[str]:
     """The inputs besides q, k, v that the method learns (and so differentiates)."""
-    if case.method.startswith("lisa-"):
+    if is_lisa(case.method):
         return ["rpe"]
-    return ["table"] if case.method == "dense-bias" else []
+    return ["table"] if case.method in ("dense-bias", "flex-rpb") else []
 
 
 def make_inputs(case: Case, which: int = 0) -> Dict[str, torch.Tensor]:
@@ -277,11 +368,14 @@ def make_inputs(case: Case, which: int = 0) -> Dict[str, torch.Tensor]:
 
     shape = (case.B, case.H, case.N, case.D)
     x = {"q": randn(*shape), "k": randn(*shape), "v": randn(*shape)}
-    if case.method.startswith("lisa-"):
+    if is_lisa(case.method):
         x["rpe"] = randn(case.H, 1, *(2 * s - 1 for s in case.grid), scale=0.1)
-    if case.method == "dense-bias":
+    if case.method in ("dense-bias", "flex-rpb"):
         x["table"] = randn(case.H, math.prod(2 * s - 1 for s in case.grid), scale=0.1)
+    if case.method == "dense-bias":
         x["index"] = relative_index(case.grid, dev)
+    if case.method == "flex-rpb":
+        x["lin"] = rpb_token_index(case.grid, 0, dev)
     if case.mode != "fwd":
         x["grad_out"] = randn(*shape)
         for name in ["q", "k", "v"] + position_params(case):
@@ -351,10 +445,14 @@ def probe_reason(case: Case) -> Optional[str]:
 def cannot_run_reason(case: Case) -> Optional[str]:
     """Why the case's method cannot run it (lisa_kernels' reason, a missing package, memory); None if it can."""
     m = case.method
-    if m.startswith("lisa-") and m != "lisa-auto":
+    if m == "flex-lisa" and "flex" not in LISA_FORMS:
+        return "this lisa_kernels has no backend 'flex' (FlexAttention)"
+    if is_lisa(m) and m != "lisa-auto":
         e = explain_case(case).estimates.get(lisa_backend(m))
         if e is not None and e.reason is not None:
             return e.reason
+    if m in FLEX_METHODS:   # (flex-lisa: the CPU backward too, where the library's explain does not say it)
+        return flex_reason(case.device, case.dtype, case.mode)
     if m == "flash-attn":
         if not case.device.startswith("cuda"):
             return "flash-attn runs on CUDA devices only"
@@ -380,9 +478,11 @@ def flop_kind(backend: str) -> str:
     """Which FLOP_FORMULAS entry a method (or the backend lisa-auto chose) follows."""
     if backend == "linear":
         return "linear"
-    if backend in SOFTMAX_METHODS:
+    if backend in SOFTMAX_METHODS or backend == "flex-rpb":
         return "softmax"
-    name = backend[len("lisa-"):] if backend.startswith("lisa-") else backend
+    name = lisa_backend(backend) if is_lisa(backend) else backend
+    if name in PEER_BACKENDS:
+        return PEER_BACKENDS[name]
     return "lisa-fft" if LISA_FORMS.get(name) == "fft" else "lisa-direct"
 
 
@@ -397,6 +497,8 @@ def model_flops(case: Case, backend: str) -> float:
         fwd, bwd = 4.0 * B * H * N * D * (D + 1), 2.0
     elif kind == "lisa-direct":
         fwd, bwd = 2.0 * B * H * N * N * (2 * D + 1), 2.5
+    elif kind == "flex-lisa":           # M = 1: 2 B H N^2 (M Dk + Dv)
+        fwd, bwd = 2.0 * B * H * N * N * (D + D), 2.5
     else:
         P = math.prod(fft_sizes(case.grid, False))
         fwd, bwd = B * H * D * (D + 1) * (5.0 * P * math.log2(P) + 3.0 * P + 4.0 * N), 2.0

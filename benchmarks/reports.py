@@ -231,7 +231,8 @@ def _pyplot():
 COLORS = {"sdpa": "black", "sdpa-flash": "black", "sdpa-efficient": "dimgray", "sdpa-cudnn": "gray",
           "sdpa-math": "silver", "flash-attn": "tab:brown", "dense-bias": "tab:red", "linear": "tab:purple",
           "lisa-direct": "tab:blue", "lisa-fft": "tab:orange", "lisa-auto": "tab:green", "lisa-triton": "tab:cyan",
-          "lisa-triton-fft": "tab:olive", "lisa-cuda": "tab:pink", "lisa-reference": "lightgray"}
+          "lisa-triton-fft": "tab:olive", "lisa-cuda": "tab:pink", "lisa-reference": "lightgray",
+          "flex-lisa": "tab:gray", "flex-rpb": "darkred"}
 
 
 def plot_times(records: Sequence[Dict], meta: Dict, path: str) -> bool:
@@ -249,7 +250,7 @@ def plot_times(records: Sequence[Dict], meta: Dict, path: str) -> bool:
                              r["status"]) == (method, D, dtype, mode, "ok"))
                 if pts:   # "auto" as a wide translucent band under the backend it picked
                     style = dict(linewidth=6, alpha=0.3, zorder=1) if method == "lisa-auto" else dict(zorder=2)
-                    dashed = "--" if method in BASELINES else "-"
+                    dashed = "--" if method in BASELINES or method == "flex-rpb" else "-"
                     ax.plot(*zip(*pts), dashed, marker="o", markersize=3, color=COLORS.get(method), label=method,
                             **style)
             ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="median ms per call",

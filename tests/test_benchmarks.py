@@ -77,6 +77,100 @@ def test_flop_formulas():
     assert methods.model_flops(bwd, "sdpa") == 3.5 * methods.model_flops(case, "sdpa")
     assert methods.flop_kind("fft") == methods.flop_kind("lisa-cuda") == "lisa-fft"
     assert methods.flop_kind("direct") == methods.flop_kind("lisa-triton") == "lisa-direct"
+    # flex-lisa: A once per RPE group, 2 B H N^2 (M Dk + Dv) with M = 1; flex-rpb: softmax attention
+    assert methods.flop_kind("flex-lisa") == methods.flop_kind("flex") == "flex-lisa"     # (auto may pick flex)
+    assert methods.model_flops(case, "flex-lisa") == 2 * 2 * 3 * 64 ** 2 * (32 + 32)
+    assert methods.model_flops(bwd, "flex-lisa") == 3.5 * methods.model_flops(case, "flex-lisa")
+    assert methods.flop_kind("flex-rpb") == "softmax"
+    assert methods.model_flops(bwd, "flex-rpb") == methods.model_flops(bwd, "sdpa")
+    assert "flex-lisa" in methods.FLOP_FORMULAS
+
+
+# ------------------------------------------------------------------------- the FlexAttention peers
+
+def _flex_case(method, mode="fwd", dtype="float32", grid=(3, 4), D=8):
+    return methods.Case(grid=grid, D=D, dtype=dtype, mode=mode, method=method, B=2, H=2, device="cpu", repeats=1,
+                        warmup=0, min_time=0.0, rotate=1, seed=5)
+
+
+def test_method_list_names_the_flex_peers_once():
+    """backend "flex" is timed as the peer flex-lisa, not also as lisa-flex; every method has its help line."""
+    assert "flex-lisa" in methods.METHODS and "flex-rpb" in methods.METHODS
+    assert "lisa-flex" not in methods.METHODS and "lisa-flex" not in methods.METHOD_HELP
+    assert set(methods.METHOD_HELP) == set(methods.METHODS)
+    assert methods.lisa_backend("flex-lisa") == "flex" and methods.lisa_backend("lisa-fft") == "fft"
+    assert methods.is_lisa("flex-lisa") and not methods.is_lisa("flex-rpb")
+    assert methods.position_params(_flex_case("flex-lisa")) == ["rpe"]
+    assert methods.position_params(_flex_case("flex-rpb")) == ["table"]
+
+
+@pytest.mark.parametrize("grid", [(5,), (3, 4), (2, 3, 2)])
+def test_rpb_token_index_gives_the_relative_index(grid):
+    """flex-rpb's per-token index: lin[i] - lin[j] + center is the dense relative index of every grid pair, and the
+    extra tokens (first) have lin 0."""
+    lin = methods.rpb_token_index(grid, 2, "cpu")
+    assert lin.dtype == torch.int32 and lin.shape == (2 + math.prod(grid),) and lin[:2].tolist() == [0, 0]
+    center = math.prod(2 * s - 1 for s in grid) // 2
+    g = lin[2:].long()
+    assert torch.equal(g[:, None] - g[None, :] + center, offsets_table_index(grid))
+
+
+def test_flex_rpb_is_softmax_with_the_gathered_bias_extra_tokens_unbiased():
+    """flex-rpb's forward (compiled FlexAttention on the CPU) against SDPA with the dense bias of the same table
+    (dense-bias's gather), extended by zero rows and columns for one extra token."""
+    gen = torch.Generator().manual_seed(2)
+    grid, E, H, D = (3, 4), 1, 2, 8
+    N = E + math.prod(grid)
+    q, k, v = (torch.randn(2, H, N, D, generator=gen) for _ in range(3))
+    table = 0.5 * torch.randn(H, 5 * 7, generator=gen)
+    got = methods.flex_rpb_attention(q, k, v, table, methods.rpb_token_index(grid, E, "cpu"), num_extra=E)
+    bias = torch.zeros(H, N, N)
+    bias[:, E:, E:] = table[:, methods.relative_index(grid, "cpu")]
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    without_extra = methods.dense_bias_attention(q[:, :, E:], k[:, :, E:], v[:, :, E:], table,
+                                                 methods.relative_index(grid, "cpu"))
+    assert not torch.allclose(got[:, :, E:], without_extra, atol=1e-3)     # the extra token is attended to
+
+
+def test_flex_methods_forward_is_their_operator():
+    """The timed forward of each peer on its inputs: flex-lisa is lisa_attention's reference operator (rpe the
+    method's input), flex-rpb is dense-bias with the same table."""
+    for method in ("flex-lisa", "flex-rpb"):
+        case = _flex_case(method)
+        x = methods.make_inputs(case)
+        got = methods.forward(case, x)
+        if method == "flex-lisa":
+            want = lisa_kernels.lisa_attention(x["q"], x["k"], x["v"], x["rpe"], grid=case.grid, backend="reference")
+        else:
+            assert x["table"].shape == (case.H, 5 * 7) and x["lin"].dtype == torch.int32
+            want = methods.dense_bias_attention(x["q"], x["k"], x["v"], x["table"], methods.relative_index(case.grid,
+                                                                                                           "cpu"))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_methods_cannot_train_on_the_cpu_and_say_why(tmp_path):
+    for method in ("flex-lisa", "flex-rpb"):
+        assert methods.cannot_run_reason(_flex_case(method)) is None
+        for mode in ("bwd", "fwd+bwd"):
+            reason = methods.cannot_run_reason(_flex_case(method, mode))
+            assert reason and "no backward on the CPU" in reason, (method, mode, reason)
+        assert "float64" in methods.cannot_run_reason(_flex_case(method, dtype="float64"))
+    # the sweep records it as skipped, nothing run
+    args = benchmark.parse_args(["--device", "cpu", "--cases", "3x4:8:fwd+bwd", "--methods", "flex-lisa", "flex-rpb",
+                                 "--in-process", "--out", str(tmp_path / "x.json")])
+    for case in methods.build_cases(args)[1:]:
+        rec = harness.run_case(case, [], args)
+        assert rec["status"] == "skipped" and "no backward on the CPU" in rec["reason"], rec
+
+
+def test_flex_lisa_on_a_library_without_backend_flex(monkeypatch):
+    """compare.py times git refs whose lisa_kernels predates backend "flex": flex-lisa is still a method, with a
+    reason, and no lisa-flex appears."""
+    monkeypatch.setattr(methods, "LISA_FORMS", {n: f for n, f in methods.LISA_FORMS.items() if n != "flex"})
+    for mode in ("fwd", "fwd+bwd"):
+        assert methods.cannot_run_reason(_flex_case("flex-lisa", mode)) == \
+            "this lisa_kernels has no backend 'flex' (FlexAttention)"
 
 
 @pytest.fixture(scope="module")

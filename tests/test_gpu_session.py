@@ -12,7 +12,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("env", "plan", "check", "build", "check-cuda", "memcheck", "overhead", "timing-d64-a", "timing-d64-b", "fit")
+STAGES = ("env", "plan", "check", "check-flex", "build", "check-cuda", "memcheck", "overhead", "timing-d64-a",
+          "timing-d64-b", "fit")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,30 @@ def test_dry_run_correctness_stage_checked_the_triton_backends(dry_run):
     tuned = [r for r in records if r["backend"] == "triton" and r["status"] == "ok"]
     assert tuned and all(r["autotunings"] >= 4 and r["compiles"] >= r["autotunings"] for r in tuned), tuned
     assert {r["status"] for r in records if r["backend"] == "cuda"} <= {"skip", "ok"}
+    # check-flex: flex against the reference and against triton on the same inputs (the dry run: the forward alone,
+    # FlexAttention has no CPU backward)
+    flex = [r for r in records if r["backend"] == "flex"]
+    assert flex and all(r["status"] == "ok" and r["against"] == "triton" and "worst_vs" in r for r in flex), flex
+
+
+def test_dry_run_timed_the_flexattention_peers(dry_run):
+    """The second dry timing stage times flex-rpb's forward (compiled by check-flex beforehand) and records the
+    forward+backward as skipped, FlexAttention having no CPU backward; flex-lisa too (or, where the library timed
+    is an installed one without backend flex, says so)."""
+    proc, _, work, _ = dry_run
+    with open(work / "timing_d64_b.json") as f:
+        records = {(r["method"], r["mode"]): r for r in json.load(f)["records"]}
+    assert records[("flex-rpb", "fwd")]["status"] == "ok", records[("flex-rpb", "fwd")]
+    for method in ("flex-rpb", "flex-lisa"):
+        r = records[(method, "fwd+bwd")]
+        assert r["status"] == "skipped" and ("no backward on the CPU" in r["reason"]
+                                             or "no backend 'flex'" in r["reason"]), r
+    lisa = records[("flex-lisa", "fwd")]
+    assert lisa["status"] == "ok" or "no backend 'flex'" in lisa["reason"], lisa
+    with open(work / "check-flex.log") as f:
+        log = f.read()
+    assert "warm: compiled" in log and "0 failed" in log, log[-2000:]
+    assert "Targets: lisa-triton vs flex-lisa" in proc.stdout
 
 
 def _plan(work):
@@ -114,7 +139,13 @@ def test_plan_counts_the_gpu_runs_triton_work_and_fits_the_budget(dry_run):
     assert max(order.index("check"), order.index("check-cuda")) < min(order.index(r["stage"]) for r in timings)
     assert plan["triton"] == "3.6" and plan["budget_s"] == 530
     assert plan["fits_budget"] and plan["needed_s"] <= plan["budget_s"], plan["needed_s"]
-    assert not [r for r in plan["stages"] if r["skipped"]], plan["stages"]      # D = 128 included
+    # every stage runs but D = 128, which runs only if more than 100 s are left (the flex timings took its place)
+    skipped = {r["stage"]: r["skipped"] for r in plan["stages"] if r["skipped"]}
+    assert set(skipped) <= {"timing-d128"} and set(skipped.values()) <= {"too little time left"}, plan["stages"]
+    # check-flex: flex's checks (bf16 and fp32) and the FlexAttention cases of the timing stages that name the peers
+    assert rows["check-flex"]["cases"] == 4 and rows["check-flex"]["warm_cases"] >= 8, rows["check-flex"]
+    for name in ("timing-d64-a", "timing-d64-b"):
+        assert rows[name]["flex_compiles"] >= 4, rows[name]
     assert plan["every_stage_fits_its_cap"], [(r["stage"], r["estimate_s"], r["cap_s"]) for r in plan["stages"]]
     # why the warm-up: the compiles in one process alone would take more than the budget
     assert plan["warm"]["jobs"] > 1 and plan["compile_seconds_one_process"] > plan["budget_s"]
