@@ -140,3 +140,12 @@ def assert_close_to_reference(inputs, backend: str, tol: float, grad_out=None, f
     bad = {n: e for n, e in errs.items() if not e <= tol}
     assert not bad, f"backend={backend!r} {options}: relative errors over {tol:g}: {bad} (all: {errs})"
     return errs
+
+
+def config_id(c) -> str:
+    """A test id naming a random configuration (grid, extra tokens, M, head dims, options; eps where drawn)."""
+    g = "x".join(map(str, c["grid"]))
+    eps = f"-eps{c['eps']:g}" if "eps" in c else ""
+    return (f"g{g}-E{c['E']}{'x' if c['rpe_extra'] else ''}-M{c['M']}-Dk{c['Dk']}-Dv{c['Dv']}-{c['boundary'][:4]}"
+            f"{'-causal' if c['causal'] else ''}{'' if c['normalize'] else '-unnorm'}{eps}-{c['feature_map']}"
+            f"-s{c['scale']}-B{c['B']}H{c['H']}")

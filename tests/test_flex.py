@@ -27,7 +27,7 @@ import torch
 
 import lisa_kernels
 from lisa_kernels import flex
-from lisa_test_utils import cast_inputs, errors, forward_backward, make_inputs
+from lisa_test_utils import cast_inputs, config_id, errors, forward_backward, make_inputs
 
 SEED = int(os.environ.get("LISA_RANDOM_SEED", "23"))
 COUNT = int(os.environ.get("LISA_RANDOM_CONFIGS", "24"))
@@ -53,11 +53,7 @@ def _configs(count=COUNT, seed=SEED):
     return [_draw(rng) for _ in range(count)]
 
 
-def _id(c):
-    g = "x".join(map(str, c["grid"]))
-    return (f"g{g}-E{c['E']}{'x' if c['rpe_extra'] else ''}-M{c['M']}-Dk{c['Dk']}-Dv{c['Dv']}-{c['boundary'][:4]}"
-            f"{'-causal' if c['causal'] else ''}{'' if c['normalize'] else '-unnorm'}-eps{c['eps']:g}"
-            f"-{c['feature_map']}-s{c['scale']}-B{c['B']}H{c['H']}")
+_id = config_id
 
 
 def _inputs(cfg, dtype=torch.float64, requires_grad=True):

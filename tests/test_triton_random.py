@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from lisa_kernels.triton_direct import HAS_TRITON
-from lisa_test_utils import errors, forward_backward, make_inputs, triton_test_device
+from lisa_test_utils import config_id, errors, forward_backward, make_inputs, triton_test_device
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -65,11 +65,7 @@ def _configs():
     return [_draw(rng) for _ in range(COUNT)]
 
 
-def _id(c):
-    g = "x".join(map(str, c["grid"]))
-    return (f"g{g}-E{c['E']}{'x' if c['rpe_extra'] else ''}-M{c['M']}-Dk{c['Dk']}-Dv{c['Dv']}-{c['boundary'][:4]}"
-            f"{'-causal' if c['causal'] else ''}{'' if c['normalize'] else '-unnorm'}-{c['feature_map']}"
-            f"-s{c['scale']}-B{c['B']}H{c['H']}")
+_id = config_id
 
 
 @pytest.mark.parametrize("cfg", _configs(), ids=_id)
