@@ -77,6 +77,9 @@ def flex_grad_reason(p: Problem) -> Optional[str]:
     if p.device.type == "cpu" and COMPILE:
         return ("FlexAttention has no backward on the CPU (its compiled CPU kernel is inference only): use "
                 "backend='direct' or 'auto' to train on a CPU")
+    if torch.are_deterministic_algorithms_enabled():
+        return ("torch.use_deterministic_algorithms(True) is set, and FlexAttention's backward sums the rpe table's "
+                "gradient with atomic adds (its order varies): use backend='triton' or 'direct', which do not")
     return None
 
 

@@ -175,6 +175,22 @@ def test_a_gradient_on_the_cpu_raises_and_auto_does_not_train_with_flex():
     assert fwd.estimates["flex"].reason is None
 
 
+def test_no_training_through_flex_under_deterministic_algorithms():
+    """On a GPU flex's backward sums the table's gradient with atomic adds: where the user asked for deterministic
+    algorithms, flex has no backward (auto takes another backend; an explicit flex raises at the gradient)."""
+    import dataclasses
+    x = torch.zeros(1, 1, 4, 2)
+    p = lisa_kernels.check_inputs(x, x, x, torch.zeros(1, 1, 7), grid=(4,))
+    on_gpu = dataclasses.replace(p, device=torch.device("cuda"))      # (the check reads the device type only)
+    assert flex.flex_grad_reason(on_gpu) is None
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert "atomic adds" in flex.flex_grad_reason(on_gpu)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_float64_is_refused_before_anything_runs():
     x = make_inputs((4,), dtype=torch.float64, requires_grad=False)
     with pytest.raises(ValueError, match="backend='flex' cannot run this input: .*float64"):
