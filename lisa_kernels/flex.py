@@ -51,18 +51,14 @@ _RECOMPILE_LIMIT = 64
 _CPU_AVX2 = torch.cpu._is_avx2_supported()
 
 
-def _flex_module():
-    try:
-        from torch.nn.attention import flex_attention as module
-    except ImportError:         # pragma: no cover (torch >= 2.5 has it; the package needs 2.11)
-        return None
+def _flex():
+    """torch.nn.attention.flex_attention (imported on first use: it takes a quarter of a second)."""
+    from torch.nn.attention import flex_attention as module
     return module
 
 
 def flex_reason(p: Problem) -> Optional[str]:
     """None if FlexAttention can run ``p`` (forward), else why not."""
-    if _flex_module() is None:    # pragma: no cover
-        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
     if p.dtype == torch.float64:
         return "FlexAttention's kernels take float16, bfloat16 and float32, not float64 (use 'direct' or 'fft')"
     if p.device.type == "cpu" and COMPILE and not _CPU_AVX2:
@@ -161,11 +157,9 @@ def _score_mod(table, lin, E: int, N: int, T0: int, virtual: str):
 @functools.lru_cache(maxsize=64)
 def _causal_block_mask(n: int, nk: int, device: torch.device):
     """Keys j <= i, and the virtual key (index n) where there is one: whole masked blocks are skipped."""
-    module = _flex_module()
-
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx >= n)
-    return module.create_block_mask(mask_mod, None, None, n, nk, device=device)
+    return _flex().create_block_mask(mask_mod, None, None, n, nk, device=device)
 
 
 # ---------------------------------------------------------------- calling FlexAttention
@@ -271,7 +265,7 @@ def _flex_core(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask):
     if pad_v:
         vg = torch.nn.functional.pad(vg, (0, pad_v))
     score_mod = _score_mod(table, lin, E, N, table_extent, virtual)
-    result = _flex_module().flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
+    result = _flex().flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
                                            block_mask=block_mask, scale=1.0, return_lse=use_lse)
     out, lse = result if use_lse else (result, None)
     return out, lse, w, empty

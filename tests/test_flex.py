@@ -155,6 +155,20 @@ def test_gpu_head_dim_padding(eager_flex, monkeypatch):
     _judge(cfg, forward_backward(cast_inputs(x, torch.float32), "flex", **_options(cfg)), reference64, reference32)
 
 
+def test_unnormalized_without_a_log_sum_exp_in_eager_mode(eager_flex, monkeypatch):
+    """normalize=False by the compiled CPU kernel's route (a virtual key of known weight and a ones channel, no
+    log-sum-exp), run eagerly, so that every line of it runs in Python (compiled, dynamo only traces it)."""
+    monkeypatch.setattr(flex, "_route", lambda p: (False, "w", p.N + 1))
+    for causal, grid in ((False, (3, 5)), (True, (11,))):
+        cfg = dict(grid=grid, E=1, rpe_extra=True, M=2, Dk=3, Dv=4, boundary="zero", causal=causal,
+                   normalize=False, eps=1e-6, feature_map="elu1", scale=1.0, B=2, H=2, seed=21)
+        x = _inputs(cfg)
+        reference64 = forward_backward(x, "reference", **_options(cfg))
+        reference32 = forward_backward(cast_inputs(x, torch.float32), "reference", **_options(cfg))
+        _judge(cfg, forward_backward(cast_inputs(x, torch.float32), "flex", **_options(cfg)), reference64,
+               reference32)
+
+
 # ---------------------------------------------------------------- the CPU: forward only; caching
 
 def _small(requires_grad):
@@ -189,6 +203,43 @@ def test_no_training_through_flex_under_deterministic_algorithms():
         assert "atomic adds" in flex.flex_grad_reason(on_gpu)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_score_mod_reads_every_pairs_log_weight():
+    """The score_mod, called directly on every (query, key) pair (FlexAttention only ever traces it): exp(score)
+    is the reference's weight A_ij exp(L^m_ij), the virtual key's log(eps) included, on a 2D grid with extra tokens
+    and circular tables."""
+    from lisa_kernels.reference import _log_weights
+    for boundary in ("zero", "circular"):
+        grid, E, M, H, eps = (3, 4), 2, 2, 2, 0.25
+        x = make_inputs(grid, E=E, M=M, Dk=3, Dv=4, H=H, B=1, boundary=boundary, dtype=torch.float64,
+                        requires_grad=False)
+        p = lisa_kernels.check_inputs(x["q"], x["k"], x["v"], x["rpe"], grid=grid, num_extra=E,
+                                      rpe_extra=x["rpe_extra"], boundary=boundary, eps=eps)
+        N = p.N
+        table = flex._table(x["rpe"], x["rpe_extra"], p, torch.full((H * M,), math.log(eps), dtype=torch.float64))
+        lin = flex._token_lin(grid, E, N + 1, torch.device("cpu"))
+        T0 = math.prod(2 * s - 1 for s in grid)
+        score_mod = flex._score_mod(table, lin, E, N, T0, "eps")
+        A = torch.rand(H * M, N + 1, N + 1, dtype=torch.float64) + 0.1
+        A[:, :, 0] = 0.0                                         # a zero kernel: weight 0
+        h = torch.arange(H * M)[:, None, None]
+        i, j = torch.arange(N)[None, :, None], torch.arange(N + 1)[None, None, :]
+        got = torch.exp(score_mod(A[:, :N], 0, h, i, j))
+        want = A[:, :N, :N] * torch.exp(_log_weights(x["rpe"], x["rpe_extra"], p).reshape(H * M, N, N))
+        torch.testing.assert_close(got[..., :N], want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[..., N], torch.full((H * M, N), eps, dtype=torch.float64))
+        plain = flex._score_mod(table, lin[:N], E, N, T0, "none")           # no virtual key (eps = 0)
+        torch.testing.assert_close(torch.exp(plain(A[:, :N, :N], 0, h, i, j[..., :N])), want, rtol=1e-12, atol=0)
+
+
+def test_devices_flex_cannot_run_on(monkeypatch):
+    import dataclasses
+    x = torch.zeros(1, 1, 4, 2)
+    p = lisa_kernels.check_inputs(x, x, x, torch.zeros(1, 1, 7), grid=(4,))
+    assert "not meta" in flex.flex_reason(dataclasses.replace(p, device=torch.device("meta")))
+    monkeypatch.setattr(flex, "_CPU_AVX2", False)
+    assert "AVX2" in flex.flex_reason(p)
 
 
 def test_float64_is_refused_before_anything_runs():
