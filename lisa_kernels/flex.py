@@ -13,7 +13,7 @@ and the options become:
     normalize=False  out_i * exp(lse_i), from the log-sum-exp FlexAttention returns; where it returns none (its
                      compiled CPU kernel) one virtual key of weight w_i = exp(max L) phi(q_i) . mean_j phi(k_j)
                      and a ones channel give O = [num, w] / (den + w), so num = O[:Dv] w / O[Dv]
-                     (w >= den / N, so O[Dv] >= 1 / (N + 1): no precision lost)
+                     (w >= den / N, so O[Dv] >= 1 / (N + 1); this route computes in float32)
     causal           a block mask (j <= i, and the virtual key), so that masked blocks are skipped
     circular         the table expanded to the zero boundary's 2S-1 entries per axis (a gather, differentiable)
 
@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 from typing import Optional, Tuple
 
 import torch
 
+from . import _device
 from ._problem import Problem
 from .reference import feature_map
 
@@ -45,10 +48,15 @@ __all__ = ["flex_reason", "flex_grad_reason", "flex_attention_lisa", "COMPILE"]
 # False: run FlexAttention eagerly (PyTorch's math implementation of the same score_mod): the tests use it to
 # check the gradients on the CPU, where the compiled kernels have no backward
 COMPILE = True
-# distinct shapes compiled before dynamo falls back to eager (its default, 8, is one model's worth)
+# distinct shapes (and option sets) compiled before dynamo runs the core uncompiled, with its warning (its default,
+# 8, is one model's worth); not fullgraph, so that the limit is not an error
 _RECOMPILE_LIMIT = 64
-# whether FlexAttention's compiled CPU kernel can run here (read once: dynamo does not trace the check)
-_CPU_AVX2 = torch.cpu._is_avx2_supported()
+# whether FlexAttention's compiled CPU kernel can run here, as Inductor decides it (AVX2 without
+# ATEN_CPU_CAPABILITY=default, not macOS, no XPU); read once: dynamo does not trace the check
+_CPU_AVX2 = (torch.cpu._is_avx2_supported() and os.environ.get("ATEN_CPU_CAPABILITY") != "default"
+             and sys.platform != "darwin" and not torch.xpu.is_available())
+# the widest head FlexAttention's GPU kernels are tuned for (q.k and v, per group, the ones channel included)
+GPU_MAX_HEAD_DIM = 256
 
 
 def _flex():
@@ -62,9 +70,21 @@ def flex_reason(p: Problem) -> Optional[str]:
     if p.dtype == torch.float64:
         return "FlexAttention's kernels take float16, bfloat16 and float32, not float64 (use 'direct' or 'fft')"
     if p.device.type == "cpu" and COMPILE and not _CPU_AVX2:
-        return "FlexAttention's compiled CPU kernel needs a CPU with AVX2"
+        return ("FlexAttention's compiled CPU kernel needs an x86 CPU with AVX2 (not ATEN_CPU_CAPABILITY=default, "
+                "macOS or an XPU machine)")
     if p.device.type not in ("cpu", "cuda"):
         return f"FlexAttention runs on CPU and CUDA (ROCm) devices, not {p.device.type}"
+    if p.device.type == "cuda":
+        from .triton_direct import HAS_TRITON
+        gpu = _device.gpu_of(p.device)
+        if not HAS_TRITON:
+            return "FlexAttention's GPU kernels are Triton kernels, and triton is not installed"
+        if gpu is not None and gpu.backend == "cuda" and gpu.arch < 80 and p.dtype == torch.bfloat16:
+            return f"bfloat16 needs sm_80 or newer in Triton; {gpu.architecture} has no bf16 matrix units"
+        if gpu is not None and gpu.backend == "cuda" and gpu.arch < 75:
+            return f"Triton (FlexAttention's GPU kernels) needs sm_75 or newer, not {gpu.architecture}"
+        if max(p.Dk, p.Dv // p.M + (not p.normalize)) > GPU_MAX_HEAD_DIM:
+            return f"head dim over FlexAttention's GPU limit of {GPU_MAX_HEAD_DIM}"
     return None
 
 
@@ -73,7 +93,7 @@ def flex_grad_reason(p: Problem) -> Optional[str]:
     if p.device.type == "cpu" and COMPILE:
         return ("FlexAttention has no backward on the CPU (its compiled CPU kernel is inference only): use "
                 "backend='direct' or 'auto' to train on a CPU")
-    if torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
         return ("torch.use_deterministic_algorithms(True) is set, and FlexAttention's backward sums the rpe table's "
                 "gradient with atomic adds (its order varies): use backend='triton' or 'direct', which do not")
     return None
@@ -98,10 +118,11 @@ def _zero_form(rpe: torch.Tensor, p: Problem) -> torch.Tensor:
 
 
 def _table(rpe, rpe_extra, p: Problem, virtual: Optional[torch.Tensor]) -> torch.Tensor:
-    """The flat log-weights per head and group, (H*M, T): the grid table (zero form), then rpe_extra's three
-    entries (0 without it), then the virtual key's (if any)."""
-    grid = _zero_form(rpe, p).reshape(p.H * p.M, -1)
-    extra = rpe_extra.reshape(p.H * p.M, 3) if rpe_extra is not None else grid.new_zeros(p.H * p.M, 3)
+    """The flat log-weights per group and head, (M*H, T), row m * H + h: the grid table (zero form), then
+    rpe_extra's three entries (0 without it), then the virtual key's (if any)."""
+    grid = _zero_form(rpe, p).transpose(0, 1).reshape(p.M * p.H, -1)
+    extra = (rpe_extra.transpose(0, 1).reshape(p.M * p.H, 3) if rpe_extra is not None
+             else grid.new_zeros(p.M * p.H, 3))
     parts = [grid, extra.to(grid.dtype)] + ([virtual.reshape(-1, 1).to(grid.dtype)] if virtual is not None else [])
     return torch.cat(parts, dim=1)
 
@@ -155,11 +176,26 @@ def _score_mod(table, lin, E: int, N: int, T0: int, virtual: str):
 
 
 @functools.lru_cache(maxsize=64)
-def _causal_block_mask(n: int, nk: int, device: torch.device):
-    """Keys j <= i, and the virtual key (index n) where there is one: whole masked blocks are skipped."""
+def _causal_block_mask(n: int, nk: int, device: torch.device, block: int = 128):
+    """Keys j <= i, and the virtual key (index n, when nk = n + 1) for every query: blocks of 128 x 128, those below
+    the diagonal whole ("full": no mask evaluated), the diagonal ones and the virtual key's partial, the rest skipped.
+    Built from the block indices, O((n / 128)^2), where create_block_mask would evaluate all n x nk pairs."""
+    nq, nkb = -(-n // block), -(-nk // block)
+    qb = torch.arange(nq)[:, None]
+    kb = torch.arange(nkb)[None, :]
+    virtual = (nk > n) & (kb == n // block)
+    partial = (kb == qb) | virtual
+    full = (kb < qb) & ~partial
+
+    def blocks(mask):                           # (1, 1, nq) counts and (1, 1, nq, nkb) indices, the blocks first
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        return (mask.sum(1).to(torch.int32)[None, None].to(device),
+                order.to(torch.int32)[None, None].contiguous().to(device))
+
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx >= n)
-    return _flex().create_block_mask(mask_mod, None, None, n, nk, device=device)
+    return _flex().BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                            seq_lengths=(n, nk))
 
 
 # ---------------------------------------------------------------- calling FlexAttention
@@ -168,7 +204,7 @@ def _causal_block_mask(n: int, nk: int, device: torch.device):
 def _compiled_core():
     """:func:`_flex_core` compiled (feature maps and table fused before FlexAttention by Inductor); dynamo keeps one
     graph per shape and option set."""
-    return torch.compile(_flex_core, dynamic=False, fullgraph=True)
+    return torch.compile(_flex_core, dynamic=False)
 
 
 def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
@@ -187,14 +223,13 @@ def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     return _epilogue(out, lse, w, empty, p, q.dtype)
 
 
-class _NoBackward(torch.autograd.Function):
-    """The identity on ``out``, whose backward raises: the CPU forward, computed without autograd, still records
-    that gradients were asked of it."""
+class _ForwardOnly(torch.autograd.Function):
+    """The forward (autograd off inside), recorded so that a gradient asked of it raises with the reason."""
 
     @staticmethod
-    def forward(ctx, reason, out, *inputs):
+    def forward(ctx, reason, p, q, k, v, rpe, rpe_extra):
         ctx.reason = reason
-        return out.view_as(out)
+        return _run_forward(q, k, v, rpe, rpe_extra, p)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -206,9 +241,7 @@ def flex_attention_lisa(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     inputs = [t for t in (q, k, v, rpe, rpe_extra) if t is not None]
     grad_reason = flex_grad_reason(p)
     if grad_reason is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        with torch.no_grad():
-            out = _run_forward(q, k, v, rpe, rpe_extra, p)
-        return _NoBackward.apply(grad_reason, out, *[t for t in inputs if t.requires_grad])
+        return _ForwardOnly.apply(grad_reason, p, q, k, v, rpe, rpe_extra)
     return _run_forward(q, k, v, rpe, rpe_extra, p)
 
 
@@ -222,17 +255,18 @@ def _route(p: Problem):
 
 def _flex_core(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask):
     """Features, table, virtual key, then FlexAttention: (its output, its log-sum-exp or None, w or None, empty or
-    None): w the virtual key's weight per row ("w" route), empty the rows of zero weight (where eps = 0). Nothing after FlexAttention: its compiled CPU kernel takes no fused
-    epilogue (Inductor: "Unsupported for `epilogue_nodes` in CppFlexAttentionTemplate")."""
+    None): w the virtual key's weight per row ("w" route), empty the rows of zero weight (where eps = 0). Heads are
+    group-major (m * H + h). Nothing after FlexAttention: its compiled CPU kernel takes no fused epilogue
+    (Inductor: "Unsupported for `epilogue_nodes` in CppFlexAttentionTemplate")."""
     B, H, N, M, E = p.B, p.H, p.N, p.M, p.num_extra
     G = p.Dv // M
     dtype = q.dtype
     use_lse, virtual, nk = _route(p)
 
-    heads = torch.arange(H, device=q.device).repeat_interleave(M)
+    heads = torch.arange(H, device=q.device).repeat(M)
 
-    def per_group(x):                          # (B, H, n, D) -> (B, H*M, n, D), the same for every group
-        # (a gather: Inductor's FlexAttention lowering takes no view of a 5-D expand)
+    def per_group(x):                          # (B, H, n, D) -> (B, M*H, n, D), the same for every group
+        # (a gather: Inductor's FlexAttention lowering takes no view of a 5-D expand or repeat)
         return x if M == 1 else x.index_select(1, heads)
 
     qf = feature_map(q.float() * p.scale, p.feature_map)
@@ -241,23 +275,25 @@ def _flex_core(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask):
     if p.normalize and p.eps == 0:           # rows of zero weight (relu): 0 / 0 in the formula, 0 in FlexAttention
         seen = kf.cumsum(dim=2) if p.causal else kf.sum(dim=2, keepdim=True)
         empty = (qf * seen).sum(-1) == 0     # (B, H, N)
-    vg = v.reshape(B, H, N, M, G).transpose(2, 3).reshape(B, H * M, N, G)
+    vg = v.reshape(B, H, N, M, G).permute(0, 3, 1, 2, 4).reshape(B, M * H, N, G)
     table_extent = math.prod([2 * s - 1 for s in p.grid])
     virtual_logw, w = None, None
     if virtual == "eps":
-        virtual_logw = rpe.new_full((H * M,), math.log(p.eps), dtype=torch.float32)
+        virtual_logw = rpe.new_full((M * H,), math.log(p.eps), dtype=torch.float32)
         kf = torch.cat([kf, kf.new_zeros(B, H, 1, p.Dk)], dim=2)
-        vg = torch.cat([vg, vg.new_zeros(B, H * M, 1, G)], dim=2)
+        vg = torch.cat([vg, vg.new_zeros(B, M * H, 1, G)], dim=2)
     table = _table(rpe.float(), None if rpe_extra is None else rpe_extra.float(), p, virtual_logw)
     if virtual == "w":
         # the virtual key's weight w_i = exp(max L) phi(q_i) . mean_j phi(k_j), so that w_i >= den_i / N
         table = torch.cat([table, table.amax(dim=1, keepdim=True)], dim=1)
         kmean = kf.mean(dim=2, keepdim=True)
-        w = torch.exp(table[:, -1]).view(1, H * M, 1) * per_group((qf * kmean).sum(-1, keepdim=True))[..., 0]
+        w = torch.exp(table[:, -1]).view(1, M * H, 1) * per_group((qf * kmean).sum(-1, keepdim=True))[..., 0]
         kf = torch.cat([kf, kmean], dim=2)
-        vg = torch.cat([torch.cat([vg, vg.new_zeros(B, H * M, N, 1)], dim=3),
-                        torch.cat([vg.new_zeros(B, H * M, 1, G), vg.new_ones(B, H * M, 1, 1)], dim=3)], dim=2)
-    qf, kf = per_group(qf.to(dtype)), per_group(kf.to(dtype))
+        vg = torch.cat([torch.cat([vg, vg.new_zeros(B, M * H, N, 1)], dim=3),
+                        torch.cat([vg.new_zeros(B, M * H, 1, G), vg.new_ones(B, M * H, 1, 1)], dim=3)], dim=2)
+    if virtual == "w":                       # O[:G] = num / (den + w) can be far below 1: kept in float32
+        dtype = torch.float32
+    qf, kf, vg = per_group(qf.to(dtype)), per_group(kf.to(dtype)), vg.to(dtype)
     least = _min_head_dim(q.device)          # zero features add nothing to q.k; zero value channels are dropped
     pad_k, pad_v = max(0, least - p.Dk), max(0, least - vg.shape[-1])
     if pad_k:
@@ -265,14 +301,16 @@ def _flex_core(q, k, v, rpe, rpe_extra, p: Problem, lin, block_mask):
     if pad_v:
         vg = torch.nn.functional.pad(vg, (0, pad_v))
     score_mod = _score_mod(table, lin, E, N, table_extent, virtual)
-    result = _flex().flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
-                                           block_mask=block_mask, scale=1.0, return_lse=use_lse)
-    out, lse = result if use_lse else (result, None)
+    module = _flex()
+    aux = module.AuxRequest(lse=True) if use_lse else None
+    result = module.flex_attention(qf.contiguous(), kf.contiguous(), vg.contiguous(), score_mod=score_mod,
+                                   block_mask=block_mask, scale=1.0, return_aux=aux)
+    out, lse = (result[0], result[1].lse) if use_lse else (result, None)
     return out, lse, w, empty
 
 
 def _epilogue(out, lse, w, empty, p: Problem, dtype) -> torch.Tensor:
-    """FlexAttention's output (B, H*M, nq, G') -> (B, H, N, Dv): normalize=False's numerator, O * sum_j W_ij (from the
+    """FlexAttention's output (B, M*H, nq, G') -> (B, H, N, Dv): normalize=False's numerator, O * sum_j W_ij (from the
     log-sum-exp, or on the "w" route O[:G] w / O[G]), NaN for rows of zero weight where eps = 0 (the formula's
     0 / 0), padding dropped, groups back into channels. It works on the token-major view (B, N, H*M, G'): inside a
     user's compiled graph, Inductor then does not fuse it into FlexAttention's CPU kernel (which takes no epilogue)."""
@@ -287,5 +325,5 @@ def _epilogue(out, lse, w, empty, p: Problem, dtype) -> torch.Tensor:
     else:
         o = o[..., :G]
     if empty is not None:
-        o = torch.where(empty.transpose(1, 2).repeat_interleave(M, dim=2)[..., None], float("nan"), o)
-    return o.to(dtype).reshape(B, N, H, M, G).permute(0, 2, 1, 3, 4).reshape(B, H, N, p.Dv)
+        o = torch.where(empty.transpose(1, 2).repeat(1, 1, M)[..., None], float("nan"), o)
+    return o.to(dtype).reshape(B, N, M, H, G).permute(0, 3, 1, 2, 4).reshape(B, H, N, p.Dv)

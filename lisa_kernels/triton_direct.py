@@ -70,8 +70,8 @@ def triton_direct_reason(p: Problem) -> Optional[str]:
     gpu = _device.gpu_of(p.device)
     if gpu is not None and gpu.family not in VALIDATED_FAMILIES:
         return (f"no validated configs for {gpu.architecture}: the kernels' configs are compile-checked for "
-                f"sm_80 to sm_120, gfx942 and gfx950 (benchmarks/kernel_report.py); backend='flex' runs anywhere "
-                f"PyTorch compiles FlexAttention")
+                f"sm_80 to sm_120, gfx942 and gfx950 (benchmarks/kernel_report.py); backend='flex' (FlexAttention) "
+                f"may run it")
     if p.num_extra and gpu is not None and gpu.family == "blackwell" and _triton_version() < (3, 7):
         return (f"triton {triton.__version__} cannot compile the extra tokens' gradient kernel for {gpu.architecture} "
                 f"(a compiler error fixed in triton 3.7; benchmarks/results/kernel_matrix_*): use triton >= 3.7")
