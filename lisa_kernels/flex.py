@@ -241,6 +241,9 @@ def flex_attention_lisa(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     inputs = [t for t in (q, k, v, rpe, rpe_extra) if t is not None]
     grad_reason = flex_grad_reason(p)
     if grad_reason is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if torch.compiler.is_compiling():    # (dynamo cannot trace a backward that raises: a graph break, or this)
+            raise NotImplementedError(f"backend='flex' inside torch.compile with inputs that require grad: "
+                                      f"{grad_reason}; call it under torch.no_grad() for its forward")
         return _ForwardOnly.apply(grad_reason, p, q, k, v, rpe, rpe_extra)
     return _run_forward(q, k, v, rpe, rpe_extra, p)
 

@@ -364,3 +364,23 @@ def test_inside_a_users_torch_compile(causal, normalize, eps):
     assert torch.equal(got.isnan(), want.isnan()) and (want.isnan().any() or eps > 0 or not normalize)
     diff = (got.double() - want).nan_to_num(0).abs().max().item()
     assert diff <= TOL * want.nan_to_num(0).abs().max().item()
+
+
+def test_forward_only_inside_a_users_torch_compile():
+    """CPU inputs that require grad inside a user's torch.compile: dynamo cannot trace a backward that raises, so
+    the call breaks the graph (then runs the forward, and its gradient raises) or, under fullgraph, fails saying
+    why."""
+    x = make_inputs((10,), M=1, Dk=4, Dv=4, B=1, dtype=torch.float32, seed=2, requires_grad=True)
+
+    def attend(q, k, v, rpe):
+        return lisa_kernels.lisa_attention(q, k, v, rpe, grid=(10,), backend="flex")
+    torch._dynamo.reset()
+    out = torch.compile(attend)(x["q"], x["k"], x["v"], x["rpe"])
+    want = lisa_kernels.lisa_attention(*(x[n].detach().double() for n in ("q", "k", "v", "rpe")), grid=(10,),
+                                       backend="reference")
+    assert (out.double() - want).abs().max().item() <= TOL * want.abs().max().item()
+    with pytest.raises(NotImplementedError, match="no backward on the CPU"):
+        out.sum().backward()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="call it under torch.no_grad"):
+        torch.compile(attend, fullgraph=True)(x["q"], x["k"], x["v"], x["rpe"])
