@@ -1,8 +1,8 @@
 """``backend="flex"``: the operator through PyTorch's FlexAttention (``torch.nn.attention.flex_attention``).
 
 A pair's weight is a softmax term: ``W^m_ij = A_ij exp(L^m_ij) = exp(log A_ij + L^m_ij)``. So, for each group m
-(a head of FlexAttention: heads become ``H*M``, with ``phi(scale q)`` and ``phi(k)`` repeated per group and ``v``
-split by group)::
+(a head of FlexAttention: heads become ``M*H``, group-major, with ``phi(scale q)`` and ``phi(k)`` repeated per
+group and ``v`` split by group)::
 
     score_ij = log(phi(scale q_i) . phi(k_j)) + L^m_ij              a score_mod on FlexAttention's q.k (scale 1)
     out_i    = sum_j softmax_j(score_i.) v_j = sum_j W_ij v_j / sum_j W_ij
@@ -24,9 +24,9 @@ score_mod reads one small int32 vector per token.
 
 The forward up to FlexAttention (feature maps, table, virtual key, FlexAttention) is compiled and cached per
 shape (``torch.compile(dynamic=False)``, under its own recompile limit); the epilogue runs after it (the compiled
-CPU kernel takes no fused epilogue). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward (the table is a
-captured buffer); its compiled CPU kernel has none, so on the CPU the forward runs and asking for a gradient
-raises ``NotImplementedError`` (:func:`flex_grad_reason`; ``auto`` never picks it there for training).
+CPU kernel takes no fused epilogue). Gradients reach q, k, v, rpe and rpe_extra through FlexAttention's backward
+(the table is a captured buffer); its compiled CPU kernel has none, so on the CPU the forward runs and asking for
+a gradient raises ``NotImplementedError`` (:func:`flex_grad_reason`; ``auto`` never picks it there for training).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ _RECOMPILE_LIMIT = 64
 # ATEN_CPU_CAPABILITY=default, not macOS, no XPU); read once: dynamo does not trace the check
 _CPU_AVX2 = (torch.cpu._is_avx2_supported() and os.environ.get("ATEN_CPU_CAPABILITY") != "default"
              and sys.platform != "darwin" and not torch.xpu.is_available())
-# the widest head FlexAttention's GPU kernels are tuned for (q.k and v, per group, the ones channel included)
+# the widest head FlexAttention's GPU kernels are tuned for (q.k, and v per group)
 GPU_MAX_HEAD_DIM = 256
 
 
@@ -83,7 +83,7 @@ def flex_reason(p: Problem) -> Optional[str]:
             return f"bfloat16 needs sm_80 or newer in Triton; {gpu.architecture} has no bf16 matrix units"
         if gpu is not None and gpu.backend == "cuda" and gpu.arch < 75:
             return f"Triton (FlexAttention's GPU kernels) needs sm_75 or newer, not {gpu.architecture}"
-        if max(p.Dk, p.Dv // p.M + (not p.normalize)) > GPU_MAX_HEAD_DIM:
+        if max(p.Dk, p.Dv // p.M) > GPU_MAX_HEAD_DIM:
             return f"head dim over FlexAttention's GPU limit of {GPU_MAX_HEAD_DIM}"
     return None
 
