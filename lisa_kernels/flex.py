@@ -41,7 +41,7 @@ import torch
 
 from . import _device
 from ._problem import Problem
-from .reference import feature_map
+from .reference import feature_map, grid_positions
 
 __all__ = ["flex_reason", "flex_grad_reason", "flex_attention_lisa", "COMPILE"]
 
@@ -138,19 +138,10 @@ def _token_lin_constant(grid: Tuple[int, ...], num_extra: int, nk: int, device: 
 def _token_lin(grid: Tuple[int, ...], num_extra: int, nk: int, device: torch.device) -> torch.Tensor:
     """lin(p_t) for every token (0 for extra and virtual tokens): position dotted with the flat table's strides,
     so that a grid pair's entry is c0 + lin_i - lin_j. (Cached: a constant of the shape.)"""
-    strides, stride = [], 1
-    for s in reversed(grid):
-        strides.append(stride)
-        stride *= 2 * s - 1
-    strides.reverse()
+    strides = [math.prod(2 * s - 1 for s in grid[a + 1:]) for a in range(len(grid))]
     lin = torch.zeros(nk, dtype=torch.int32, device=device)
-    n = torch.arange(math.prod(grid), device=device)
-    grid_lin = torch.zeros_like(n)
-    tail = math.prod(grid)
-    for s, st in zip(grid, strides):
-        tail //= s
-        grid_lin += (n // tail % s) * st
-    lin[num_extra:num_extra + math.prod(grid)] = grid_lin.to(torch.int32)
+    positions = grid_positions(grid, device)                                   # (Ng, d), row-major
+    lin[num_extra:num_extra + len(positions)] = (positions * torch.tensor(strides, device=device)).sum(-1).int()
     return lin
 
 
@@ -207,6 +198,13 @@ def _compiled_core():
     return torch.compile(_flex_core, dynamic=False)
 
 
+@functools.lru_cache(maxsize=1)
+def _recompile_limits() -> dict:
+    """The dynamo settings the compiled core runs under (the names this torch has)."""
+    limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
+    return {name: n for name, n in limits.items() if hasattr(torch._dynamo.config, name)}
+
+
 def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     """The forward: the core compiled (cached per shape) unless :data:`COMPILE` is False or we are inside a compile,
     then the epilogue."""
@@ -216,9 +214,7 @@ def _run_forward(q, k, v, rpe, rpe_extra, p: Problem) -> torch.Tensor:
     if not COMPILE or torch.compiler.is_compiling():
         out, lse, w, empty = _flex_core(q, k, v, rpe, rpe_extra, p, lin, block_mask)
     else:
-        dynamo_config = torch._dynamo.config
-        limits = {"recompile_limit": _RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * _RECOMPILE_LIMIT}
-        with dynamo_config.patch(**{name: n for name, n in limits.items() if hasattr(dynamo_config, name)}):
+        with torch._dynamo.config.patch(**_recompile_limits()):
             out, lse, w, empty = _compiled_core()(q, k, v, rpe, rpe_extra, p, lin, block_mask)
     return _epilogue(out, lse, w, empty, p, q.dtype)
 
