@@ -170,19 +170,23 @@ def _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M: tl.constexpr, G
         tl.store(VP + ((bh * NPAD + offs) * M + gm)[:, None] * BLOCK_G + offs_g[None, :], x.to(VP.dtype.element_ty))
 
 @triton.jit
-def _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
-                scale, FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                DKP: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr, ONES: tl.constexpr = False):
-    """Features of q and k and the padded values for the BLOCK_T tokens of program ``pid``; (b, h, bh, offs)."""
+def _token_block(pid, H, NPAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(b, h, bh, offs): the BLOCK_T tokens of a preparation program ``pid``. (Computed from scalars only, apart
+    from the calls that write: torch's analysis of what a kernel writes, which Inductor reads, takes a helper's
+    results to derive from all of its arguments.)"""
     NTB: tl.constexpr = NPAD // BLOCK_T
     bh = pid // NTB
-    b = bh // H
-    h = bh % H
-    offs = (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return bh // H, bh % H, bh, (pid % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
+def _token_rows(b, h, bh, offs, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                N, DK, scale, FEATURE: tl.constexpr, M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                DKP: tl.constexpr, NPAD: tl.constexpr, ONES: tl.constexpr = False):
+    """Features of q and k and the padded values for the tokens ``offs`` of (b, h)."""
     _feature_rows(Q, FQ, b, h, bh, sqb, sqh, sqn, sqd, offs, N, DK, scale, FEATURE, DKP, NPAD)
     _feature_rows(K, FK, b, h, bh, skb, skh, skn, skd, offs, N, DK, 1.0, FEATURE, DKP, NPAD)
     _value_rows(V, VP, b, h, bh, svb, svh, svn, svd, offs, N, M, G, BLOCK_G, NPAD, ONES)
-    return b, h, bh, offs
 
 @triton.jit
 def _table_values(RPE_hm, REX_hm, t, HAS_REX: tl.constexpr,
@@ -242,8 +246,9 @@ def _prep_kernel(Q, K, V, FQ, FK, VP, RPE, REX, R, R16, MX, DELTAS,
     the padding slots of MCP > MC hold 0), with TAB16 also its copy for the forward (R16). ONES: see _fwd_kernel."""
     pid = tl.program_id(0)
     if pid < n_feat:
-        _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, DK,
-                    scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T, ONES)
+        b, h, bh, offs = _token_block(pid, H, NPAD, BLOCK_T)
+        _token_rows(b, h, bh, offs, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    N, DK, scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, ONES)
     else:
         _pair_table(pid - n_feat, RPE, REX, R, R16, TAB16, MX, DELTAS, True, HAS_REX, M, MC, MCP, ND, S1, S2, S3,
                     L1, L2, L3, E, T, TX, TXP, R1LO, R1HI, R0LO, R0HI, R2LO, R2HI, R2MID, CIRC, CAUSAL, TBLOCK)
@@ -436,8 +441,9 @@ def _bwd_prep_kernel(Q, K, V, GO, O, RES, DEN, MX, FQ, FK, VP, GP, GDX, GD, RPE,
     program per (head, chunk) builds the pair table of query pairs (RQ, for the dK/dV kernel)."""
     pid = tl.program_id(0)
     if pid < n_feat:
-        b, h, bh, offs = _token_rows(pid, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-                                     svb, svh, svn, svd, H, N, DK, scale, FEATURE, M, G, BLOCK_G, DKP, NPAD, BLOCK_T)
+        b, h, bh, offs = _token_block(pid, H, NPAD, BLOCK_T)
+        _token_rows(b, h, bh, offs, Q, K, V, FQ, FK, VP, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    N, DK, scale, FEATURE, M, G, BLOCK_G, DKP, NPAD)
         row = offs < N
         offs_g = tl.arange(0, BLOCK_G)
         mask = row[:, None] & (offs_g < G)[None, :]
