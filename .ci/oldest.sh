@@ -4,7 +4,8 @@
 # extension against this torch's headers where nvcc exists (for sm_90a only, the GPU machine's arch, to save
 # time: the newest environment compiles both archs), then the tests that depend on the torch/triton version:
 # the Triton kernels under the interpreter, their compile for every target (tests/test_kernel_report.py),
-# the extension, gpu_session.sh --dry-run, and the GPU host code under a simulated GPU (tests/test_fake_gpu.py).
+# the extension, gpu_session.sh --dry-run, the GPU host code under a simulated GPU (tests/test_fake_gpu.py), and the
+# Triton ops traced for a simulated GPU as AOTInductor traces them (tests/test_triton_op.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${LISA_OLDEST_TORCH:-2.11.0}
@@ -30,8 +31,8 @@ PY
 # (the walker and bitwise-reproducibility cases of test_triton_direct.py, the slowest, run on the newest triton only:
 # they run the same kernels as its other cases on larger grids, and the interpreter's semantics are what differ here)
 # the simulated GPUs' per-class tests for the GPU machine's H100 and the B200 (the newest stage runs every class);
-# FlexAttention's compiled CPU kernel and its math path under this torch
+# FlexAttention's compiled CPU kernel and its math path under this torch; the Triton ops traced as AOTInductor does
 LISA_FAKE_GPU_CLASSES="h100 b200" pytest -q -n 2 --dist worksteal tests/test_triton_direct.py \
   tests/test_triton_range.py tests/test_triton_fft.py tests/test_kernel_report.py tests/test_cuda_extension.py \
-  tests/test_gpu_session.py tests/test_validation.py tests/test_fake_gpu.py tests/test_flex.py \
+  tests/test_gpu_session.py tests/test_validation.py tests/test_fake_gpu.py tests/test_flex.py tests/test_triton_op.py \
   -k "not test_triton_table_gradient_walkers and not test_triton_backward_is_bitwise"

@@ -186,8 +186,14 @@ def _token_index_cpu(lay: Layout):
     return aix, nbx, wix, nb2, dk, ai2, dq
 
 
-def token_index(lay: Layout, device) -> TokenIndex:
-    """The layout's :class:`TokenIndex` on ``device``; cached."""
+def token_index(lay: Layout, device, traced: bool = False) -> TokenIndex:
+    """The layout's :class:`TokenIndex` on ``device``; cached. ``traced``: for a trace on fake tensors
+    (torch.compile and AOTInductor trace the Triton ops' launches), constants built in the trace, not cached."""
+    if traced:
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            values = [t.tolist() for t in _token_index_cpu(lay)]
+        return TokenIndex(*(torch.tensor(v, dtype=torch.int32, device=device) for v in values))
     key = (lay, str(device))
     hit = _INDEX_CACHE.get(key)
     if hit is not None:

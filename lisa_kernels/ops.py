@@ -1,6 +1,6 @@
 """Every kernel entry point as a ``torch.library`` custom op, with a fake (meta) implementation and autograd.
 
-This is what makes ``torch.compile(fullgraph=True)`` see each core as one opaque node instead of tracing
+This is what makes ``torch.compile(fullgraph=True)`` see each core as one node instead of tracing
 into its Python loops (and what ``torch.library.opcheck`` tests). Each core is a pair of ops, forward and
 backward, joined by ``register_autograd``:
 
@@ -14,6 +14,10 @@ backward, joined by ``register_autograd``:
 
 Op arguments are tensors and plain values only (grid as ``int[]``, options as bool/float/str); the
 :class:`~lisa_kernels._validate.Problem` each implementation needs is rebuilt from them.
+
+Where Triton compiles (not its interpreter), ``triton_direct`` and ``triton_direct_backward`` are
+``torch.library.triton_op``s: torch.export keeps them as ops, while torch.compile and AOTInductor trace into them
+and compile (and package) their kernels (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .direct import (dense_backward, dense_backward_from, dense_forward, dense_f
                      dense_table_size, direct_core_backward, direct_core_forward)
 from .direct import direct_cpu_built, direct_cpu_reason, direct_dense_first  # noqa: F401  (they were here)
 from .fft import TorchPasses, fft_core_backward, fft_core_forward
+from . import triton_direct as triton_direct_module
 from .triton_direct import lisa_direct_bwd, lisa_direct_fwd, saved_table_shape
 from .triton_fft import triton_fft_backward, triton_fft_forward
 
@@ -388,7 +393,23 @@ def _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, cau
                    scale=scale, dtype=q.dtype, device=q.device)
 
 
-@torch.library.custom_op("lisa_kernels::triton_direct", mutates_args=())
+# Where Triton compiles its kernels, the two ops are ``torch.library.triton_op``s: each launch goes through
+# ``wrap_triton`` (triton_direct._traceable), so torch.compile and AOTInductor trace into them and see (and package)
+# the kernels, and the implementation is its own fake. In the interpreter (CI) they are custom ops with the fake
+# implementations below: an interpreted kernel cannot be traced.
+_COMPILED = triton_direct_module.HAS_TRITON and triton_direct_module.compiled_kernels()
+_triton_custom_op = torch.library.triton_op if _COMPILED else torch.library.custom_op
+
+
+def _fake_unless_traced(op):
+    """Registers the decorated fake implementation on ``op`` where it is a custom op (a triton_op's own
+    implementation is its fake)."""
+    def register(fake):
+        return fake if _COMPILED else op.register_fake(fake)
+    return register
+
+
+@_triton_custom_op("lisa_kernels::triton_direct", mutates_args=())
 def _triton_direct(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], grid: List[int],
                    num_extra: int, feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str,
                    scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -398,7 +419,7 @@ def _triton_direct(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Opti
     return lisa_direct_fwd(q, k, v, rpe, rpe_extra, p)
 
 
-@_triton_direct.register_fake
+@_fake_unless_traced(_triton_direct)
 def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, causal, boundary, scale):
     B, H, N, Dk = q.shape
     M = rpe.shape[1]
@@ -409,7 +430,7 @@ def _(q, k, v, rpe, rpe_extra, grid, num_extra, feature_map, normalize, eps, cau
             q.new_empty(H * M, **f32))
 
 
-@torch.library.custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
+@_triton_custom_op("lisa_kernels::triton_direct_backward", mutates_args=())
 def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_extra: Optional[Tensor], out: Tensor,
                             res: Tensor, den: Tensor, r: Tensor, mx: Tensor, grad_out: Tensor, grid: List[int], num_extra: int,
                             feature_map: str, normalize: bool, eps: float, causal: bool, boundary: str, scale: float
@@ -420,7 +441,7 @@ def _triton_direct_backward(q: Tensor, k: Tensor, v: Tensor, rpe: Tensor, rpe_ex
     return dq, dk, dv, drpe, drex if drex is not None else rpe.new_empty(0)
 
 
-@_triton_direct_backward.register_fake
+@_fake_unless_traced(_triton_direct_backward)
 def _(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, grid, num_extra, feature_map, normalize, eps, causal,
       boundary, scale):
     return _like(q), _like(k), _like(v), _like(rpe), _like(rpe_extra) if rpe_extra is not None else rpe.new_empty(0)

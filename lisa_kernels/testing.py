@@ -30,6 +30,10 @@ on the CPU tensors. Nothing in the code under test knows about it; it is built o
   a -0 addend), is emulated: round(round(a) * round(b)); bf16 constants get the method the interpreter lacks.
   (On a simulated AMD GPU the kernels take their portable form of those products instead, which runs as is.)
 
+:func:`traced_gpu` is the other simulation, without the interpreter: fake CUDA tensors (``FakeTensorMode``) stand
+for a GPU's and Triton compiles for its target, nothing runs; for tracing the Triton ops as torch.compile, torch.export
+and AOTInductor do (``tests/test_triton_op.py``).
+
 What it cannot show: speed, a real device's memory model (races between programs, which the interpreter runs one
 after another), and code that only a GPU driver runs (CUDA streams, synchronisation); ``.coveragerc`` lists those
 lines.
@@ -55,7 +59,7 @@ import torch
 from . import _device, triton_direct
 from ._device import GPU
 
-__all__ = ["FakeDevice", "DEVICES", "fake_gpu", "Simulation", "stop_helper"]
+__all__ = ["FakeDevice", "DEVICES", "fake_gpu", "traced_gpu", "Simulation", "stop_helper"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +163,15 @@ def _binary_resources(compiled, gpu: GPU):
         regs = max(int(x) for x in re.findall(r"\.vgpr_count:\s+(\d+)", text))
         spills = sum(int(x) for x in re.findall(r"\.[vs]gpr_spill_count:\s+(\d+)", text))
         return regs, 4 * spills
+    return _cubin_resources(compiled.asm["cubin"])
+
+
+def _cubin_resources(cubin: bytes):
+    """(registers, spilled bytes) of a cubin, read with the cuobjdump of Triton's wheel."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
@@ -398,3 +407,49 @@ def fake_gpu(device="h100", *, prefer: int = 0, compile: bool = False) -> Iterat
         driver.set_active(_make_driver(dev, sim.benchmark))
         stack.callback(driver.set_active, saved)
         yield sim
+
+
+# ---------------------------------------------------------------- tracing for a simulated GPU (no interpreter)
+
+class _CompilingUtils(_Utils):
+    """The driver's binary loader of :func:`traced_gpu`: reads each binary's registers and spills (NVIDIA)."""
+
+    def __init__(self, device: FakeDevice, sim: "Simulation"):
+        super().__init__(device)
+        self.sim = sim
+
+    def load_binary(self, name, kernel, shared, index):
+        self.sim.count(name, "compiles")
+        self.binary_resources = _cubin_resources(kernel)
+        return super().load_binary(name, kernel, shared, index)
+
+
+@contextlib.contextmanager
+def traced_gpu(device="h100") -> Iterator[Simulation]:
+    """Within the block, fake CUDA tensors (``torch._subclasses.FakeTensorMode``) stand for those of ``device``
+    (an NVIDIA key of :data:`DEVICES`) and Triton compiles for its target; nothing launches. For tracing the
+    package's Triton ops as torch.compile, torch.export and AOTInductor do (their ``wrap_triton`` launches, the
+    spill pruning's compiles) on a machine without a GPU: ``tests/test_triton_op.py``. Needs Triton without its
+    interpreter (TRITON_INTERPRET unset when triton was imported). ``stats`` counts "compiles" per kernel."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    dev = DEVICES[device] if isinstance(device, str) else device
+    if dev.gpu.backend != "cuda":
+        raise ValueError(f"traced_gpu reads NVIDIA binaries only, got {dev.name}")
+    if not isinstance(triton_direct._fwd_kernel, JITFunction):
+        raise RuntimeError("traced_gpu compiles the kernels: import triton without TRITON_INTERPRET=1")
+    sim = Simulation(dev, 0, True)
+    drv = _make_driver(dev, sim.benchmark)
+    drv.utils = _CompilingUtils(dev, sim)
+    saved = driver.__dict__.get("_active")
+
+    def gpu_of(d):
+        return dev.gpu if torch.device(d).type == "cuda" else None
+
+    with mock.patch.object(_device, "gpu_of", gpu_of), mock.patch.dict(triton_direct._TUNED, clear=True):
+        driver.set_active(drv)
+        try:
+            yield sim
+        finally:
+            driver.set_active(saved)

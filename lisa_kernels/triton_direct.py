@@ -19,6 +19,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -319,6 +320,20 @@ _AUTOTUNER_OPTIONS = ("grid", "warmup")    # what Triton's autotuner adds to the
 log = logging.getLogger(__name__)
 
 
+def _compilable(arg):
+    """What ``warmup`` compiles a candidate for, in place of an argument: the argument, except where torch.compile,
+    torch.export and AOTInductor call the pruning while they trace: for a fake tensor (no data pointer) a small
+    real one of its dtype, which specializes alike (16-byte aligned); for a symbolic size (a dynamic batch) the
+    size it was traced with."""
+    if isinstance(arg, torch.Tensor) and is_fake(arg):
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            return torch.empty(16, dtype=arg.dtype)
+    if isinstance(arg, torch.SymInt):
+        return arg.node.hint
+    return arg
+
+
 def _spill_free(kernel, gpu: GPU):
     """An ``early_config_prune`` for triton.autotune: compiles each candidate for the GPU in use (the JIT's own
     ``warmup``, whose binary the launch then reuses) and keeps those that fit it and do not spill. A candidate that
@@ -327,7 +342,7 @@ def _spill_free(kernel, gpu: GPU):
     from triton.runtime.errors import OutOfResources
 
     def prune(configs, named_args, **kwargs):
-        args = {k: v for k, v in {**named_args, **kwargs}.items() if k not in _AUTOTUNER_OPTIONS}
+        args = {k: _compilable(v) for k, v in {**named_args, **kwargs}.items() if k not in _AUTOTUNER_OPTIONS}
         scored = []
         for cfg in configs:
             compiled = kernel.warmup(**args, **cfg.all_kwargs(), grid=(1,))
@@ -364,15 +379,28 @@ def _tuned_kernel(launch: Launch):
     return fn
 
 
+def compiled_kernels() -> bool:
+    """Whether the kernels are Triton's JIT functions (compiled for a GPU), not the interpreter's."""
+    from triton.runtime.jit import JITFunction
+    return isinstance(_fwd_kernel, JITFunction)
+
+
+def _traceable(kernel):
+    """The kernel as a launch calls it: through ``torch.library.wrap_triton`` where it is compiled, so that the ops
+    of :mod:`lisa_kernels.ops` (``torch.library.triton_op``) show each launch to torch.compile and AOTInductor
+    (eager calls launch it directly); as it is in the interpreter."""
+    return torch.library.wrap_triton(kernel) if compiled_kernels() else kernel
+
+
 def _run(launch: Launch) -> None:
     """On a GPU, an autotuned launch goes through :func:`_tuned_kernel`; otherwise (the plain interpreter, untuned
     kernels) the launch takes its first config."""
     if launch.tuned is not None and launch.gpu is not None:
-        _tuned_kernel(launch)[launch.grid](**launch.args)
+        _traceable(_tuned_kernel(launch))[launch.grid](**launch.args)
         return
     cfg = launch.configs()[0]
     grid = launch.grid(cfg) if callable(launch.grid) else launch.grid
-    launch.kernel[grid](**launch.args, **cfg)
+    _traceable(launch.kernel)[grid](**launch.args, **cfg)
 
 
 def _common(p: Problem, lay: Layout, gpu: Optional[GPU]) -> dict:
@@ -454,7 +482,7 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU]):
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
-    ti = token_index(lay, q.device)
+    ti = token_index(lay, q.device, traced=is_fake(q))
     fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, R16=r16, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out,
                Den=den, sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
                NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), TAB16=tab16, ONES=ones, **c)
@@ -513,7 +541,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=sdt)
     drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
     drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
-    ti = token_index(lay, q.device)
+    ti = token_index(lay, q.device, traced=is_fake(q))
     aix, nbx, wix = ti.AIX, ti.NBX, ti.WIX
     ndk, ndq = len(ti.DK), len(ti.DQ)
     rq = torch.empty(H * chunks, ndq * lay.TXP * 2 * c["MCP"], device=q.device, dtype=torch.float32)
