@@ -20,6 +20,9 @@
 #               (gpu_check.py flex: Inductor's disk caches then hold them), while the build runs      90
 #     check-cuda  the same for cuda and direct, once the build is done                              60
 #     memcheck  compute-sanitizer --tool memcheck on one small call of each compiled backend       90
+#     check-aoti  a LiSA model (bf16, Triton kernels) exported with a dynamic batch, packaged by
+#               AOTInductor and run at other batches vs eager; the model under torch.compile, forward and
+#               backward, vs eager (gpu_check.py aoti)                                               60
 #   4 overhead  benchmarks/overhead.py: host time, kernel launches, 14x14+1 bf16 vs sdpa-flash      60
 #     timing    benchmarks/benchmark.py, bf16, D=64, fwd and fwd+bwd, 14x14 .. 256x256 and 16x64x64
 #               at batches that fill the GPU, vs sdpa-flash, sdpa-cudnn, sdpa-efficient, flash-attn,
@@ -40,8 +43,8 @@
 # gpu_check.py compile-time; the GPU machine's CPU unknown) that is ~830 s in one process: more than the whole
 # budget, the check stage alone ~480 s against its 240 s cap. So the warm-up compiles them first on 10 of the 16
 # cores (the build's 5 sources take ~5), done at ~140 s; the stages then find most kernels in Triton's disk cache
-# (a cache hit ~0.05 s). Estimated with it: check ~115 s, the timing stages 19-91 s, the whole run ~470 s of 530;
-# without it the stages would need ~1120 s (cut at their caps: check, overhead, timing-b and -c cut short).
+# (a cache hit ~0.05 s). Estimated with it: check ~115 s, the timing stages 19-91 s, the whole run ~513 s of 530;
+# without it the stages would need ~1270 s (cut at their caps: check and overhead cut short, the timings not run).
 #
 # What comes back (at most 8 files): $OUT/gpu_session.tar.gz (every log and result), $OUT/summary.txt (the
 # stage table and the targets table, also printed last). benchmarks/README.md says how to commit them.
@@ -73,11 +76,12 @@ export TRITON_PRINT_AUTOTUNING=1
 # gpu_check.py plan and warm take the same list (with env first), so the plan counts what the stages run.
 # A timing stage may add methods of its own (:+METHOD,...): the FlexAttention peers from 14x14 to 64x64 (the issue's
 # triton / flex-lisa targets), compiled beforehand by check-flex.
-# Estimated (plan, 10 warm-up processes; FlexAttention's compile times guessed): env 20, check 115, check-flex 38
-# (the build's wait), check-cuda 22, memcheck 41, overhead 33, timing 33 / 62 / 94, fit 13: ~470 s; d128 would
-# start at ~457 s with ~73 s left, under its threshold (100 s, so that its cap, 75 s, and fit's 30 s fit within
-# the budget): the flex timings took its place, and it runs where the stages go faster than estimated.
-GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 overhead:60
+# Estimated (plan, 10 warm-up processes; FlexAttention's and AOTInductor's compile times guessed): env 20, check
+# 115, check-flex 38 (the build's wait), check-cuda 22, memcheck 41, check-aoti 43, overhead 33, timing 33 / 62 / 94,
+# fit 13: ~513 s; d128 would start at ~500 s with ~30 s left, under its threshold (100 s, so that its cap, 75 s, and
+# fit's 30 s fit within the budget): the flex timings and check-aoti took its place, and it runs where the stages go
+# faster than estimated.
+GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 check-aoti:60 overhead:60
             timing-d64-a:90:64:256:14x14:+flex-lisa,flex-rpb timing-d64-b:120:64:16:32x32,64x64:+flex-lisa,flex-rpb
             timing-d64-c:120:64:1:128x128,256x256,16x64x64 timing-d128:75:128:16:32x32,64x64:if-time-100 fit:30)
 # the dry run's timing stages (on the CPU, D = 8, B = 1; see timing below)
@@ -247,6 +251,15 @@ memcheck() {
 }
 export -f memcheck
 stage memcheck $(cap memcheck) memcheck
+
+# the Triton ops as AOTInductor and torch.compile see them (torch.library.triton_op); the dry run: the exported
+# program against eager, without Inductor (the CPU's AOTInductor is tests/test_export.py's)
+if [ $DRY = 1 ]; then
+  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --tiny --no-compile --work "$WORK" \
+    --out "$WORK/check.jsonl"
+else
+  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --work "$WORK" --out "$WORK/check.jsonl"
+fi
 
 # ---------------------------------------------------------------- 4 overhead and timings
 if [ $DRY = 1 ]; then

@@ -12,8 +12,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("env", "plan", "check", "check-flex", "build", "check-cuda", "memcheck", "overhead", "timing-d64-a",
-          "timing-d64-b", "fit")
+STAGES = ("env", "plan", "check", "check-flex", "build", "check-cuda", "memcheck", "check-aoti", "overhead",
+          "timing-d64-a", "timing-d64-b", "fit")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_dry_run_correctness_stage_checked_the_triton_backends(dry_run):
         for dtype in ("float32", "float16", "bfloat16"):
             assert (backend, dtype) in ran, sorted(ran)
     assert not [r for r in records if r["status"] == "FAIL"]
+    # check-aoti (the dry run: the exported model against eager, without Inductor)
+    assert [r["case"] for r in records if r["backend"] == "aoti" and r["status"] == "ok"] == ["export"]
     # the dry run simulates an H100 (lisa_kernels.testing.fake_gpu): the triton checks autotuned over its candidates
     tuned = [r for r in records if r["backend"] == "triton" and r["status"] == "ok"]
     assert tuned and all(r["autotunings"] >= 4 and r["compiles"] >= r["autotunings"] for r in tuned), tuned
