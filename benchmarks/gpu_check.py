@@ -447,82 +447,89 @@ def aoti(args) -> int:
     (14x14 grid + CLS, 4 heads of 32, 2 RPE groups; bf16 on a GPU, where auto takes the Triton kernels, whose ops
     are ``torch.library.triton_op``s) exported with a dynamic batch (torch.export, example batch 2), compiled and
     packaged by AOTInductor, loaded and run at batches 3 and 5 against eager; on a GPU also the Triton kernels'
-    names among the package's files (AOTInductor compiled them in, not a call back into Python), and the model
-    under torch.compile, forward and backward (Inductor's code holds the backward kernels), against eager.
+    names in the package (AOTInductor compiled them in, not a call back into Python), and the model under
+    torch.compile, forward and backward (Inductor's code holds the backward kernels), against eager.
     ``--no-compile`` (the dry run, on the CPU): the exported program run against eager, without Inductor (the CPU's
-    AOTInductor is tests/test_export.py's). One JSON line per check to --out; exit code 1 if one fails."""
-    import zipfile
+    AOTInductor is tests/test_export.py's). Each check appends one JSON line to --out as soon as it ends (a check
+    that raises is recorded as failed, with the error); exit code 1 if one fails."""
+    import tempfile
 
     from lisa_kernels.nn import LiSAAttention
 
-    dev = device()
-    on_gpu = dev == "cuda"
+    on_gpu = device() == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     grid, heads, dim = ((14, 14), 4, 128) if not args.tiny else ((3, 3), 2, 16)
-    N = 1 + math.prod(grid)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[LiSAAttention(dim, heads, grid=grid, num_extra=1, num_rpe=2) for _ in range(2)])
     for layer in model:          # random tables: the structure matters
         torch.nn.init.normal_(layer.rpe.rpe, std=0.5)
         torch.nn.init.normal_(layer.rpe.rpe_extra, std=0.5)
-    model = model.to(dev, dtype).eval()
-    x = {b: torch.randn(b, N, dim, device=dev, dtype=dtype) for b in (2, 3, 5)}
-    records, status = [], 0
-
-    def record(check, ok, **details):
-        nonlocal status
-        rec = {"backend": "aoti", "dtype": str(dtype).split(".")[-1], "case": check, "status": "ok" if ok else "FAIL",
-               **details}
-        print(f"aoti {check}: {rec['status']} {json.dumps(details)}", flush=True)
-        records.append(rec)
-        status |= 0 if ok else 1
-
-    t0 = time.perf_counter()
+    model = model.to(device(), dtype).eval()
+    x = {b: torch.randn(b, 1 + math.prod(grid), dim, device=device(), dtype=dtype) for b in (2, 3, 5)}
     with torch.no_grad():
         eager = {b: model(xb) for b, xb in x.items()}
+    checks = [("export", _aoti_export)]
+    if not args.no_compile:
+        checks.append(("aot-inductor", _aoti_package))
+        if on_gpu:
+            checks.append(("torch.compile-train", _aoti_train))
+    failed, state = 0, {}
+    with tempfile.TemporaryDirectory() as tmp:       # (the package stays out of the session's results)
+        for name, fn in checks:
+            t0 = time.perf_counter()
+            try:
+                ok, details = fn(model, x, eager, dtype, state, tmp)
+            except Exception as exc:  # noqa: BLE001  (recorded as a failure, with the error)
+                ok, details = False, {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            rec = {"backend": "aoti", "dtype": str(dtype).split(".")[-1], "case": name,
+                   "status": "ok" if ok else "FAIL", "seconds": round(time.perf_counter() - t0, 1), **details}
+            print(f"aoti {name}: {rec['status']} {json.dumps(details)}", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            failed += not ok
+            if not ok and name == "export":
+                break
+    return 1 if failed else 0
+
+
+def _aoti_export(model, x, eager, dtype, state, tmp):
+    with torch.no_grad():
         ep = torch.export.export(model, (x[2],), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
-        ops = sorted({str(n.target) for n in ep.graph.nodes if "lisa_kernels" in str(n.target)})
         errs = {b: rel_err(ep.module()(x[b]), eager[b]) for b in (3, 5)}
-        record("export", bool(ops) and max(errs.values()) <= TOL[dtype], ops=ops, errors=errs,
-               seconds=round(time.perf_counter() - t0, 1))
-        if args.no_compile:
-            return _write_records(records, args.out, status)
-        t0 = time.perf_counter()
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(args.work, "lisa_model.pt2"))
-        compile_s = time.perf_counter() - t0
-        with zipfile.ZipFile(path) as z:      # the kernels' names: in the cubins' names or the C++ wrapper's source
-            files = z.namelist()
-            text = " ".join(files) + " ".join(z.read(f).decode(errors="replace") for f in files if f.endswith(".cpp"))
-        packaged = sorted({k for k in ("_prep_kernel", "_fwd_kernel") if k in text})
-        runner = torch._inductor.aoti_load_package(path)
+    state["ep"] = ep
+    ops = sorted({str(n.target) for n in ep.graph.nodes if "lisa_kernels" in str(n.target)})
+    return bool(ops) and max(errs.values()) <= TOL[dtype], {"ops": ops, "errors": errs}
+
+
+def _aoti_package(model, x, eager, dtype, state, tmp):
+    import zipfile
+    path = torch._inductor.aoti_compile_and_package(state["ep"], package_path=os.path.join(tmp, "lisa_model.pt2"))
+    with zipfile.ZipFile(path) as z:      # the kernels' names: in the cubins' names or the C++ wrapper's source
+        files = z.namelist()
+        text = "\n".join(files) + "\n" + "\n".join(z.read(f).decode(errors="replace") for f in files
+                                                   if f.endswith(".cpp"))
+    packaged = [k for k in ("_prep_kernel", "_fwd_kernel") if k in text]
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
         errs = {b: rel_err(runner(x[b]), eager[b]) for b in (3, 5)}
-        record("aot-inductor", max(errs.values()) <= TOL[dtype] and (packaged or not on_gpu), errors=errs,
-               packaged_kernels=packaged, files=len(files), compile_seconds=round(compile_s, 1))
-    if on_gpu:
-        from torch._inductor.utils import run_and_get_code
-        t0 = time.perf_counter()
-        compiled = torch.compile(model)
-        xs = [x[3].clone().requires_grad_(True) for _ in range(2)]
-        ref = model(xs[0])
-        ref.float().square().sum().backward()
-        ref_grads = [xs[0].grad] + [p.grad for p in model.parameters()]
-        model.zero_grad()
-        out, code = run_and_get_code(lambda: compiled(xs[1]).float().square().sum().backward())
-        got = [xs[1].grad] + [p.grad for p in model.parameters()]
-        errs = [rel_err(a, b) for a, b in zip(got, ref_grads)]
-        kernels = sorted({k for k in ("_fwd_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel", "_bwd_walk_kernel")
-                          if any(k in c for c in code)})
-        record("torch.compile-train", max(errs) <= 2 * TOL[dtype] and len(kernels) == 4, max_grad_error=max(errs),
-               kernels_in_code=kernels, seconds=round(time.perf_counter() - t0, 1))
-    return _write_records(records, args.out, status)
+    on_gpu = x[2].is_cuda
+    ok = max(errs.values()) <= TOL[dtype] and (len(packaged) == 2 or not on_gpu)
+    return ok, {"errors": errs, "packaged_kernels": packaged, "files": len(files)}
 
 
-def _write_records(records, out, status: int) -> int:
-    if out:
-        with open(out, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-    return status
+def _aoti_train(model, x, eager, dtype, state, tmp):
+    from torch._inductor.utils import run_and_get_code
+    xs = [x[3].clone().requires_grad_(True) for _ in range(2)]
+    model(xs[0]).float().square().sum().backward()
+    ref = [xs[0].grad] + [p.grad for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)
+    _, code = run_and_get_code(lambda: compiled(xs[1]).float().square().sum().backward())
+    errs = [rel_err(a, b) for a, b in zip([xs[1].grad] + [p.grad for p in model.parameters()], ref)]
+    kernels = [k for k in ("_fwd_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel", "_bwd_walk_kernel")
+               if any(k in c for c in code)]
+    return max(errs) <= 2 * TOL[dtype] and len(kernels) == 4, {"max_grad_error": max(errs), "kernels_in_code": kernels}
 
 
 def sanitize_one(args) -> int:
@@ -666,7 +673,7 @@ FLEX_NAMES = ("flex", "flex-lisa", "flex-rpb")       # what compiles through tor
 FIXED_SECONDS = {"env": 12.0, "overhead": 20.0, "memcheck": 30.0, "fit": 5.0,
                  # check-aoti: export, AOTInductor's compile of the Triton kernels (its own autotuning) and C++
                  # wrapper, torch.compile of the training step: a guess, no GPU has run it yet
-                 "check-aoti": 35.0}
+                 "check-aoti": 40.0}
 GPU_TRITON = "3.6"          # the GPU machine's Triton (the candidate lists differ by version: GPU_CONFIGS)
 CHECK_BACKENDS = TRITON_BACKENDS      # gpu_session.sh's check stage; check-cuda does the extension's and direct
 CHECK_DTYPES = ("bfloat16", "float16", "float32")
@@ -1461,7 +1468,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ao = sub.add_parser("aoti", help="a LiSA model through torch.export, AOTInductor and torch.compile vs eager")
     ao.add_argument("--tiny", action="store_true", help="a smaller model (the dry run)")
     ao.add_argument("--no-compile", action="store_true", help="the exported program only, no Inductor (the dry run)")
-    ao.add_argument("--work", default=".", help="where the package is written")
     ao.add_argument("--out")
     s = sub.add_parser("sanitize-one", help="one small fwd+bwd call of each backend")
     s.add_argument("backends", nargs="+", choices=BACKENDS)

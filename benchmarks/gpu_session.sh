@@ -22,7 +22,7 @@
 #     memcheck  compute-sanitizer --tool memcheck on one small call of each compiled backend       90
 #     check-aoti  a LiSA model (bf16, Triton kernels) exported with a dynamic batch, packaged by
 #               AOTInductor and run at other batches vs eager; the model under torch.compile, forward and
-#               backward, vs eager (gpu_check.py aoti)                                               60
+#               backward, vs eager (gpu_check.py aoti)                                               75
 #   4 overhead  benchmarks/overhead.py: host time, kernel launches, 14x14+1 bf16 vs sdpa-flash      60
 #     timing    benchmarks/benchmark.py, bf16, D=64, fwd and fwd+bwd, 14x14 .. 256x256 and 16x64x64
 #               at batches that fill the GPU, vs sdpa-flash, sdpa-cudnn, sdpa-efficient, flash-attn,
@@ -81,7 +81,7 @@ export TRITON_PRINT_AUTOTUNING=1
 # fit 13: ~513 s; d128 would start at ~500 s with ~30 s left, under its threshold (100 s, so that its cap, 75 s, and
 # fit's 30 s fit within the budget): the flex timings and check-aoti took its place, and it runs where the stages go
 # faster than estimated.
-GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 check-aoti:60 overhead:60
+GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 check-aoti:75 overhead:60
             timing-d64-a:90:64:256:14x14:+flex-lisa,flex-rpb timing-d64-b:120:64:16:32x32,64x64:+flex-lisa,flex-rpb
             timing-d64-c:120:64:1:128x128,256x256,16x64x64 timing-d128:75:128:16:32x32,64x64:if-time-100 fit:30)
 # the dry run's timing stages (on the CPU, D = 8, B = 1; see timing below)
@@ -255,10 +255,9 @@ stage memcheck $(cap memcheck) memcheck
 # the Triton ops as AOTInductor and torch.compile see them (torch.library.triton_op); the dry run: the exported
 # program against eager, without Inductor (the CPU's AOTInductor is tests/test_export.py's)
 if [ $DRY = 1 ]; then
-  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --tiny --no-compile --work "$WORK" \
-    --out "$WORK/check.jsonl"
+  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --tiny --no-compile --out "$WORK/check.jsonl"
 else
-  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --work "$WORK" --out "$WORK/check.jsonl"
+  stage check-aoti $(cap check-aoti) $PY benchmarks/gpu_check.py aoti --out "$WORK/check.jsonl"
 fi
 
 # ---------------------------------------------------------------- 4 overhead and timings

@@ -456,6 +456,13 @@ def _triton_backward_rule(ctx, grad_out, _gres, _gden, _gr, _gmx):
 
 _triton_direct.register_autograd(_triton_backward_rule, setup_context=_save_inputs_and_outputs)
 
+if _COMPILED:
+    # torch.compile's AOTAutograd cache keys a graph by the Triton source of the triton_ops in it, from this registry
+    # (torch._library.triton; triton_op fills it from the kernels it finds in the implementation's own text: here
+    # some, the launcher calls them). The backward op is not in dynamo's graph: every kernel goes under both.
+    for _name in ("lisa_kernels::triton_direct", "lisa_kernels::triton_direct_backward"):
+        torch._library.triton.triton_ops_to_kernels[_name] = list(triton_direct_module.KERNELS)
+
 
 # ---------------------------------------------------------------- the cores that compose() takes
 

@@ -159,6 +159,8 @@ if HAS_TRITON:
     patch_interpreter()          # Triton 3.6's interpreter and NumPy >= 2.4: runtime loop bounds (see there)
     from .triton_direct_kernels import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_prep_kernel, _fwd_kernel, _prep_kernel
     from .triton_table_grad_kernels import _bwd_extra_kernel, _bwd_walk_kernel, _table_fold_kernel, _table_grad_kernel
+    KERNELS = [_prep_kernel, _fwd_kernel, _bwd_prep_kernel, _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_walk_kernel,
+               _bwd_extra_kernel, _table_fold_kernel, _table_grad_kernel]     # every kernel the launches run
 
 
 # ---------------------------------------------------------------- launch configurations
@@ -385,22 +387,21 @@ def compiled_kernels() -> bool:
     return isinstance(_fwd_kernel, JITFunction)
 
 
-def _traceable(kernel):
-    """The kernel as a launch calls it: through ``torch.library.wrap_triton`` where it is compiled, so that the ops
-    of :mod:`lisa_kernels.ops` (``torch.library.triton_op``) show each launch to torch.compile and AOTInductor
-    (eager calls launch it directly); as it is in the interpreter."""
-    return torch.library.wrap_triton(kernel) if compiled_kernels() else kernel
-
-
-def _run(launch: Launch) -> None:
+def _run(launch: Launch, traced: bool = False) -> None:
     """On a GPU, an autotuned launch goes through :func:`_tuned_kernel`; otherwise (the plain interpreter, untuned
-    kernels) the launch takes its first config."""
-    if launch.tuned is not None and launch.gpu is not None:
-        _traceable(_tuned_kernel(launch))[launch.grid](**launch.args)
+    kernels) the launch takes its first config. ``traced`` (the launch's tensors are fake: torch.compile, torch.export
+    and AOTInductor trace the ops of :mod:`lisa_kernels.ops`, ``torch.library.triton_op``s): the kernel goes through
+    ``torch.library.wrap_triton``, which records the launch in the trace; a real call launches it directly."""
+    tuned = launch.tuned is not None and launch.gpu is not None
+    kernel = _tuned_kernel(launch) if tuned else launch.kernel
+    if traced:
+        kernel = torch.library.wrap_triton(kernel)
+    if tuned:
+        kernel[launch.grid](**launch.args)
         return
     cfg = launch.configs()[0]
     grid = launch.grid(cfg) if callable(launch.grid) else launch.grid
-    _traceable(launch.kernel)[grid](**launch.args, **cfg)
+    kernel[grid](**launch.args, **cfg)
 
 
 def _common(p: Problem, lay: Layout, gpu: Optional[GPU]) -> dict:
@@ -499,8 +500,9 @@ def lisa_direct_fwd(q, k, v, rpe, rpe_extra, p: Problem):
     launches, out, res, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
                                                       None if rpe_extra is None else rpe_extra.contiguous(), p,
                                                       _device.gpu_of(q.device))
+    traced = is_fake(q)
     for launch in launches:
-        _run(launch)
+        _run(launch, traced)
     if out.dtype != q.dtype:          # (interpreter, bf16: see _store_dtype)
         out32, out = out, out.to(q.dtype)
         res = (out32 - out.float()).to(q.dtype)
@@ -613,8 +615,9 @@ def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: 
     rpe_extra = None if rpe_extra is None else rpe_extra.contiguous()
     launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
                                                          _device.gpu_of(q.device))
+    traced = is_fake(q)
     for launch in launches:
-        _run(launch)
+        _run(launch, traced)
     if dq.dim() == 5:
         dq, dk = dq.sum(0), dk.sum(0)
     dq, dk, dv, drpe = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drpe.to(rpe.dtype)   # (no-ops on a GPU)

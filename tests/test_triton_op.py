@@ -12,7 +12,10 @@ sm_90, nothing runs), with a dynamic batch, in a helper process without Triton's
   launcher's docstring, lisa_kernels/triton_direct.py), and no op of the package is left in it;
 * each grid that depends on the batch is symbolic, and torch's analysis of the kernels finds that they do not
   write q, k, v or the tables (only their own buffers are cloned);
-* each autotuned kernel kept candidates, each of which was compiled for sm_90 by the spill pruning.
+* each candidate of each autotuned kernel was compiled for sm_90 by the spill pruning while tracing;
+* each kernel's source as Inductor emits it (the transitive closure of its calls) compiles for sm_90 with the
+  traced arguments, without spills;
+* torch.compile's AOTAutograd cache keys a graph with the op by every kernel's source.
 
 On a GPU, benchmarks/gpu_session.sh compiles the same model with AOTInductor and runs it (``check-aoti``).
 """
@@ -90,17 +93,21 @@ def _trace(cfg: dict) -> dict:
             if node.target is triton_kernel_wrapper_functional:
                 kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
                 launches.append(dict(kernel=_kernel_name(kernel),
-                                     candidates=len(getattr(kernel, "configs", [None])),
                                      symbolic_grid=any(isinstance(x, torch.fx.Node)
                                                        for g in node.kwargs["grid"] for x in g),
                                      cloned=sorted(node.kwargs["tensors_to_clone"])))
         report["launches"] = launches
+        # each tuned kernel's candidates (the launcher's list) and the compiles the pruning made while tracing
+        report["candidates"] = {fn.base_fn.__name__: len(fn.configs) for fn in TD._TUNED.values()}
+        report["compiles"] = {name: c["compiles"] for name, c in sim.stats.items()}
         report["inductor_source"] = _compile_inductor_sources(gm)
         report["left_ops"] = sorted({str(n.target) for n in gm.graph.nodes if "lisa_kernels" in str(n.target)})
         outs = [o.meta["val"] for o in [n for n in gm.graph.nodes if n.op == "output"][0].args[0]]
         report["out_shapes"] = [[str(s) for s in o.shape] for o in outs]
         report["batch_symbolic"] = isinstance(outs[0].shape[0], torch.SymInt)
-        report["compiles"] = {name: c["compiles"] for name, c in sim.stats.items()}
+    # what keys torch.compile's AOTAutograd cache for a graph that calls the op: every kernel's source
+    from torch._library.triton import get_triton_kernels_for_op
+    report["cache_kernels"] = sorted(_kernel_name(k) for k in get_triton_kernels_for_op("lisa_kernels::triton_direct"))
     return report
 
 
@@ -196,6 +203,20 @@ def test_triton_ops_trace_to_their_kernels(case):
         assert launch["cloned"], f"{launch['kernel']} writes nothing?"
         assert launch["symbolic_grid"] == (launch["kernel"] in PER_TOKEN), launch
         if launch["kernel"] in TUNED:
-            assert launch["candidates"] >= 1
-            assert report["compiles"].get(launch["kernel"], 0) >= launch["candidates"], \
+            assert report["compiles"].get(launch["kernel"], 0) >= report["candidates"][launch["kernel"]] >= 2, \
                 "a candidate was not compiled for sm_90 by the spill pruning"
+    assert report["cache_kernels"] == sorted(FORWARD + ["_bwd_prep_kernel", "_bwd_dkv_kernel", "_bwd_dq_kernel",
+                                                        "_bwd_walk_kernel", "_bwd_extra_kernel", "_table_fold_kernel",
+                                                        "_table_grad_kernel"])
+
+
+def test_traced_gpu_refuses_what_it_cannot_simulate():
+    from lisa_kernels.testing import traced_gpu
+
+    with pytest.raises(ValueError, match="NVIDIA"):
+        with traced_gpu("mi300x"):
+            pass
+    if os.environ.get("TRITON_INTERPRET") == "1":        # (CI: the interpreter's kernels cannot be compiled)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            with traced_gpu("h100"):
+                pass
