@@ -43,8 +43,8 @@
 # gpu_check.py compile-time; the GPU machine's CPU unknown) that is ~830 s in one process: more than the whole
 # budget, the check stage alone ~480 s against its 240 s cap. So the warm-up compiles them first on 10 of the 16
 # cores (the build's 5 sources take ~5), done at ~140 s; the stages then find most kernels in Triton's disk cache
-# (a cache hit ~0.05 s). Estimated with it: check ~115 s, the timing stages 19-91 s, the whole run ~513 s of 530;
-# without it the stages would need ~1270 s (cut at their caps: check and overhead cut short, the timings not run).
+# (a cache hit ~0.05 s). Estimated with it: check ~115 s, the timing stages 19-91 s, the whole run ~518 s of 530;
+# without it the stages would need ~1275 s (cut at their caps: check and overhead cut short, the timings not run).
 #
 # What comes back (at most 8 files): $OUT/gpu_session.tar.gz (every log and result), $OUT/summary.txt (the
 # stage table and the targets table, also printed last). benchmarks/README.md says how to commit them.
@@ -77,8 +77,8 @@ export TRITON_PRINT_AUTOTUNING=1
 # A timing stage may add methods of its own (:+METHOD,...): the FlexAttention peers from 14x14 to 64x64 (the issue's
 # triton / flex-lisa targets), compiled beforehand by check-flex.
 # Estimated (plan, 10 warm-up processes; FlexAttention's and AOTInductor's compile times guessed): env 20, check
-# 115, check-flex 38 (the build's wait), check-cuda 22, memcheck 41, check-aoti 43, overhead 33, timing 33 / 62 / 94,
-# fit 13: ~513 s; d128 would start at ~500 s with ~30 s left, under its threshold (100 s, so that its cap, 75 s, and
+# 115, check-flex 38 (the build's wait), check-cuda 22, memcheck 41, check-aoti 48, overhead 33, timing 33 / 62 / 94,
+# fit 13: ~518 s; d128 would start at ~505 s with ~25 s left, under its threshold (100 s, so that its cap, 75 s, and
 # fit's 30 s fit within the budget): the flex timings and check-aoti took its place, and it runs where the stages go
 # faster than estimated.
 GPU_STAGES=(check:240 check-flex:90 build:300 check-cuda:60 memcheck:90 check-aoti:75 overhead:60
