@@ -196,7 +196,7 @@ def test_triton_launch_count(monkeypatch):
     import lisa_kernels.triton_direct as TD
     launched = []
     real = TD._run
-    monkeypatch.setattr(TD, "_run", lambda launch: (launched.append(launch.name), real(launch))[1])
+    monkeypatch.setattr(TD, "_run", lambda launch, *rest: (launched.append(launch.name), real(launch, *rest))[1])
     ref, low = _inputs((4, 5), 1, 2, "zero", torch.float16, seed=4)
     out = L.lisa_attention(*low[:4], rpe_extra=low[4], grid=(4, 5), num_extra=1, backend="triton")
     assert launched == ["prep", "fwd"]
