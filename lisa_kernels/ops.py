@@ -394,7 +394,7 @@ def _triton_problem(q, v, rpe, grid, num_extra, feature_map, normalize, eps, cau
 
 
 # Where Triton compiles its kernels, the two ops are ``torch.library.triton_op``s: each launch goes through
-# ``wrap_triton`` (triton_direct._traceable), so torch.compile and AOTInductor trace into them and see (and package)
+# ``wrap_triton`` (triton_direct._run), so torch.compile and AOTInductor trace into them and see (and package)
 # the kernels, and the implementation is its own fake. In the interpreter (CI) they are custom ops with the fake
 # implementations below: an interpreted kernel cannot be traced.
 _COMPILED = triton_direct_module.HAS_TRITON and triton_direct_module.compiled_kernels()

@@ -432,12 +432,11 @@ def traced_gpu(device="h100") -> Iterator[Simulation]:
     spill pruning's compiles) on a machine without a GPU: ``tests/test_triton_op.py``. Needs Triton without its
     interpreter (TRITON_INTERPRET unset when triton was imported). ``stats`` counts "compiles" per kernel."""
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     dev = DEVICES[device] if isinstance(device, str) else device
     if dev.gpu.backend != "cuda":
         raise ValueError(f"traced_gpu reads NVIDIA binaries only, got {dev.name}")
-    if not isinstance(triton_direct._fwd_kernel, JITFunction):
+    if not triton_direct.compiled_kernels():
         raise RuntimeError("traced_gpu compiles the kernels: import triton without TRITON_INTERPRET=1")
     sim = Simulation(dev, 0, True)
     drv = _make_driver(dev, sim.benchmark)

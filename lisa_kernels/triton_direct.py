@@ -461,9 +461,9 @@ def _token_buffers(q, lay: Layout, p: Problem, c: dict, gpu: Optional[GPU]):
     return mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, c["DKP"]), mk(B * H, lay.NPAD, p.M, c["BLOCK_G"])
 
 
-def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU]):
+def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU], traced: bool = False):
     """The forward's launches for ``gpu`` (None: the plain interpreter, or no GPU) and the tensors they write:
-    (launches, out, res, den, r, mx)."""
+    (launches, out, res, den, r, mx). ``traced``: q is a trace's fake tensor (see :func:`_run`)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
     c = _common(p, lay, gpu)
@@ -483,7 +483,7 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU]):
     den = torch.empty(B, H, N, p.M, device=q.device, dtype=torch.float32)
     residual = out.dtype != torch.float32
     res = torch.empty(B, H, N, p.Dv, device=q.device, dtype=q.dtype) if residual else out.new_empty(0)
-    ti = token_index(lay, q.device, traced=is_fake(q))
+    ti = token_index(lay, q.device, traced)
     fwd = dict(FQ=fq, FK=fk, VP=vp, R=r, R16=r16, AIX=ti.AIX, NB2=ti.NB2, MX=mx, Out=out, Res=res if residual else out,
                Den=den, sob=out.stride(0), soh=out.stride(1), son=out.stride(2), sod=out.stride(3), H=H, N=N, eps=p.eps,
                NORMALIZE=p.normalize, RESIDUAL=residual, NDK=len(ti.DK), TAB16=tab16, ONES=ones, **c)
@@ -497,10 +497,10 @@ def forward_launches(q, k, v, rpe, rpe_extra, p: Problem, gpu: Optional[GPU]):
 def lisa_direct_fwd(q, k, v, rpe, rpe_extra, p: Problem):
     """out (B, H, N, Dv) in q's dtype; for the backward: res = out - round(out) (16-bit inputs; else empty),
     den' (B, H, N, M) fp32, the interleaved extended table r' (:func:`saved_table_shape`) and its log-max mx."""
+    traced = is_fake(q)
     launches, out, res, den, r, mx = forward_launches(q, k, v, rpe.contiguous(),
                                                       None if rpe_extra is None else rpe_extra.contiguous(), p,
-                                                      _device.gpu_of(q.device))
-    traced = is_fake(q)
+                                                      _device.gpu_of(q.device), traced)
     for launch in launches:
         _run(launch, traced)
     if out.dtype != q.dtype:          # (interpreter, bf16: see _store_dtype)
@@ -521,7 +521,8 @@ def _table_grad_launch(dr, drpe, drex, p: Problem, lay: Layout) -> Launch:
 EXTRA_BLOCK = 64
 
 
-def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem, gpu: Optional[GPU]):
+def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: Problem, gpu: Optional[GPU],
+                      traced: bool = False):
     """The backward's launches for ``gpu`` and the tensors they write: (launches, dq, dk, dv, drpe, drex)."""
     B, H, N, Dk = q.shape
     lay = layout(p)
@@ -543,7 +544,7 @@ def backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p
     dv = torch.empty(B, H, N, p.Dv, device=q.device, dtype=sdt)
     drpe = torch.empty(rpe.shape, device=q.device, dtype=sdt)
     drex = None if rpe_extra is None else torch.empty(rpe_extra.shape, device=q.device, dtype=sdt)
-    ti = token_index(lay, q.device, traced=is_fake(q))
+    ti = token_index(lay, q.device, traced)
     aix, nbx, wix = ti.AIX, ti.NBX, ti.WIX
     ndk, ndq = len(ti.DK), len(ti.DQ)
     rq = torch.empty(H * chunks, ndq * lay.TXP * 2 * c["MCP"], device=q.device, dtype=torch.float32)
@@ -613,9 +614,9 @@ def lisa_direct_bwd(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p: 
     atomics: the table gradient is summed in a fixed order)."""
     rpe = rpe.contiguous()
     rpe_extra = None if rpe_extra is None else rpe_extra.contiguous()
-    launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
-                                                         _device.gpu_of(q.device))
     traced = is_fake(q)
+    launches, dq, dk, dv, drpe, drex = backward_launches(q, k, v, rpe, rpe_extra, out, res, den, r, mx, grad_out, p,
+                                                         _device.gpu_of(q.device), traced)
     for launch in launches:
         _run(launch, traced)
     if dq.dim() == 5:

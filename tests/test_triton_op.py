@@ -122,11 +122,8 @@ def _compile_inductor_sources(gm) -> dict:
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
     from triton.runtime.autotuner import Autotuner
 
-    def value(x):
-        if not isinstance(x, torch.fx.Node):
-            return x
-        val = x.meta["val"]
-        return torch.empty(16, dtype=val.dtype) if isinstance(val, torch.Tensor) else val.node.hint
+    def value(x):            # what the spill pruning compiles for, in place of a traced tensor or size
+        return TD._compilable(x.meta["val"]) if isinstance(x, torch.fx.Node) else x
 
     done = {}
     with tempfile.TemporaryDirectory() as tmp:
